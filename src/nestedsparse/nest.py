@@ -1,0 +1,398 @@
+"""Nest any ``nn.Module``: attach level maps to its prunable weights and per-level BatchNorm.
+
+``nestify_`` registers a :class:`NestedMask` parametrization (``torch.nn.utils.parametrize``) on
+the ``weight`` of every Linear / Conv1d / Conv2d (grouped and depthwise included) and swaps every
+BatchNorm for a :class:`NestedBatchNorm` holding running statistics per level. The dense weight
+stays where parametrize keeps it (``<module>.parametrizations.weight.original``); the level map is
+a persistent uint8 buffer beside it. Reading ``module.weight`` gives ``W * mask(level)``.
+
+Invariants:
+- The level-k forward sees exactly ``W * (level_map <= k)``: inactive weights are exactly zero.
+- Level k's loss gives no gradient to a weight inactive at level k (the mask multiplies), and
+  with ``routing="own"`` only to the weights first active at level k.
+- Tied weights (one Parameter in several modules) share one ``NestedMask`` and so one level map.
+- The level lives on the mask / BatchNorm modules: ``set_level_`` and ``use_level`` set it for the
+  whole model or per layer (rerouting part-way through a forward pass).
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parametrize
+
+from .levels import LevelSpec, allocate_counts, level_map_from_scores
+
+__all__ = [
+    "NestedMask",
+    "NestedBatchNorm",
+    "NestReport",
+    "ROUTINGS",
+    "nestify_",
+    "set_level_",
+    "use_level",
+    "get_spec",
+    "iter_nested",
+    "iter_nested_bn",
+    "is_nested",
+    "set_routing_",
+    "set_level_maps_",
+]
+
+SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d)
+ROUTINGS = ("sum", "own", "frozen-core")
+_SPEC_ATTR = "_nestedsparse_spec"
+
+LevelArg = int | Mapping[str, int]
+
+
+class NestedMask(nn.Module):
+    """Parametrization ``W -> W * (level_map <= level)`` with gradient routing.
+
+    Args:
+        level_map: uint8 tensor of the weight's shape (values 0..L).
+        num_levels: L.
+    """
+
+    def __init__(self, level_map: torch.Tensor, num_levels: int) -> None:
+        super().__init__()
+        self.register_buffer("level_map", level_map.to(torch.uint8).clone())
+        self.num_levels = int(num_levels)
+        self.level = self.num_levels - 1
+        self.routing = "sum"
+        # NestedNet weight-connection learning: (level, tau, gamma) while a level is being learned.
+        self.soft: tuple[int, torch.Tensor, float] | None = None
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        k = self.level
+        if self.soft is not None and self.soft[0] == k:
+            _, tau, gamma = self.soft
+            parent = (self.level_map <= k + 1).to(w.dtype)
+            return w * parent * torch.tanh(gamma * F.relu(w.abs() - tau))
+        m = self.level_map <= k
+        if self.routing != "sum" and torch.is_grad_enabled() and w.requires_grad:
+            # own / frozen-core: level k's loss updates only the weights first active at level k.
+            w = torch.where(self.level_map == k, w, w.detach())
+        return w * m.to(w.dtype)
+
+    def extra_repr(self) -> str:
+        return f"num_levels={self.num_levels}, level={self.level}, routing={self.routing!r}"
+
+
+class NestedBatchNorm(nn.Module):
+    """BatchNorm with running statistics per level and one shared affine transform.
+
+    Activation statistics differ per level (fewer weights, other activations), so each level
+    normalises with its own running mean / variance. Works on 2D-5D inputs like nn.BatchNorm*d.
+    """
+
+    def __init__(self, bn: nn.modules.batchnorm._BatchNorm, num_levels: int) -> None:
+        super().__init__()
+        self.num_features, self.eps, self.momentum = bn.num_features, bn.eps, bn.momentum
+        self.affine, self.track_running_stats = bn.affine, bn.track_running_stats
+        self.num_levels, self.level = int(num_levels), int(num_levels) - 1
+        self.bn_dims = _bn_dims(bn)
+        self.weight = bn.weight
+        self.bias = bn.bias
+        if bn.track_running_stats:
+            L, dev = self.num_levels, bn.running_mean.device
+            self.register_buffer("running_mean", bn.running_mean.detach().repeat(L, 1).to(dev))
+            self.register_buffer("running_var", bn.running_var.detach().repeat(L, 1).to(dev))
+            self.register_buffer("num_batches_tracked", bn.num_batches_tracked.detach().repeat(L).to(dev))
+        else:
+            self.running_mean = self.running_var = self.num_batches_tracked = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() not in (self.bn_dims, self.bn_dims + 1) and not (self.bn_dims == 2 and x.dim() in (2, 3)):
+            raise ValueError(f"NestedBatchNorm (from a {self.bn_dims}d BatchNorm) got a {x.dim()}D input")
+        k = self.level
+        eaf = 0.0 if self.momentum is None else self.momentum
+        use_batch = self.training or self.running_mean is None
+        if self.training and self.track_running_stats:
+            self.num_batches_tracked[k] += 1
+            if self.momentum is None:
+                eaf = 1.0 / float(self.num_batches_tracked[k])
+        rm = self.running_mean[k] if self.running_mean is not None else None
+        rv = self.running_var[k] if self.running_var is not None else None
+        return F.batch_norm(x, rm, rv, self.weight, self.bias, use_batch, eaf, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, num_levels={self.num_levels}, level={self.level}, eps={self.eps}"
+
+
+def _bn_dims(bn: nn.Module) -> int:
+    for d, cls in ((1, nn.BatchNorm1d), (2, nn.BatchNorm2d), (3, nn.BatchNorm3d)):
+        if isinstance(bn, cls):
+            return d + 1 if d > 1 else 2
+    return 2
+
+
+@dataclass
+class NestReport:
+    """What ``nestify_`` did: nested layers, and weighted layers it left dense (with why)."""
+
+    nested: list[str] = field(default_factory=list)
+    tied: list[tuple[str, str]] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    batchnorms: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        lines = [f"nested {len(self.nested)} layers, {len(self.batchnorms)} BatchNorms made per-level"]
+        lines += [f"  tied: {a} shares the level map of {b}" for a, b in self.tied]
+        lines += [f"  left dense: {n} ({why})" for n, why in self.skipped]
+        return "\n".join(lines)
+
+
+def _default_filter(module: nn.Module, name: str) -> bool:
+    return True
+
+
+def nestify_(
+    model: nn.Module,
+    spec: LevelSpec,
+    filter_fn: Callable[[nn.Module, str], bool] | None = None,
+    *,
+    block: tuple[int, int] = (1, 1),
+) -> NestReport:
+    """Nest ``model`` in place with ``spec``'s levels; initial level maps by weight magnitude.
+
+    Args:
+        model: any nn.Module. Linear / Conv1d / Conv2d weights are nested; other weighted layers
+            are left dense and listed in the report.
+        spec: the levels.
+        filter_fn: ``(module, qualified_name) -> bool``; False leaves that layer dense.
+        block: prune in blocks of (rows, cols) of the 2-D weight view (e.g. (1, 2)).
+
+    Returns:
+        A :class:`NestReport`. Example::
+
+            report = nestify_(model, LevelSpec((0.1, 0.5, 1.0)))
+    """
+    if not isinstance(spec, LevelSpec):
+        raise TypeError(f"nestify_ needs a LevelSpec, got {type(spec).__name__}")
+    if is_nested(model):
+        raise ValueError("model is already nested; nestify_ attaches level maps once")
+    filter_fn = filter_fn or _default_filter
+    report = NestReport()
+    owners: dict[int, tuple[str, NestedMask | None]] = {}
+    targets: list[tuple[str, nn.Module]] = []
+    for name, mod in model.named_modules(remove_duplicate=False):
+        w = getattr(mod, "weight", None)
+        if not isinstance(w, nn.Parameter) or w.dim() < 2:
+            continue
+        if not isinstance(mod, SUPPORTED):
+            report.skipped.append((name, f"{type(mod).__name__} is not supported"))
+        elif not filter_fn(mod, name):
+            report.skipped.append((name, "excluded by filter_fn"))
+        elif id(w) in owners:
+            report.tied.append((name, owners[id(w)][0]))
+            targets.append((name, mod))
+        else:
+            owners[id(w)] = (name, None)
+            targets.append((name, mod))
+    if not owners:
+        raise ValueError("nestify_ found no Linear/Conv1d/Conv2d weight to nest in this model")
+    masks: dict[int, NestedMask] = {}
+    for name, mod in targets:
+        w = mod.weight
+        if id(w) not in masks:
+            lm = torch.full(w.shape, spec.num_levels - 1, dtype=torch.uint8, device=w.device)
+            masks[id(w)] = NestedMask(lm, spec.num_levels)
+            report.nested.append(name)
+        parametrize.register_parametrization(mod, "weight", masks[id(w)], unsafe=True)
+    report.batchnorms = _swap_batchnorms(model, spec.num_levels)
+    setattr(model, _SPEC_ATTR, spec)
+    from .select.magnitude import MagnitudeSelector  # local: select builds on nest
+
+    MagnitudeSelector(block=block).apply_(model)
+    return report
+
+
+def _swap_batchnorms(model: nn.Module, num_levels: int) -> list[str]:
+    names = []
+    for pname, parent in list(model.named_modules()):
+        for cname, child in list(parent.named_children()):
+            if isinstance(child, nn.modules.batchnorm._BatchNorm) and not isinstance(child, nn.SyncBatchNorm):
+                setattr(parent, cname, NestedBatchNorm(child, num_levels))
+                names.append(f"{pname}.{cname}" if pname else cname)
+    return names
+
+
+def is_nested(model: nn.Module) -> bool:
+    """True if ``nestify_`` has been applied to ``model``."""
+    return getattr(model, _SPEC_ATTR, None) is not None
+
+
+def get_spec(model: nn.Module) -> LevelSpec:
+    """The LevelSpec a nested model was built with (error if the model is not nested)."""
+    spec = getattr(model, _SPEC_ATTR, None)
+    if spec is None:
+        raise ValueError("model is not nested: call nestedsparse.nestify_(model, spec) first")
+    return spec
+
+
+def iter_nested(model: nn.Module) -> Iterator[tuple[str, nn.Module, NestedMask]]:
+    """Yield ``(name, module, mask)`` once per distinct nested weight, in forward-definition order."""
+    seen: set[int] = set()
+    for name, mod in model.named_modules():
+        if parametrize.is_parametrized(mod, "weight"):
+            for p in mod.parametrizations.weight:
+                if isinstance(p, NestedMask) and id(p) not in seen:
+                    seen.add(id(p))
+                    yield name, mod, p
+
+
+def iter_nested_bn(model: nn.Module) -> Iterator[tuple[str, NestedBatchNorm]]:
+    """Yield ``(name, module)`` for every per-level BatchNorm."""
+    for name, mod in model.named_modules():
+        if isinstance(mod, NestedBatchNorm):
+            yield name, mod
+
+
+def dense_weight(module: nn.Module) -> torch.Tensor:
+    """The shared dense weight of a nested layer (the Parameter the optimizer updates)."""
+    return module.parametrizations.weight.original
+
+
+def set_level_maps_(model: nn.Module, maps: Mapping[str, torch.Tensor]) -> None:
+    """Replace level maps by layer name (``iter_nested`` names); shapes and values are checked."""
+    spec = get_spec(model)
+    layers = {n: m for n, _, m in iter_nested(model)}
+    unknown = set(maps) - set(layers)
+    if unknown:
+        raise KeyError(f"no nested layer named {sorted(unknown)}; nested layers: {sorted(layers)}")
+    for n, lm in maps.items():
+        old = layers[n].level_map
+        if lm.shape != old.shape:
+            raise ValueError(f"level map for {n!r} has shape {tuple(lm.shape)}, the weight has {tuple(old.shape)}")
+        if lm.numel() and int(lm.max()) > spec.num_levels:
+            raise ValueError(f"level map for {n!r} holds {int(lm.max())}; allowed values are 0..{spec.num_levels}")
+        old.copy_(lm.to(torch.uint8))
+
+
+def _resolve(name: str, level: LevelArg, current: int) -> int:
+    if isinstance(level, Mapping):
+        best = None
+        for prefix, lv in level.items():
+            if prefix == "" or name == prefix or name.startswith(prefix + "."):
+                if best is None or len(prefix) > len(best[0]):
+                    best = (prefix, lv)
+        return current if best is None else best[1]
+    return level
+
+
+def _level_owners(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    for name, mod, mask in iter_nested(model):
+        yield name, mask
+    yield from iter_nested_bn(model)
+
+
+def set_level_(model: nn.Module, level: LevelArg) -> None:
+    """Set the active level: an int for the whole model, or ``{module_name_prefix: level}``.
+
+    With a mapping the longest matching prefix wins (``""`` matches everything); layers no key
+    matches keep their current level. This is how a forward pass switches level part-way
+    (rerouting): ``set_level_(model, {"features": 3, "classifier": 0})``.
+    """
+    spec = get_spec(model)
+    if isinstance(level, Mapping):
+        for lv in level.values():
+            spec.check_level(lv)
+        names = [n for n, _ in _level_owners(model)]
+        for prefix in level:
+            if prefix and not any(n == prefix or n.startswith(prefix + ".") for n in names):
+                raise KeyError(f"level prefix {prefix!r} matches no nested layer; nested layers: {names}")
+    else:
+        spec.check_level(level)
+    for name, owner in _level_owners(model):
+        owner.level = _resolve(name, level, owner.level)
+
+
+def get_levels(model: nn.Module) -> dict[str, int]:
+    """Current level of every nested layer and BatchNorm, by name."""
+    return {n: o.level for n, o in _level_owners(model)}
+
+
+@contextlib.contextmanager
+def use_level(model: nn.Module, level: LevelArg):
+    """Context manager: run ``model`` at ``level`` inside the block, restore the levels after."""
+    saved = [(o, o.level) for _, o in _level_owners(model)]
+    set_level_(model, level)
+    try:
+        yield model
+    finally:
+        for o, lv in saved:
+            o.level = lv
+
+
+def set_routing_(model: nn.Module, routing: str) -> None:
+    """Choose how level losses reach shared weights: ``sum`` / ``own`` / ``frozen-core``."""
+    if routing not in ROUTINGS:
+        raise ValueError(f"routing {routing!r} is unknown; allowed: {', '.join(ROUTINGS)}")
+    for _, _, m in iter_nested(model):
+        m.routing = routing
+
+
+def layer_counts(
+    model: nn.Module, scores: Mapping[str, torch.Tensor], block: tuple[int, int] = (1, 1), fraction: float = 1.0
+) -> dict[str, list[int]]:
+    """Active counts (in blocks) per nested layer and level, under the model's spec.
+
+    ``fraction`` in [0, 1] scales the pruning (gradual schedules): a layer of n blocks whose
+    final count is c gets ``n - round((n - c) * fraction)``; 0 keeps everything, 1 is final.
+    """
+    spec = get_spec(model)
+    layers = [(n, m) for n, _, m in iter_nested(model)]
+    pooled = {n: pool_blocks(scores[n], block) for n, _ in layers}
+    numels = {n: pooled[n].numel() for n, _ in layers}
+    shapes = {n: tuple(m.level_map.shape) for n, m in layers}
+    counts = allocate_counts(spec, numels, shapes, pooled, order=[n for n, _ in layers])
+    fraction = min(max(float(fraction), 0.0), 1.0)
+    return {n: [numels[n] - round((numels[n] - c) * fraction) for c in cs] for n, cs in counts.items()}
+
+
+def compute_level_maps(
+    model: nn.Module, scores: Mapping[str, torch.Tensor], block: tuple[int, int] = (1, 1), fraction: float = 1.0
+) -> dict[str, torch.Tensor]:
+    """Level maps for every nested layer from per-weight ``scores`` under the model's spec.
+
+    Scores are pooled over ``block``-sized tiles of each layer's 2-D view (out, in*k...) so whole
+    blocks switch on together; counts come from :func:`layer_counts` (uniform / global / ERK,
+    first and last layers, overrides) and each map from :func:`level_map_from_scores`.
+    """
+    spec = get_spec(model)
+    counts = layer_counts(model, scores, block, fraction)
+    out = {}
+    for n, _, m in iter_nested(model):
+        lm_blocks = level_map_from_scores(pool_blocks(scores[n], block), counts[n], spec.num_levels)
+        out[n] = unpool_blocks(lm_blocks, block, m.level_map.shape)
+    return out
+
+
+def pool_blocks(score: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """Mean of ``score`` over (rows, cols) tiles of its 2-D view; partial edge tiles average what they hold."""
+    br, bc = block
+    if br < 1 or bc < 1:
+        raise ValueError(f"block must be two positive ints, got {block}")
+    s2 = score.detach().reshape(score.shape[0], -1).float()
+    if (br, bc) == (1, 1):
+        return s2
+    rows, cols = s2.shape
+    pr, pc = (-rows) % br, (-cols) % bc
+    padded = F.pad(s2, (0, pc, 0, pr))
+    ones = F.pad(torch.ones_like(s2), (0, pc, 0, pr))
+    tiles = lambda t: t.reshape((rows + pr) // br, br, (cols + pc) // bc, bc).sum(dim=(1, 3))  # noqa: E731
+    return tiles(padded) / tiles(ones)  # mean over the real entries of each block
+
+
+def unpool_blocks(lm: torch.Tensor, block: tuple[int, int], shape: torch.Size) -> torch.Tensor:
+    """Expand a per-block level map back to the weight's ``shape``."""
+    br, bc = block
+    rows = shape[0]
+    cols = int(torch.Size(shape).numel() // rows)
+    full = lm.repeat_interleave(br, 0).repeat_interleave(bc, 1)[:rows, :cols]
+    return full.contiguous().reshape(shape)
