@@ -226,6 +226,11 @@ def allocate_counts(
     per_level: dict[str, list[int]] = {n: [] for n in free}
     for i, d in enumerate(spec.densities):
         budget = d * total - sum(counts[n][i] for n in fixed)
+        if budget < 0 and free:
+            raise ValueError(
+                f"level {i} (density {d}) cannot be met: the fixed layers (overrides, first_last_density) alone keep "
+                f"{sum(counts[n][i] for n in fixed)} of {total} weights; lower their densities or raise this level's"
+            )
         share = min(1.0, max(budget, 0.0) / free_total) if free_total else 0.0
         if d >= 1.0:
             share = 1.0

@@ -1,0 +1,151 @@
+"""What each CLI command does, on top of the library's verbs (argparse lives in ``cli.py``)."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from . import models
+from .data import load_dataset
+from .io import load_into_, read_meta, save
+from .levels import LevelSpec
+from .nest import nestify_
+from .report import format_table, plot_pareto, read_eval
+
+RUN_FILE, MODEL_FILE, EVAL_FILE = "run.json", "model.safetensors", "eval.json"
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def _run_info(run: Path) -> dict:
+    path = run / RUN_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{run} is not a run folder (no {RUN_FILE}); create one with `nestedsparse train --out {run}`")
+    return json.loads(path.read_text())
+
+
+def build_model(info: dict) -> torch.nn.Module:
+    """The nested model a run describes (fresh weights; load a file into it)."""
+    model = models.create(info["model"], **info.get("model_kwargs", {}))
+    nestify_(model, LevelSpec.from_dict(info["spec"]), block=tuple(info.get("block", (1, 1))))
+    return model
+
+
+def load_run_model(run: Path) -> tuple[torch.nn.Module, dict]:
+    """The trained nested model of a run folder and its run.json."""
+    info = _run_info(run)
+    path = run / MODEL_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} missing: the run has not finished (resume it with `nestedsparse train --resume`)")
+    model = build_model(info)
+    load_into_(model, path)
+    return model, info
+
+
+def cmd_train(args) -> int:
+    from .train.trainer import TrainConfig, train
+
+    run = Path(args.out)
+    spec = LevelSpec(densities=args.densities, allocation=args.allocation, first_last_density=args.first_last_density)
+    sel_args = {"block": list(args.block)} if args.selector == "magnitude" else {}
+    if args.prune_end is not None:
+        sel_args["end"] = args.prune_end
+    config = TrainConfig(
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer, momentum=args.momentum,
+        weight_decay=args.weight_decay, schedule=args.schedule, warmup_epochs=args.warmup_epochs,
+        routing=args.routing, sampling=args.sampling, level_weights=args.level_weights, distill=args.distill,
+        temperature=args.temperature, selector=args.selector, selector_args=sel_args, seed=args.seed,
+        max_steps_per_epoch=args.max_steps_per_epoch, device=args.device, progress=not args.no_progress,
+    )
+    info = {"model": args.model, "model_kwargs": dict(args.model_arg), "dataset": args.dataset,
+            "data_dir": args.data_dir, "spec": spec.to_dict(), "block": list(args.block), "config": config.to_dict(),
+            "subset": args.subset}
+    if args.resume and (run / RUN_FILE).is_file():
+        old = _run_info(run)
+        if {k: old.get(k) for k in info} != info:
+            raise ValueError(f"--resume with other settings than {run / RUN_FILE} records; rerun with the same flags")
+    train_set = load_dataset(args.dataset, args.data_dir, split="train")
+    if args.subset:
+        train_set = torch.utils.data.TensorDataset(*(t[: args.subset] for t in train_set.tensors))
+    test_set = load_dataset(args.dataset, args.data_dir, split="test")
+    info["model_kwargs"].setdefault("num_classes", int(train_set.tensors[1].max()) + 1)
+    info["model_kwargs"].setdefault("in_channels", int(train_set.tensors[0].shape[1]))
+    torch.manual_seed(args.seed)
+    model = build_model(info)
+    if _rank() == 0:
+        run.mkdir(parents=True, exist_ok=True)
+        (run / RUN_FILE).write_text(json.dumps(info, indent=2))
+    result = train(model, train_set, test_set, config, run_dir=run, resume=args.resume)
+    if _rank() == 0:
+        save(model, run / MODEL_FILE, extra={"model": args.model, "model_kwargs": info["model_kwargs"]})
+        rows = [{"level": r["level"], "accuracy": r["accuracy"]} for r in result.final]
+        print(format_table(rows))
+        print(f"saved {run / MODEL_FILE}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .metrics import level_summary
+    from .train.trainer import evaluate
+
+    run = Path(args.run)
+    model, info = load_run_model(run)
+    test_set = load_dataset(info["dataset"], args.data_dir or info.get("data_dir"), split="test")
+    example = test_set.tensors[0][:1]
+    acc = {r["level"]: r["accuracy"] for r in evaluate(model, test_set)}
+    rows = [{**r, "accuracy": acc[r["level"]]} for r in level_summary(model, example)]
+    print(format_table(rows, ["level", "density", "params", "macs", "accuracy"]))
+    out = {"model": info["model"], "dataset": info["dataset"], "levels": rows}
+    (run / EVAL_FILE).write_text(json.dumps(out, indent=2))
+    print(f"wrote {run / EVAL_FILE}")
+    return 0
+
+
+def cmd_plot(args) -> int:
+    evals = [read_eval(r) for r in args.runs]
+    first = Path(args.runs[0])
+    out = Path(args.output) if args.output else (first if first.is_dir() else first.parent) / "pareto.png"
+    plot_pareto(evals, out, x=args.x, labels=[str(r) for r in args.runs] if len(args.runs) > 1 else None)
+    print(f"wrote {out}")
+    return 0
+
+
+def _model_file(path: Path) -> Path:
+    return path / MODEL_FILE if path.is_dir() else path
+
+
+def cmd_pack(args) -> int:
+    from .pack import pack
+
+    src = _model_file(Path(args.run))
+    meta = read_meta(src)["extra"]
+    model = models.create(meta["model"], **meta.get("model_kwargs", {}))
+    load_into_(model, src)
+    packed = pack(model, dtype=args.dtype, model_name=meta["model"], model_kwargs=meta.get("model_kwargs", {}))
+    packed.save(args.output)
+    print(format_table(packed.size_table()))
+    print(f"wrote {args.output} ({Path(args.output).stat().st_size:,} bytes)")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from .pack.bench import bench_packed
+
+    rows = bench_packed(args.packed, batches=args.batch, threads=args.threads, repeats=args.repeats)
+    print(format_table(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .pack.onnx import export_level
+
+    err = export_level(args.packed, args.level, args.output)
+    print(f"wrote {args.output} (max |onnxruntime - runtime| = {err:.2e})", file=sys.stdout)
+    return 0

@@ -1,0 +1,72 @@
+"""Tables and plots per level. Reads result rows, draws; computes nothing about models."""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+__all__ = ["format_table", "plot_pareto", "read_eval"]
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4f}" if v < 1 else f"{v:,.1f}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return str(v)
+
+
+def format_table(rows: Sequence[dict], columns: Sequence[str] | None = None) -> str:
+    """Fixed-width text table of ``rows`` (dicts), one line per row, columns right-aligned."""
+    if not rows:
+        return "(no rows)"
+    columns = list(columns or rows[0].keys())
+    cells = [[_fmt(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    line = lambda vals: "  ".join(v.rjust(w) for v, w in zip(vals, widths))  # noqa: E731
+    return "\n".join([line(columns), line(["-" * w for w in widths])] + [line(r) for r in cells])
+
+
+def read_eval(path: str | os.PathLike) -> dict:
+    """Load an ``eval.json`` (a run folder or the file itself) and check its shape."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "eval.json"
+    if not p.is_file():
+        raise FileNotFoundError(f"no eval.json at {p}; run `nestedsparse eval {p.parent}` first")
+    data = json.loads(p.read_text())
+    if not isinstance(data, dict) or not isinstance(data.get("levels"), list):
+        raise ValueError(f"{p} is not an eval.json: expected an object with a 'levels' list")
+    return data
+
+
+def plot_pareto(evals: Sequence[dict], out: str | os.PathLike, x: str = "macs", labels: Sequence[str] | None = None,
+                title: str | None = None) -> Path:
+    """Accuracy against ``x`` (``macs``, ``params`` or a latency key), one point per level, one line per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.2), dpi=120)
+    for i, ev in enumerate(evals):
+        lv = sorted(ev["levels"], key=lambda r: r[x])
+        xs, ys = [r[x] for r in lv], [100 * r["accuracy"] for r in lv]
+        label = labels[i] if labels else f"{ev.get('model', 'model')} ({ev.get('dataset', '')})"
+        ax.plot(xs, ys, marker="o", label=label)
+        for r, xv, yv in zip(lv, xs, ys):
+            ax.annotate(f"L{r['level']} d={r['density']:.2f}", (xv, yv), textcoords="offset points", xytext=(4, -10),
+                        fontsize=7)
+    ax.set_xscale("log")
+    ax.set_xlabel({"macs": "MACs per sample (active weights only)", "params": "non-zero parameters"}.get(x, x))
+    ax.set_ylabel("test accuracy (%)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title or "accuracy per nested level")
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+    return out
