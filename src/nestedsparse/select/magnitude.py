@@ -69,7 +69,9 @@ class MagnitudeSelector(Selector):
         super().step(model)
         t = self.step_count / max(self.total_steps, 1)
         end_step = int(self.end * self.total_steps)
-        if self.step_count == end_step or (t < self.end and self.step_count % self.update_every == 0):
+        if self.step_count == end_step:  # final maps exactly at the end step, whatever the rounding
+            self.apply_(model, 1.0)
+        elif t < self.end and self.step_count % self.update_every == 0:
             self.apply_(model, self.progress(self.step_count))
 
     @property
