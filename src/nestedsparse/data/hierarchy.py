@@ -1,0 +1,80 @@
+"""Coarse class groups for hierarchical classification (fine label -> coarse label)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+
+__all__ = [
+    "FASHION_MNIST_COARSE_CLASSES",
+    "FASHION_MNIST_HIERARCHY",
+    "FASHION_MNIST_HIERARCHY_GROUPS",
+    "coarse_labels",
+    "mapping_from_groups",
+]
+
+#: Coarse group name -> fine Fashion-MNIST labels in that group.
+FASHION_MNIST_HIERARCHY_GROUPS: Mapping[str, tuple[int, ...]] = {
+    "tops": (0, 2, 6),  # T-shirt/top, Pullover, Shirt
+    "bottoms": (1,),  # Trouser
+    "dresses": (3,),  # Dress
+    "outers": (4,),  # Coat
+    "accessories": (8,),  # Bag
+    "shoes": (5, 7, 9),  # Sandal, Sneaker, Ankle boot
+}
+
+#: Coarse class names; index ``i`` is coarse label ``i``.
+FASHION_MNIST_COARSE_CLASSES: tuple[str, ...] = tuple(FASHION_MNIST_HIERARCHY_GROUPS)
+
+
+def mapping_from_groups(groups: Mapping[str, Sequence[int]], num_fine: int) -> torch.Tensor:
+    """Build a fine->coarse int64 map of length ``num_fine`` from named groups.
+
+    The i-th group (in mapping order) becomes coarse label ``i``. Every fine
+    label in ``0..num_fine-1`` must belong to exactly one group.
+    """
+    mapping = torch.full((num_fine,), -1, dtype=torch.int64)
+    for coarse, (group, members) in enumerate(groups.items()):
+        for fine in members:
+            if not 0 <= fine < num_fine:
+                raise ValueError(
+                    f"group {group!r} lists fine label {fine}, allowed range is 0..{num_fine - 1}"
+                )
+            if mapping[fine] >= 0:
+                raise ValueError(
+                    f"fine label {fine} is in more than one group (again in {group!r})"
+                )
+            mapping[fine] = coarse
+    missing = (mapping < 0).nonzero().flatten().tolist()
+    if missing:
+        raise ValueError(f"fine labels {missing} belong to no group")
+    return mapping
+
+
+#: Fine Fashion-MNIST label -> coarse label, int64 tensor of length 10.
+FASHION_MNIST_HIERARCHY: torch.Tensor = mapping_from_groups(FASHION_MNIST_HIERARCHY_GROUPS, 10)
+
+
+def coarse_labels(fine: torch.Tensor, mapping: torch.Tensor | Sequence[int]) -> torch.Tensor:
+    """Map fine labels to coarse labels with a fine->coarse lookup table.
+
+    Args:
+        fine: integer tensor of fine labels, any shape, any device.
+        mapping: 1-D table; ``mapping[f]`` is the coarse label of fine label ``f``.
+
+    Returns:
+        int64 tensor shaped like ``fine`` on ``fine``'s device.
+    """
+    table = torch.as_tensor(mapping, dtype=torch.int64, device=fine.device)
+    if table.ndim != 1:
+        raise ValueError(f"mapping must be 1-D, got shape {tuple(table.shape)}")
+    if fine.dtype.is_floating_point or fine.dtype.is_complex or fine.dtype == torch.bool:
+        raise TypeError(f"fine labels must be an integer tensor, got dtype {fine.dtype}")
+    if fine.numel():
+        low, high = int(fine.min()), int(fine.max())
+        if low < 0 or high >= table.numel():
+            raise ValueError(
+                f"fine labels span {low}..{high}, mapping covers 0..{table.numel() - 1}"
+            )
+    return table[fine.long()]
