@@ -26,15 +26,15 @@ def sample_levels(levels: Sequence[int], sampling: str, generator: torch.Generat
 
     ``all``: every level. ``sandwich``: the sparsest, the densest and one random level between.
     """
+    if sampling not in SAMPLINGS:
+        raise ValueError(f"level sampling {sampling!r} is unknown; allowed: {', '.join(SAMPLINGS)}")
     levels = sorted(levels)
     if sampling == "all" or len(levels) <= 3:
         chosen = levels
-    elif sampling == "sandwich":
+    else:  # sandwich
         mid = levels[1:-1]
         pick = int(torch.randint(len(mid), (1,), generator=generator))
         chosen = [levels[0], mid[pick], levels[-1]]
-    else:
-        raise ValueError(f"level sampling {sampling!r} is unknown; allowed: {', '.join(SAMPLINGS)}")
     return sorted(chosen, reverse=True)
 
 

@@ -185,6 +185,13 @@ def _broadcast_maps(model: nn.Module) -> None:
             dist.broadcast(m.level_map, src=0)
 
 
+def _broadcast_buffers(model: nn.Module) -> None:
+    """Make every rank hold rank 0's buffers (BatchNorm statistics are updated locally per rank)."""
+    if dist.is_initialized():
+        for b in model.buffers():
+            dist.broadcast(b, src=0)
+
+
 class _Freezer:
     """frozen-core: after each step, put back the entries a finished level owns."""
 
@@ -289,6 +296,7 @@ def train(
                                 steps_per_epoch, total, rank, world, device, callback)
         row = {"epoch": epoch, "step": (epoch + 1) * steps_per_epoch, "train_loss": loss_sum / steps_per_epoch,
                "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - t0}
+        _broadcast_buffers(model)
         if test_data is not None:
             row["levels"] = evaluate(model, test_data, batch_size=config.eval_batch_size, device=device)
         history.append(row)
