@@ -65,16 +65,14 @@ def cmd_train(args) -> int:
     info = {"model": args.model, "model_kwargs": dict(args.model_arg), "dataset": args.dataset,
             "data_dir": args.data_dir, "spec": spec.to_dict(), "block": list(args.block), "config": config.to_dict(),
             "subset": args.subset}
-    if args.resume and (run / RUN_FILE).is_file():
-        old = _run_info(run)
-        if {k: old.get(k) for k in info} != info:
-            raise ValueError(f"--resume with other settings than {run / RUN_FILE} records; rerun with the same flags")
     train_set = load_dataset(args.dataset, args.data_dir, split="train")
     if args.subset:
         train_set = torch.utils.data.TensorDataset(*(t[: args.subset] for t in train_set.tensors))
     test_set = load_dataset(args.dataset, args.data_dir, split="test")
     info["model_kwargs"].setdefault("num_classes", int(train_set.tensors[1].max()) + 1)
     info["model_kwargs"].setdefault("in_channels", int(train_set.tensors[0].shape[1]))
+    if args.resume and (run / RUN_FILE).is_file():
+        _check_same_run(_run_info(run), info, run)
     torch.manual_seed(args.seed)
     model = build_model(info)
     if _rank() == 0:
@@ -87,6 +85,19 @@ def cmd_train(args) -> int:
         print(format_table(rows))
         print(f"saved {run / MODEL_FILE}")
     return 0
+
+
+def _check_same_run(old: dict, new: dict, run: Path) -> None:
+    """A resumed run must have the settings it started with (progress bar and device aside)."""
+    def key(d):
+        cfg = {k: v for k, v in d.get("config", {}).items() if k not in ("progress", "device")}
+        return {**{k: d.get(k) for k in new if k != "config"}, "config": cfg}
+
+    a, b = key(old), key(new)
+    diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    if diff:
+        raise ValueError(f"--resume with other settings ({', '.join(diff)}) than {run / RUN_FILE} records; "
+                         "rerun with the same flags")
 
 
 def cmd_eval(args) -> int:

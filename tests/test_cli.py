@@ -1,0 +1,61 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from nestedsparse.cli import main
+
+FM = Path("/usr/share/datasets/fashion-mnist")
+
+
+def test_bad_arguments_are_clear(capsys, tmp_path):
+    with pytest.raises(SystemExit):
+        main(["train", "--densities", "a,b", "--out", str(tmp_path)])
+    assert "comma-separated numbers" in capsys.readouterr().err
+    code = main(["train", "--dataset", "synthetic", "--densities", "0.5,0.2", "--out", str(tmp_path)])
+    assert code == 2 and "strictly increasing" in capsys.readouterr().err
+    code = main(["eval", str(tmp_path / "nothing")])
+    assert code == 2 and "not a run folder" in capsys.readouterr().err
+
+
+def test_train_eval_plot_on_synthetic(tmp_path, capsys):
+    run = tmp_path / "run"
+    args = ["train", "--model", "mlp", "--dataset", "synthetic", "--densities", "0.1,0.5,1.0", "--epochs", "2",
+            "--batch-size", "32", "--out", str(run), "--no-progress"]
+    assert main(args) == 0
+    assert main(["eval", str(run)]) == 0
+    ev = json.loads((run / "eval.json").read_text())
+    assert ev["model"] == "mlp" and ev["dataset"] == "synthetic"
+    lv = ev["levels"]
+    assert [r["level"] for r in lv] == [0, 1, 2]
+    assert set(lv[0]) == {"level", "density", "params", "macs", "accuracy"}
+    assert lv[0]["macs"] < lv[1]["macs"] < lv[2]["macs"] and lv[0]["params"] < lv[2]["params"]
+    assert all(0.0 <= r["accuracy"] <= 1.0 for r in lv)
+    assert main(["plot", str(run)]) == 0
+    assert (run / "pareto.png").stat().st_size > 1000
+    # resume of a finished run trains nothing more and keeps the history
+    assert main(args + ["--resume"]) == 0
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
+    with pytest.raises(SystemExit):
+        main(args[:-1] + ["--epochs", "x"])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (FM / "train-images-idx3-ubyte.gz").exists(), reason="Fashion-MNIST not installed")
+def test_end_to_end_fashion_mnist_console_script(tmp_path):
+    """The demo's path on real data at a small size: 4-level LeNet-5, one short epoch."""
+    run = tmp_path / "fm"
+    exe = [sys.executable, "-m", "nestedsparse.cli"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    train = exe + ["train", "--model", "lenet5", "--dataset", "fashion-mnist", "--densities", "0.05,0.1,0.25,1.0",
+                   "--epochs", "1", "--max-steps-per-epoch", "60", "--out", str(run), "--no-progress"]
+    subprocess.run(train, check=True, env=env, timeout=600)
+    subprocess.run(exe + ["eval", str(run)], check=True, env=env, timeout=600)
+    ev = json.loads((run / "eval.json").read_text())
+    acc = [r["accuracy"] for r in ev["levels"]]
+    assert acc[-1] > 0.6  # 60 steps of LeNet-5 already beat chance (0.1) by far
+    dens = [r["density"] for r in ev["levels"]]
+    assert dens == sorted(dens) and abs(dens[0] - 0.05) < 0.01
