@@ -52,6 +52,8 @@ def cmd_train(args) -> int:
 
     run = Path(args.out)
     spec = LevelSpec(densities=args.densities, allocation=args.allocation, first_last_density=args.first_last_density)
+    if args.selector != "magnitude" and tuple(args.block) != (1, 1):
+        raise ValueError(f"--block {args.block[0]}x{args.block[1]} needs --selector magnitude; {args.selector} prunes single weights")
     sel_args = {"block": list(args.block)} if args.selector == "magnitude" else {}
     if args.prune_end is not None:
         sel_args["end"] = args.prune_end
