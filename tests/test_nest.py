@@ -162,3 +162,9 @@ def test_models_from_registry_nest_and_run():
         size = 28 if in_ch == 1 else 32
         with ns.use_level(model, 0):
             assert model(torch.randn(2, in_ch, size, size)).shape == (2, 10)
+
+
+def test_nested_batchnorm_checks_input_rank(tiny_conv):
+    ns.nestify_(tiny_conv, SPEC)
+    with pytest.raises(ValueError, match="expected a 4D input, got 3D"):
+        tiny_conv.features[1](torch.randn(2, 6, 5))

@@ -95,7 +95,7 @@ class NestedBatchNorm(nn.Module):
         self.num_features, self.eps, self.momentum = bn.num_features, bn.eps, bn.momentum
         self.affine, self.track_running_stats = bn.affine, bn.track_running_stats
         self.num_levels, self.level = int(num_levels), int(num_levels) - 1
-        self.bn_dims = _bn_dims(bn)
+        self.input_dims = _bn_input_dims(bn)
         self.weight = bn.weight
         self.bias = bn.bias
         if bn.track_running_stats:
@@ -107,8 +107,8 @@ class NestedBatchNorm(nn.Module):
             self.running_mean = self.running_var = self.num_batches_tracked = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() not in (self.bn_dims, self.bn_dims + 1) and not (self.bn_dims == 2 and x.dim() in (2, 3)):
-            raise ValueError(f"NestedBatchNorm (from a {self.bn_dims}d BatchNorm) got a {x.dim()}D input")
+        if x.dim() not in self.input_dims:
+            raise ValueError(f"NestedBatchNorm expected a {' or '.join(map(str, self.input_dims))}D input, got {x.dim()}D")
         k = self.level
         eaf = 0.0 if self.momentum is None else self.momentum
         use_batch = self.training or self.running_mean is None
@@ -124,11 +124,13 @@ class NestedBatchNorm(nn.Module):
         return f"{self.num_features}, num_levels={self.num_levels}, level={self.level}, eps={self.eps}"
 
 
-def _bn_dims(bn: nn.Module) -> int:
-    for d, cls in ((1, nn.BatchNorm1d), (2, nn.BatchNorm2d), (3, nn.BatchNorm3d)):
-        if isinstance(bn, cls):
-            return d + 1 if d > 1 else 2
-    return 2
+def _bn_input_dims(bn: nn.Module) -> tuple[int, ...]:
+    """Input ranks the original BatchNorm accepts (batch dim included)."""
+    if isinstance(bn, nn.BatchNorm2d):
+        return (4,)
+    if isinstance(bn, nn.BatchNorm3d):
+        return (5,)
+    return (2, 3)
 
 
 @dataclass
