@@ -310,11 +310,11 @@ def train(
 
 def _write_epoch(run_dir, model, optimizer, selector, config, row, history, spec) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
-        f.write(json.dumps(row) + "\n")
     state = {"epoch": row["epoch"], "history": history, "selector": selector.state_dict(),
              "config": config.to_dict()}
-    save_checkpoint(run_dir, model, optimizer, state)
+    save_checkpoint(run_dir, model, optimizer, state)  # first: a kill in between must not log an epoch twice
+    with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps(row) + "\n")
 
 
 def _phase_levels(config, selector, spec, step: int, total: int) -> tuple[list[int], int | None]:
