@@ -25,6 +25,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
+from ..io import atomic_write_bytes
 from ..nest import ROUTINGS, get_spec, iter_nested, set_routing_, use_level
 from ..select import create_selector
 from .checkpoint import FILENAME, load_checkpoint, save_checkpoint
@@ -312,9 +313,9 @@ def _write_epoch(run_dir, model, optimizer, selector, config, row, history, spec
     run_dir.mkdir(parents=True, exist_ok=True)
     state = {"epoch": row["epoch"], "history": history, "selector": selector.state_dict(),
              "config": config.to_dict()}
-    save_checkpoint(run_dir, model, optimizer, state)  # first: a kill in between must not log an epoch twice
-    with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
-        f.write(json.dumps(row) + "\n")
+    save_checkpoint(run_dir, model, optimizer, state)
+    # rewritten whole from the history the checkpoint holds: never a lost or doubled epoch on resume
+    atomic_write_bytes(run_dir / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history).encode())
 
 
 def _phase_levels(config, selector, spec, step: int, total: int) -> tuple[list[int], int | None]:
