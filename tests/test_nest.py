@@ -65,7 +65,7 @@ def test_own_routing_updates_only_weights_first_active_at_level(tiny_mlp):
         g = dense_weight(mod).grad
         assert bool((g[m.level_map != 2] == 0).all())
         assert bool((g[m.level_map == 2] != 0).any())
-    with pytest.raises(ValueError, match="allowed: sum, own, frozen-core"):
+    with pytest.raises(ValueError, match="allowed: sum, mean, own, frozen-core"):
         ns.set_routing_(tiny_mlp, "mine")
 
 

@@ -82,7 +82,7 @@ def test_sandwich_sampling():
 
 
 def test_train_config_validation():
-    with pytest.raises(ValueError, match="TrainConfig.routing='x' is unknown; allowed: sum, own, frozen-core"):
+    with pytest.raises(ValueError, match="TrainConfig.routing='x' is unknown; allowed: sum, mean, own, frozen-core"):
         TrainConfig(routing="x")
     with pytest.raises(ValueError, match="epochs must be a positive int"):
         TrainConfig(epochs=0)
@@ -146,3 +146,21 @@ def test_resume_after_interrupt_matches_uninterrupted(tmp_path):
     for a, b in zip(full.final, resumed.final):
         assert abs(a["accuracy"] - b["accuracy"]) <= 0.003
     assert len(resumed.history) == 3
+
+
+def test_mean_routing_gives_each_weight_the_mean_of_its_levels_gradients():
+    m = _model()
+    m.eval()
+    ns.set_routing_(m, "mean")
+    x, y = _data().tensors[0][:8], _data().tensors[1][:8]
+    w = dense_weight(m[0])
+    lm = m[0].parametrizations.weight[0].level_map
+    loss, _ = nested_loss(m, x, y, [2, 1, 0])
+    (g_mean,) = torch.autograd.grad(loss, w)
+    ns.set_routing_(m, "sum")
+    grads = []
+    for k in range(3):
+        with ns.use_level(m, k):
+            grads.append(torch.autograd.grad(nn.functional.cross_entropy(m(x), y), w)[0])
+    containing = torch.stack([(lm <= k).float() for k in range(3)]).sum(0)  # levels holding each weight
+    torch.testing.assert_close(g_mean, sum(grads) / containing)

@@ -44,7 +44,7 @@ __all__ = [
 ]
 
 SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d)
-ROUTINGS = ("sum", "own", "frozen-core")
+ROUTINGS = ("sum", "mean", "own", "frozen-core")
 _SPEC_ATTR = "_nestedsparse_spec"
 
 LevelArg = int | Mapping[str, int]
@@ -64,6 +64,7 @@ class NestedMask(nn.Module):
         self.num_levels = int(num_levels)
         self.level = self.num_levels - 1
         self.routing = "sum"
+        self.run_levels: tuple[int, ...] = ()  # levels the current training step runs ("mean" routing)
         # NestedNet weight-connection learning: (level, tau, gamma) while a level is being learned.
         self.soft: tuple[int, torch.Tensor, float] | None = None
 
@@ -75,8 +76,17 @@ class NestedMask(nn.Module):
             return w * parent * torch.tanh(gamma * F.relu(w.abs() - tau))
         m = self.level_map <= k
         if self.routing != "sum" and torch.is_grad_enabled() and w.requires_grad:
-            # own / frozen-core: level k's loss updates only the weights first active at level k.
-            w = torch.where(self.level_map == k, w, w.detach())
+            if self.routing == "mean" and self.run_levels:
+                # scale each weight's gradient by n / (levels run this step that contain it): with the
+                # loss a mean over n levels, every weight then gets the mean of its levels' gradients
+                run = torch.tensor(self.run_levels, device=w.device)
+                table = len(run) / (run[None, :] >= torch.arange(self.num_levels + 1, device=w.device)[:, None]).sum(1).clamp(min=1)
+                scale = table.to(w.dtype)[self.level_map.long()]
+                ws = w * scale
+                w = ws + (w - ws).detach()
+            elif self.routing != "mean":
+                # own / frozen-core: level k's loss updates only the weights first active at level k.
+                w = torch.where(self.level_map == k, w, w.detach())
         return w * m.to(w.dtype)
 
     def extra_repr(self) -> str:
@@ -293,6 +303,13 @@ def _level_owners(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     yield from iter_nested_bn(model)
 
 
+def set_run_levels_(model: nn.Module, levels) -> None:
+    """Tell the masks which levels the current training step runs (used by ``mean`` routing)."""
+    levels = tuple(int(k) for k in levels)
+    for _, _, m in iter_nested(model):
+        m.run_levels = levels
+
+
 def set_level_(model: nn.Module, level: LevelArg) -> None:
     """Set the active level: an int for the whole model, or ``{module_name_prefix: level}``.
 
@@ -332,7 +349,13 @@ def use_level(model: nn.Module, level: LevelArg):
 
 
 def set_routing_(model: nn.Module, routing: str) -> None:
-    """Choose how level losses reach shared weights: ``sum`` / ``own`` / ``frozen-core``."""
+    """Choose how level losses reach shared weights: ``sum`` / ``mean`` / ``own`` / ``frozen-core``.
+
+    ``sum`` (NestedNet): a shared weight gets the sum of its levels' gradients (scaled by the loss
+    weights). ``mean``: it gets their mean, so weights that only the dense levels use learn as fast
+    as core weights. ``own``: only the level where it first appears. ``frozen-core``: as ``own``,
+    levels trained one after another, sparsest first, finished ones frozen (see the trainer).
+    """
     if routing not in ROUTINGS:
         raise ValueError(f"routing {routing!r} is unknown; allowed: {', '.join(ROUTINGS)}")
     for _, _, m in iter_nested(model):

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..nest import use_level
+from ..nest import set_run_levels_, use_level
 
 __all__ = ["nested_loss", "sample_levels", "SAMPLINGS"]
 
@@ -71,6 +71,7 @@ def nested_loss(
         raise ValueError(f"weights must be {len(levels)} non-negative numbers with a positive sum, got {weights}")
     w = (w / w.sum()).tolist()
     fwd = forward or model
+    set_run_levels_(model, levels)
     total, parts, teacher = x.new_zeros(()), {}, None
     for k, wk in zip(levels, w):
         with use_level(model, k):

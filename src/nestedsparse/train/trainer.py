@@ -45,7 +45,8 @@ class TrainConfig:
         epochs, batch_size, lr, optimizer ("sgd" | "adamw"), momentum, weight_decay: as usual;
             weight decay applies to weights only, not to biases or BatchNorm.
         schedule: "cosine" (with ``warmup_epochs``), "step" (x0.1 at 50% and 75%) or "constant".
-        routing: "sum" (NestedNet), "own" (each weight learns from the level it first joins) or
+        routing: "sum" (NestedNet), "mean" (each weight gets the mean of its levels' gradients),
+            "own" (each weight learns from the level it first joins) or
             "frozen-core" (joint while maps are chosen, then levels sparsest first, inner
             weights frozen once their level is done).
         sampling: levels per step, "all" or "sandwich" (sparsest, densest, one random).
@@ -271,7 +272,8 @@ def train(
     device = _pick_device(config)
     rank, world = _setup_distributed(device)
     model.to(device)
-    set_routing_(model, "sum" if config.routing == "sum" else "own")
+    # frozen-core trains jointly ("sum") while the maps are chosen; its phases switch to "own"
+    set_routing_(model, "sum" if config.routing == "frozen-core" else config.routing)
     selector = create_selector(config.selector, **config.selector_args)
     optimizer = _optimizer(model, config)
     run_dir = Path(run_dir) if run_dir is not None else None
@@ -348,6 +350,7 @@ def _train_epoch(model, objective, optimizer, selector, data, config, epoch, ste
         ready, new_phase = _phase_levels(config, selector, spec, step, total)
         if new_phase is not None and new_phase != phase:
             phase, freezer = new_phase, _Freezer(model, new_phase)
+            set_routing_(model, "own")
         gen = torch.Generator().manual_seed(config.seed * 7_919 + step)
         levels = sample_levels(ready, config.sampling, gen)
         weights = [config.level_weights[k] for k in levels] if config.level_weights else None
