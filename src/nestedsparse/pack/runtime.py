@@ -111,21 +111,31 @@ class SparseConv(_SparseBase):
 
 
 class LevelBatchNorm(nn.Module):
-    """Inference BatchNorm with one (scale, shift) per level, picked by the call's level."""
+    """Inference BatchNorm with running statistics per level, picked by the call's level."""
 
     def __init__(self, name: str, bn: NestedBatchNorm) -> None:
         super().__init__()
-        self.name, self.top = name, bn.num_levels - 1
-        w = bn.weight.detach() if bn.weight is not None else torch.ones(bn.num_features)
-        b = bn.bias.detach() if bn.bias is not None else torch.zeros(bn.num_features)
-        scale = w / torch.sqrt(bn.running_var + bn.eps)  # [L, C]
-        self.register_buffer("scale", scale.float())
-        self.register_buffer("shift", (b - bn.running_mean * scale).float())
+        self.name, self.top, self.eps = name, bn.num_levels - 1, bn.eps
+        n = bn.num_features
+        self.register_buffer("weight", (bn.weight.detach() if bn.weight is not None else torch.ones(n)).float().clone())
+        self.register_buffer("bias", (bn.bias.detach() if bn.bias is not None else torch.zeros(n)).float().clone())
+        self.register_buffer("running_mean", bn.running_mean.detach().float().clone())  # [L, C]
+        self.register_buffer("running_var", bn.running_var.detach().float().clone())  # [L, C]
+
+    @property
+    def scale(self) -> torch.Tensor:
+        """``[L, C]`` per-level multiplier of the folded affine map ``x * scale + shift``."""
+        return self.weight / torch.sqrt(self.running_var + self.eps)
+
+    @property
+    def shift(self) -> torch.Tensor:
+        """``[L, C]`` per-level offset of the folded affine map."""
+        return self.bias - self.running_mean * self.scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         k = _level_for(self.name, self.top)
-        shape = (1, -1) + (1,) * (x.dim() - 2)
-        return x * self.scale[k].view(shape).to(x.dtype) + self.shift[k].view(shape).to(x.dtype)
+        # one fused eval-mode kernel, as plain nn.BatchNorm runs
+        return F.batch_norm(x, self.running_mean[k], self.running_var[k], self.weight, self.bias, False, 0.0, self.eps)
 
 
 class PackedRuntime(nn.Module):
