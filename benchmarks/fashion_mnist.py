@@ -51,7 +51,7 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-steps", type=int, default=None, help="cap steps per epoch (smoke runs)")
-    p.add_argument("--routings", default="sum,own,frozen-core")
+    p.add_argument("--routings", default="mean,sum,own,frozen-core")
     p.add_argument("--out", default=str(RESULTS / "fashion_mnist"))
     args = p.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -85,7 +85,15 @@ def main() -> None:
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows, "runs": runs}, indent=2))
     table = format_table(rows, ["routing", "level", "density", "macs", "nested_acc", "independent_acc",
                                 "delta_vs_independent", "delta_vs_dense"])
-    out.with_suffix(".md").write_text(f"```\n{json.dumps(meta)}\n{table}\n```\n")
+    mean_delta = {r: sum(x["delta_vs_independent"] for x in rows if x["routing"] == r) / len(dens)
+                  for r in args.routings.split(",")}
+    best = max(mean_delta, key=mean_delta.get)
+    verdict = (f"Winner: {best} (mean accuracy delta vs the independent models over the levels: "
+               + ", ".join(f"{r} {100 * d:+.2f} points" for r, d in mean_delta.items()) + ")")
+    meta["winner"] = best
+    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows, "runs": runs}, indent=2))
+    out.with_suffix(".md").write_text(f"{verdict}\n\n```\n{json.dumps(meta)}\n{table}\n```\n")
+    print(verdict)
     print(table)
     _plot(runs, args.routings.split(","), out.with_suffix(".png"))
 

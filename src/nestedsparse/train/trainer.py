@@ -65,7 +65,7 @@ class TrainConfig:
     weight_decay: float = 5e-4
     schedule: str = "cosine"
     warmup_epochs: float = 0.0
-    routing: str = "sum"
+    routing: str = "mean"
     sampling: str = "all"
     level_weights: tuple[float, ...] | None = None
     distill: float = 0.0
