@@ -59,3 +59,25 @@ def test_end_to_end_fashion_mnist_console_script(tmp_path):
     assert acc[-1] > 0.6  # 60 steps of LeNet-5 already beat chance (0.1) by far
     dens = [r["density"] for r in ev["levels"]]
     assert dens == sorted(dens) and abs(dens[0] - 0.05) < 0.01
+
+
+def test_pack_bench_export_commands(tmp_path, capsys):
+    pytest.importorskip("numba")
+    run = tmp_path / "run"
+    assert main(["train", "--model", "mlp", "--dataset", "synthetic", "--densities", "0.1,0.5,1.0", "--epochs", "1",
+                 "--batch-size", "64", "--out", str(run), "--no-progress"]) == 0
+    capsys.readouterr()
+    nsp = tmp_path / "m.nsp"
+    assert main(["pack", str(run), "-o", str(nsp)]) == 0
+    out = capsys.readouterr().out
+    assert "bytes" in out and "all" in out and nsp.stat().st_size > 0
+    bench_json = tmp_path / "bench.json"
+    assert main(["bench", str(nsp), "--batch", "1,4", "--repeats", "3", "--json", str(bench_json)]) == 0
+    rows = json.loads(bench_json.read_text())
+    assert {(r["batch"], r["level"]) for r in rows} == {(b, k) for b in (1, 4) for k in range(3)}
+    pytest.importorskip("onnxruntime")
+    onnx_path = tmp_path / "m0.onnx"
+    assert main(["export", str(nsp), "--level", "0", "-o", str(onnx_path)]) == 0
+    assert onnx_path.stat().st_size > 0
+    assert main(["export", str(nsp), "--level", "9", "-o", str(onnx_path)]) == 2
+    assert "out of range" in capsys.readouterr().err
