@@ -1,0 +1,1202 @@
+"""Fast CPU kernels that run any level of a :class:`~nestedsparse.pack.csr.NestedCSR`.
+
+All kernels read the same arrays for every level: level ``k`` of row ``r`` is the
+prefix ``[row_offsets[r], row_offsets[r] + level_counts[r, k])`` of the row (see
+``csr.py``), so switching level only switches the per-row end pointers (cached
+per level in ``csr._cache``).
+
+Public API
+----------
+* :func:`spmm` -- Linear, batch-major: ``y[B, out] = x[B, in] @ W_k^T (+ bias)``.
+* :func:`spmm_t` -- Linear, feature-major (the fast layout):
+  ``yt[out, B] = W_k @ xt[in, B] (+ bias[:, None])``, optional fused ReLU.  Chain
+  layers in this layout to avoid two transposes per layer.
+* :func:`bind_spmm_t` -- :func:`spmm_t` pre-bound to fixed buffers: ``fn()`` costs
+  only numba's dispatch (~1.3 us), for runtimes chaining preallocated layers.
+* :func:`sparse_conv2d` -- Conv2d through im2col (``F.unfold``) + the sparse
+  matmul per group (spatial positions are the "batch"); a direct kernel for
+  depthwise convolutions.
+* :func:`spmm_reference`, :func:`conv2d_reference` -- plain torch on ``to_dense``.
+* :func:`choose` -- ``"sparse"`` or ``"dense"`` from a density threshold.
+* :func:`prepare` -- validate, build the per-level plans and JIT-compile ahead of time.
+* :func:`transpose` -- fast 2-D float32 transpose (``[B, F] <-> [F, B]``).
+* :func:`aligned_empty` -- 64-byte aligned float32 buffers for activations.
+
+Implementation
+--------------
+numba is imported lazily on first use (``import nestedsparse`` stays cheap); if it
+is missing (or ``NESTEDSPARSE_NO_NUMBA=1``) every kernel falls back to torch.
+
+Each thread owns a contiguous, nnz-balanced block of rows (one parallel region
+per call, ``prange`` over the blocks).  For a row and a tile of W = 64 / 32 /
+16 / 8 batch columns the output tile lives in ``W/8`` ymm registers and each
+non-zero ``(c, v)`` does ``acc += v * xt[c, b0:b0+W]``: a broadcast and ``W/8``
+FMAs with a memory operand on a contiguous row of ``xt``.  Narrow tiles unroll
+over ``8/(W/8)`` non-zeros so there are always 8 independent accumulators (FMA
+latency x throughput on Zen3/AVX2); a remainder of < U non-zeros rotates
+through the accumulator sets.  A batch remainder of 1..7 columns is one more
+8-wide pass with masked loads/stores; batch 1 is a sparse dot product with 4
+scalar accumulators.  Scale (int8), bias and ReLU are applied to the tile in
+registers before its single store.
+
+The inner loops are numba *intrinsics* that emit LLVM IR directly with
+``<8 x float>`` vectors (``_make_tile``); the column-index dtype (uint8 /
+uint16 / int32) and value dtype (float32 / int8) are dispatched at run time
+inside the intrinsic (a switch over six specialised loops) on byte views of the
+arrays, so each kernel compiles to exactly ONE machine-code variant (~2 s) for
+every weight.  The kernels' Python source is copied into a module file in a
+cache directory named by a hash of this file, so numba's ``cache=True`` is
+valid across processes and checkouts.
+
+Threads: numba's OpenMP layer shares torch's libgomp (torch loads it globally
+first), whose default spin-wait makes every 2-thread call stall for a whole
+scheduler slice (~8 ms measured) whenever another process keeps a core busy: a
+worker preempted while spinning misses the next region.  On shared machines
+start the process with ``GOMP_SPINCOUNT=300`` (~15 us of spinning; or
+``OMP_WAIT_POLICY=PASSIVE``): measured under load, a tiny call 8 ms -> 25 us and
+1024x1024 / 2% / batch 64 8 ms -> ~110 us.  It must be set before ``import
+torch``; the library cannot change it afterwards.
+
+Invariants the kernels rely on (guaranteed by :func:`~nestedsparse.pack.csr.validate`,
+which the plan runs once per ``NestedCSR`` object before any kernel sees it):
+offsets in range, ``col_indices < cols``; there are no bounds checks inside the
+kernels.  Inputs are converted to C-contiguous float32 if needed.  Outputs are
+freshly allocated unless ``out=`` is given.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import inspect
+import os
+import sys
+import tempfile
+import threading
+import warnings
+from typing import Any, Callable, Optional, Sequence, Union
+
+import numpy as np
+
+from .csr import NestedCSR, to_dense, validate
+
+__all__ = [
+    "spmm",
+    "spmm_t",
+    "bind_spmm_t",
+    "sparse_conv2d",
+    "spmm_reference",
+    "conv2d_reference",
+    "choose",
+    "prepare",
+    "transpose",
+    "aligned_empty",
+    "have_numba",
+    "DEFAULT_DENSITY_THRESHOLD",
+    "PARALLEL_MIN_WORK",
+]
+
+Array = Any  # numpy.ndarray or torch.Tensor
+IntPair = Union[int, Sequence[int]]
+
+#: Default density at or below which :func:`choose` picks the sparse kernel, by
+#: batch size (the largest key <= batch applies).  Measured on the 2-core Zen3
+#: (AVX2, shared) dev machine, 1024x1024 layer, 2 threads, sparse = ``spmm_t``
+#: vs torch ``x @ W.T``: batch 1 crosses at ~8% (torch's dense GEMV streams the
+#: weight at ~40 GB/s), batch 2 at ~30%, batch >= 4 sparse still wins at 50%
+#: (torch is slow on skinny batches here; at batch 64 1.97 vs 2.05 ms at 50%).
+DEFAULT_DENSITY_THRESHOLD: dict[int, float] = {1: 0.07, 2: 0.3, 4: 0.5}
+#: Below this many multiply-adds per call the serial kernel is used (a parallel
+#: region costs a few us of fork/join on this machine).
+PARALLEL_MIN_WORK: int = 40_000
+
+_F32_LOWEST = np.float32(np.finfo(np.float32).min)
+_ZERO = np.float32(0.0)
+_DUMMY2 = np.zeros((1, 1), dtype=np.float32)  # x / y placeholder of the feature-major kernel call
+_COL_CODE = {np.dtype(np.uint8): 0, np.dtype(np.uint16): 1, np.dtype(np.int32): 2}
+_VAL_CODE = {np.dtype(np.float32): 0, np.dtype(np.int8): 1}
+
+
+# ============================================================== numba plumbing
+class _Numba:
+    """Lazily imported numba and the compiled kernels."""
+
+    def __init__(self) -> None:
+        self.lock = threading.RLock()
+        self.tried = False
+        self.numba: Any = None
+        self.kernels: dict[str, Callable[..., Any]] = {}
+        self.get_threads: Optional[Callable[[], int]] = None
+
+
+_NB = _Numba()
+_SCRATCH = threading.local()  # per-thread reusable transpose buffers
+
+
+def have_numba() -> bool:
+    """True when the numba kernels are available (numba importable and not disabled)."""
+    return _numba() is not None
+
+
+def _numba() -> Any:
+    if _NB.tried:
+        return _NB.numba
+    with _NB.lock:
+        if not _NB.tried:
+            if os.environ.get("NESTEDSPARSE_NO_NUMBA", "") not in ("", "0"):
+                _NB.numba = None
+            else:
+                try:
+                    import numba  # noqa: PLC0415 - lazy on purpose
+
+                    _NB.numba = numba
+                except Exception:  # pragma: no cover - numba missing/broken
+                    _NB.numba = None
+            _NB.tried = True
+    return _NB.numba
+
+
+_FASTMATH = {"contract", "reassoc", "nsz", "arcp"}  # no nnan/ninf: NaN/Inf keep their meaning
+
+
+def _kernel(name: str) -> Any:
+    """Kernel dispatcher: ``spmm_par``/``spmm_ser``, ``depthwise_par``/``depthwise_ser``, ``transpose``."""
+    k = _NB.kernels.get(name)
+    if k is not None:
+        return k
+    with _NB.lock:
+        if not _NB.kernels:
+            _build_kernels()
+        return _NB.kernels[name]
+
+
+# ================================================================ intrinsics
+def _make_intrinsics(nb: Any) -> dict[str, Any]:
+    """numba intrinsics emitting LLVM IR: ``_tile{64,32,16,8,1}`` and ``_tr8x8``."""
+    from llvmlite import ir  # noqa: PLC0415
+    from numba.core import cgutils, types  # noqa: PLC0415
+
+    f32 = ir.FloatType()
+    i64 = ir.IntType(64)
+    i8p = ir.IntType(8).as_pointer()
+    cols_t = [(ir.IntType(8), False, 1), (ir.IntType(16), False, 2), (ir.IntType(32), True, 4)]
+    vals_t = [(f32, 4), (ir.IntType(8), 1)]
+
+    def _make_tile(W: int, masked: bool = False) -> Any:
+        """``_tileW(cols_b, vals_b, code, s, e, xn, xoff, b0, yr, sc, bb, lo[, nv])``:
+        ``yr[b0:b0+W] = max(sc * sum_{j in [s, e)} vals[j] * xn[xoff + cols[j], b0:b0+W] + bb, lo)``
+        (the max propagates NaN from the sum).  ``masked`` (W = 8): only the first
+        ``nv`` (1..7) columns are read and written (masked vector loads/stores), so a
+        batch remainder is one pass instead of ``nv`` scalar passes.
+
+        ``cols_b``/``vals_b`` are uint8 byte views, ``code = 2*col_code + val_code``
+        (cols uint8/uint16/int32 = 0/1/2, values float32/int8 = 0/1), ``xn`` a 2-D
+        float32 array with contiguous rows, ``yr`` a contiguous float32 row.
+        """
+        lanes = min(W, 8)
+        nvec = W // lanes
+        U = 4 if W == 1 else max(1, 8 // nvec)  # non-zeros per iteration (U*nvec accumulators; 4 suffice for W=1)
+        vt = ir.VectorType(f32, lanes) if lanes > 1 else f32
+        fname = f"llvm.fmuladd.v{lanes}f32" if lanes > 1 else "llvm.fmuladd.f32"
+
+        def splat(builder: Any, v: Any) -> Any:
+            if lanes == 1:
+                return v
+            u = ir.Constant(vt, ir.Undefined)
+            t = builder.insert_element(u, v, ir.Constant(ir.IntType(32), 0))
+            return builder.shuffle_vector(t, u, ir.Constant(ir.VectorType(ir.IntType(32), lanes), [0] * lanes))
+
+        def typer(cols_b: Any, vals_b: Any, code: Any, s: Any, e: Any, xn: Any, xoff: Any, b0: Any,
+                  yr: Any, nv: tuple[Any, ...]) -> Any:
+            ok = (isinstance(xn, types.Array) and xn.dtype == types.float32 and xn.ndim == 2
+                  and isinstance(yr, types.Array) and yr.dtype == types.float32 and yr.ndim == 1)
+            if not ok:
+                return None
+            sig = types.void(cols_b, vals_b, code, s, e, xn, xoff, b0, yr, types.float32, types.float32,
+                             types.float32, *nv)
+
+            def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+                at = signature.args
+                cb, vb, code_v, s_v, e_v, xn_v, xoff_v, b0_v, yr_v, sc_v, bb_v, lo_v = args[:12]
+
+                def as64(v: Any, t: Any) -> Any:
+                    return context.cast(builder, v, t, types.int64)
+
+                code_v, s_v, e_v = as64(code_v, at[2]), as64(s_v, at[3]), as64(e_v, at[4])
+                xoff_v, b0_v = as64(xoff_v, at[6]), as64(b0_v, at[7])
+                cptr = builder.bitcast(context.make_array(at[0])(context, builder, cb).data, i8p)
+                vptr = builder.bitcast(context.make_array(at[1])(context, builder, vb).data, i8p)
+                xary = context.make_array(at[5])(context, builder, xn_v)
+                xstride = cgutils.unpack_tuple(builder, xary.strides, 2)[0]  # bytes per xn row
+                four_b0 = builder.mul(b0_v, i64(4))
+                xbase = builder.gep(builder.bitcast(xary.data, i8p), [four_b0])
+                yary = context.make_array(at[8])(context, builder, yr_v)
+                ybase = builder.gep(builder.bitcast(yary.data, i8p), [four_b0])
+                fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vt, [vt, vt, vt]), fname)
+                if masked:  # lanes < nv are live
+                    i32 = ir.IntType(32)
+                    nv_v = builder.trunc(as64(args[12], at[12]), i32)
+                    nv_s = builder.insert_element(ir.Constant(ir.VectorType(i32, 8), ir.Undefined), nv_v, i32(0))
+                    nv_s = builder.shuffle_vector(nv_s, nv_s, ir.Constant(ir.VectorType(i32, 8), [0] * 8))
+                    lane_mask = builder.icmp_signed("<", ir.Constant(ir.VectorType(i32, 8), list(range(8))), nv_s)
+                    mvt = ir.VectorType(ir.IntType(1), 8)
+                    mload = cgutils.get_or_insert_function(
+                        builder.module, ir.FunctionType(vt, [vt.as_pointer(), i32, mvt, vt]),
+                        "llvm.masked.load.v8f32.p0")
+                    mstore = cgutils.get_or_insert_function(
+                        builder.module, ir.FunctionType(ir.VoidType(), [vt, vt.as_pointer(), i32, mvt]),
+                        "llvm.masked.store.v8f32.p0")
+                mod = builder.module
+                no_vec = mod.add_metadata([ir.MetaDataString(mod, "llvm.loop.vectorize.enable"), ir.IntType(1)(0)])
+                no_unroll = mod.add_metadata([ir.MetaDataString(mod, "llvm.loop.unroll.disable")])
+
+                def latch(br: Any) -> None:
+                    """Mark a loop back-edge: the loop is already vectorised/unrolled by hand,
+                    so LLVM's vectoriser and unroller leave it alone (less code, faster compile)."""
+                    tag = mod.add_metadata([ir.MetaDataString(mod, f"nestedsparse.loop.{len(mod.metadata)}")])
+                    md = mod.add_metadata([tag, no_vec, no_unroll])
+                    md.operands = (md,) + tuple(md.operands)  # loop IDs refer to themselves
+                    br.set_metadata("llvm.loop", md)
+                zero = ir.Constant(vt, None)
+                fn = builder.function
+                end_bb = fn.append_basic_block("tile_end")
+                default_bb = fn.append_basic_block("tile_default")
+                sw = builder.switch(code_v, default_bb)
+                with builder.goto_block(default_bb):
+                    builder.branch(end_bb)
+
+                for ci, (ct, csigned, csz) in enumerate(cols_t):
+                    for vi, (vtyp, vsz) in enumerate(vals_t):
+
+                        def entry(j: Any) -> tuple[Any, Any]:
+                            cp = builder.gep(cptr, [builder.mul(j, i64(csz))])
+                            c = builder.load(builder.bitcast(cp, ct.as_pointer()), align=1)
+                            c = builder.sext(c, i64) if csigned else builder.zext(c, i64)
+                            row = builder.gep(xbase, [builder.mul(builder.add(c, xoff_v), xstride)])
+                            vp = builder.gep(vptr, [builder.mul(j, i64(vsz))])
+                            v = builder.load(builder.bitcast(vp, vtyp.as_pointer()), align=1)
+                            if vtyp is not f32:
+                                v = builder.sitofp(v, f32)
+                            return row, splat(builder, v)
+
+                        def xload(row: Any, k: Any) -> Any:
+                            p = builder.bitcast(builder.gep(row, [i64(4 * lanes * k)]), vt.as_pointer())
+                            if masked:
+                                return builder.call(mload, [p, ir.IntType(32)(4), lane_mask, zero])
+                            return builder.load(p, align=4)
+
+                        start_bb = fn.append_basic_block(f"tile_c{ci}v{vi}")
+                        sw.add_case(ir.Constant(i64, ci * 2 + vi), start_bb)
+                        builder.position_at_end(start_bb)
+                        if U > 1:
+                            # -- main loop: U non-zeros per iteration, U*nvec independent accumulators
+                            h1, b1, x1 = (fn.append_basic_block(n) for n in ("u_hdr", "u_body", "u_exit"))
+                            builder.branch(h1)
+                            builder.position_at_end(h1)
+                            j = builder.phi(i64)
+                            j.add_incoming(s_v, start_bb)
+                            accs = [[builder.phi(vt) for _ in range(nvec)] for _ in range(U)]
+                            for a in accs:
+                                for p in a:
+                                    p.add_incoming(zero, start_bb)
+                            j_next = builder.add(j, i64(U))
+                            builder.cbranch(builder.icmp_signed("<=", j_next, e_v), b1, x1)
+                            builder.position_at_end(b1)
+                            new = []
+                            for u in range(U):
+                                row, vs = entry(builder.add(j, i64(u)))
+                                new.append([builder.call(fma, [vs, xload(row, k), accs[u][k]]) for k in range(nvec)])
+                            j.add_incoming(j_next, builder.basic_block)
+                            for u in range(U):
+                                for k in range(nvec):
+                                    accs[u][k].add_incoming(new[u][k], builder.basic_block)
+                            latch(builder.branch(h1))
+                            builder.position_at_end(x1)
+                            j_rem, acc_rem, pre_rem = j, accs, x1
+                        else:  # W == 64: 8 accumulators already, a single loop
+                            j_rem, acc_rem, pre_rem = s_v, [[zero] * nvec], start_bb
+                        # -- remainder (< U non-zeros; all of them for W == 64): one per
+                        # iteration, rotating through the U accumulator sets so that
+                        # consecutive FMAs stay independent (SSA rotation = renaming only)
+                        h2, b2, x2 = (fn.append_basic_block(n) for n in ("r_hdr", "r_body", "r_exit"))
+                        builder.branch(h2)
+                        builder.position_at_end(h2)
+                        j2 = builder.phi(i64)
+                        j2.add_incoming(j_rem, pre_rem)
+                        acc2 = [[builder.phi(vt) for _ in range(nvec)] for _ in acc_rem]
+                        for u, a in enumerate(acc_rem):
+                            for k in range(nvec):
+                                acc2[u][k].add_incoming(a[k], pre_rem)
+                        builder.cbranch(builder.icmp_signed("<", j2, e_v), b2, x2)
+                        builder.position_at_end(b2)
+                        row, vs = entry(j2)
+                        new2 = [builder.call(fma, [vs, xload(row, k), acc2[0][k]]) for k in range(nvec)]
+                        j2.add_incoming(builder.add(j2, i64(1)), builder.basic_block)
+                        rotated = acc2[1:] + [new2]
+                        for u in range(len(acc2)):
+                            for k in range(nvec):
+                                acc2[u][k].add_incoming(rotated[u][k], builder.basic_block)
+                        latch(builder.branch(h2))
+                        # -- tree-reduce the accumulator sets, scale + bias + clamp, store the tile
+                        builder.position_at_end(x2)
+                        scs, bbs, los = splat(builder, sc_v), splat(builder, bb_v), splat(builder, lo_v)
+                        for k in range(nvec):
+                            part = [a[k] for a in acc2]
+                            while len(part) > 1:
+                                part = [builder.fadd(part[i], part[i + 1]) if i + 1 < len(part) else part[i]
+                                        for i in range(0, len(part), 2)]
+                            tot = builder.call(fma, [part[0], scs, bbs])
+                            tot = builder.select(builder.fcmp_ordered("<", tot, los), los, tot)
+                            p = builder.bitcast(builder.gep(ybase, [i64(4 * lanes * k)]), vt.as_pointer())
+                            if masked:
+                                builder.call(mstore, [tot, p, ir.IntType(32)(4), lane_mask])
+                            else:
+                                builder.store(tot, p, align=4)
+                        builder.branch(end_bb)
+                builder.position_at_end(end_bb)
+                return context.get_dummy_value()
+
+            return sig, codegen
+
+        if masked:
+            @nb.extending.intrinsic
+            def tile(typingctx: Any, cols_b: Any, vals_b: Any, code: Any, s: Any, e: Any, xn: Any,
+                     xoff: Any, b0: Any, yr: Any, sc: Any, bb: Any, lo: Any, nv: Any) -> Any:
+                return typer(cols_b, vals_b, code, s, e, xn, xoff, b0, yr, (nv,))
+        else:
+            @nb.extending.intrinsic
+            def tile(typingctx: Any, cols_b: Any, vals_b: Any, code: Any, s: Any, e: Any, xn: Any,
+                     xoff: Any, b0: Any, yr: Any, sc: Any, bb: Any, lo: Any) -> Any:
+                return typer(cols_b, vals_b, code, s, e, xn, xoff, b0, yr, ())
+        return tile
+
+    f8 = ir.VectorType(f32, 8)
+
+    def mask(idx: list[int]) -> Any:
+        return ir.Constant(ir.VectorType(ir.IntType(32), 8), idx)
+
+    lo, hi = mask([0, 8, 1, 9, 4, 12, 5, 13]), mask([2, 10, 3, 11, 6, 14, 7, 15])
+    s44, see = mask([0, 1, 8, 9, 4, 5, 12, 13]), mask([2, 3, 10, 11, 6, 7, 14, 15])
+    p20, p31 = mask([0, 1, 2, 3, 8, 9, 10, 11]), mask([4, 5, 6, 7, 12, 13, 14, 15])
+
+    @nb.extending.intrinsic
+    def tr8x8(typingctx: Any, src: Any, i0: Any, j0: Any, dst: Any) -> Any:
+        """``dst[j:j+8, i:i+8] = src[i:i+8, j:j+8].T``: 8 loads, 24 shuffles, 8 stores."""
+        if not (isinstance(src, types.Array) and isinstance(dst, types.Array) and src.dtype == types.float32
+                and dst.dtype == types.float32 and src.ndim == 2 and dst.ndim == 2):
+            return None
+        sig = types.void(src, i0, j0, dst)
+
+        def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+            srct, it, jt, dstt = signature.args
+            s, i, j, d = args
+            sary = context.make_array(srct)(context, builder, s)
+            dary = context.make_array(dstt)(context, builder, d)
+            i = context.cast(builder, i, it, types.intp)
+            j = context.cast(builder, j, jt, types.intp)
+            rows = []
+            for k in range(8):
+                p = cgutils.get_item_pointer(context, builder, srct, sary, [builder.add(i, i64(k)), j],
+                                             wraparound=False)
+                rows.append(builder.load(builder.bitcast(p, f8.as_pointer()), align=4))
+            t = []
+            for k in range(0, 8, 2):
+                t.append(builder.shuffle_vector(rows[k], rows[k + 1], lo))
+                t.append(builder.shuffle_vector(rows[k], rows[k + 1], hi))
+            tt = []
+            for a, b in ((0, 2), (1, 3), (4, 6), (5, 7)):
+                tt.append(builder.shuffle_vector(t[a], t[b], s44))
+                tt.append(builder.shuffle_vector(t[a], t[b], see))
+            outs = [builder.shuffle_vector(tt[k], tt[k + 4], p20) for k in range(4)]
+            outs += [builder.shuffle_vector(tt[k], tt[k + 4], p31) for k in range(4)]
+            for k in range(8):
+                p = cgutils.get_item_pointer(context, builder, dstt, dary, [builder.add(j, i64(k)), i],
+                                             wraparound=False)
+                builder.store(outs[k], builder.bitcast(p, f8.as_pointer()), align=4)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    out = {f"_tile{w}": _make_tile(w) for w in (64, 32, 16, 8, 1)}
+    out["_tile8m"] = _make_tile(8, masked=True)
+    out["_tr8x8"] = tr8x8
+    return out
+
+
+# ============================================================ kernel sources
+# The functions below are never called as Python: their source is copied into
+# the generated kernel module (see _gen_module) and compiled there by numba.
+# Names they use (_tile*, _tr8x8, _transpose_region, prange) are bound in that
+# module.
+prange = range
+
+
+def _spmm_par(bounds, starts, ends, cols_b, vals_b, code, scales, bias, lo, x, xt, yt, y,  # type: ignore
+              rows_per_group, k_per_group, batch_major):
+    """``yt[n] = max(W @ xt[n] * scales[:, None] + bias[:, None], lo)`` for n < N.
+
+    xt ``[N, G*K, B]``, yt ``[N, R, B]`` float32; row ``r`` is in group
+    ``r // rows_per_group`` and reads ``xt[n, g*K + col]`` (``K = k_per_group``);
+    its entries are ``[starts[r], ends[r])`` (uint8 byte views ``cols_b`` /
+    ``vals_b``, dtype ``code``).  ``bounds`` ``[T+1]``: nnz-balanced row blocks,
+    one task per (n, block).  ``batch_major`` (N == 1): first ``xt[0] = x.T``
+    (x ``[B, K]``), and each task writes its rows transposed into y ``[B, R]``.
+    """
+    if batch_major:
+        _transpose_region(x, xt[0], 0, x.shape[0], 0, x.shape[1])
+    N = xt.shape[0]
+    nch = bounds.shape[0] - 1
+    for t in prange(N * nch):
+        n = t // nch
+        ch = t - n * nch
+        xn = xt[n]
+        yn = yt[n]
+        B = xn.shape[1]
+        r0 = bounds[ch]
+        r1 = bounds[ch + 1]
+        g = r0 // rows_per_group  # group of row r, tracked without a division per row
+        g_end = (g + 1) * rows_per_group
+        for r in range(r0, r1):
+            if r == g_end:
+                g += 1
+                g_end += rows_per_group
+            s = starts[r]
+            e = ends[r]
+            yr = yn[r]
+            sc = scales[r]
+            bb = bias[r]
+            xoff = g * k_per_group
+            b0 = 0
+            while b0 + 64 <= B:
+                _tile64(cols_b, vals_b, code, s, e, xn, xoff, b0, yr, sc, bb, lo)
+                b0 += 64
+            if b0 + 32 <= B:
+                _tile32(cols_b, vals_b, code, s, e, xn, xoff, b0, yr, sc, bb, lo)
+                b0 += 32
+            if b0 + 16 <= B:
+                _tile16(cols_b, vals_b, code, s, e, xn, xoff, b0, yr, sc, bb, lo)
+                b0 += 16
+            if b0 + 8 <= B:
+                _tile8(cols_b, vals_b, code, s, e, xn, xoff, b0, yr, sc, bb, lo)
+                b0 += 8
+            if B == 1:
+                _tile1(cols_b, vals_b, code, s, e, xn, xoff, b0, yr, sc, bb, lo)
+            elif b0 < B:  # 1..7 remaining columns: one masked 8-wide pass
+                _tile8m(cols_b, vals_b, code, s, e, xn, xoff, b0, yr, sc, bb, lo, B - b0)
+        if batch_major:
+            _transpose_region(yn, y, r0, r1, 0, B)
+
+
+def _transpose_region(src, dst, i0, i1, j0, j1):  # type: ignore[no-untyped-def]
+    """``dst[j, i] = src[i, j]`` for ``i in [i0, i1)``, ``j in [j0, j1)`` (float32 2-D).
+
+    Full 8x8 blocks go through registers; the inner loop runs along the longer
+    side so both streams stay sequential (avoids 4 KiB-stride L1 set conflicts).
+    """
+    ie = i0 + ((i1 - i0) // 8) * 8
+    je = j0 + ((j1 - j0) // 8) * 8
+    if j1 - j0 >= i1 - i0:
+        for i in range(i0, ie, 8):
+            for j in range(j0, je, 8):
+                _tr8x8(src, i, j, dst)
+    else:
+        for j in range(j0, je, 8):
+            for i in range(i0, ie, 8):
+                _tr8x8(src, i, j, dst)
+    for i in range(ie, i1):
+        for j in range(j0, j1):
+            dst[j, i] = src[i, j]
+    for i in range(i0, ie):
+        for j in range(je, j1):
+            dst[j, i] = src[i, j]
+
+
+def _depthwise_par(starts, ends, taps, tvals, scales, bias, lo, xp, out,  # type: ignore[no-untyped-def]
+                   mult, kw, sh, sw, dh, dw):
+    """Direct depthwise conv: out channel ``o`` reads padded input channel ``o // mult``.
+
+    xp ``[N, C, Hp, Wp]`` (already padded), out ``[N, C*mult, OH, OW]``; ``taps``
+    (int64) / ``tvals`` (float32) hold the level's entries, tap = ``ky * kw + kx``.
+    Each (image, channel) plane is one task; each tap is an AXPY along an output row.
+    """
+    N = out.shape[0]
+    O = out.shape[1]
+    OH = out.shape[2]
+    OW = out.shape[3]
+    for t in prange(N * O):
+        n = t // O
+        o = t - n * O
+        xc = xp[n, o // mult]
+        oc = out[n, o]
+        s = starts[o]
+        e = ends[o]
+        sc = scales[o]
+        bb = bias[o]
+        for oy in range(OH):
+            orow = oc[oy]
+            for ox in range(OW):
+                orow[ox] = 0.0
+            for j in range(s, e):
+                ky = taps[j] // kw
+                kx = taps[j] - ky * kw
+                v = tvals[j]
+                xr = xc[oy * sh + ky * dh]
+                base = kx * dw
+                for ox in range(OW):
+                    orow[ox] += v * xr[base + ox * sw]
+            for ox in range(OW):
+                orow[ox] = max(orow[ox] * sc + bb, lo)
+
+
+# Kernels whose source goes into the generated module, callees first.  Each
+# ``*_par`` function also gets a serial twin ``*_ser``: the same source with
+# ``prange`` -> ``range`` (no fork/join for small problems; separate cache entry).
+_KERNEL_FUNCS: tuple[Callable[..., Any], ...] = (_transpose_region, _spmm_par, _depthwise_par)
+
+
+def _module_source() -> str:
+    parts = [
+        "# Generated by nestedsparse.pack.kernels._module_source -- do not edit.",
+        "import numpy as np",
+        "from numba import prange",
+    ]
+    for f in _KERNEL_FUNCS:
+        src = inspect.getsource(f)
+        parts.append(src)
+        if f.__name__.endswith("_par"):
+            ser = src.replace(f"def {f.__name__}(", f"def {f.__name__[:-4]}_ser(", 1).replace("prange(", "range(")
+            parts.append(ser)
+    return "\n\n".join(parts)
+
+
+def _cache_dir() -> Optional[str]:
+    cands = []
+    if os.environ.get("NESTEDSPARSE_CACHE_DIR"):
+        cands.append(os.environ["NESTEDSPARSE_CACHE_DIR"])
+    cands.append(os.path.join(os.path.expanduser("~"), ".cache", "nestedsparse"))
+    uid = os.getuid() if hasattr(os, "getuid") else 0
+    cands.append(os.path.join(tempfile.gettempdir(), f"nestedsparse-{uid}"))
+    for d in cands:
+        try:
+            os.makedirs(d, exist_ok=True)
+            if os.access(d, os.W_OK):
+                return d
+        except OSError:
+            continue
+    return None
+
+
+def _gen_module(nb: Any) -> tuple[Any, bool]:
+    """Import the kernel module; returns ``(module, numba_cache_usable)``.
+
+    Its file name carries a hash of this whole file (intrinsics included) and of
+    the numba version, and an existing file is never rewritten, so its mtime is
+    stable and numba's on-disk cache stays valid across processes and clones.
+    """
+    src = _module_source()
+    h = hashlib.sha1(src.encode())
+    h.update(nb.__version__.encode())
+    try:
+        with open(__file__, "rb") as f:
+            h.update(f.read())
+    except OSError:  # pragma: no cover
+        pass
+    modname = f"_nestedsparse_kernels_{h.hexdigest()[:16]}"
+    d = _cache_dir()
+    if d is not None:
+        path = os.path.join(d, modname + ".py")
+        try:
+            if not os.path.exists(path):
+                tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
+                with open(tmp, "w") as f:
+                    f.write(src)
+                os.replace(tmp, path)
+            spec = importlib.util.spec_from_file_location(modname, path)
+            assert spec is not None and spec.loader is not None
+            mod = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(mod)
+            sys.modules[modname] = mod
+            return mod, True
+        except Exception:  # pragma: no cover - unwritable cache: compile without caching
+            pass
+    import types  # noqa: PLC0415
+
+    mod = types.ModuleType(modname)
+    exec(compile(src, f"<{modname}>", "exec"), mod.__dict__)  # noqa: S102 - our own source
+    return mod, False
+
+
+def _build_kernels() -> None:
+    """Create the dispatchers (numba compiles lazily, once, on first call)."""
+    nb = _numba()
+    mod, cacheable = _gen_module(nb)
+    for name, fn in _make_intrinsics(nb).items():
+        setattr(mod, name, fn)
+    names = []
+    for f in _KERNEL_FUNCS:
+        names.append(f.__name__)
+        if f.__name__.endswith("_par"):
+            names.append(f.__name__[:-4] + "_ser")
+    for name in names:
+        disp = nb.njit(parallel=name.endswith("_par"), fastmath=_FASTMATH, cache=cacheable, nogil=True,
+                       error_model="numpy")(getattr(mod, name))
+        setattr(mod, name, disp)  # callers compiled later resolve the dispatcher
+        _NB.kernels[name.lstrip("_")] = disp
+    _NB.kernels["transpose"] = _NB.kernels["transpose_region"]
+
+
+# ==================================================================== plans
+class _Plan:
+    """Per-(csr, level, threads) arrays the kernels take; built once, cached on the csr."""
+
+    __slots__ = ("starts", "ends", "bounds", "bounds1", "scales", "zero_bias", "cols_b", "vals_b", "code",
+                 "nnz", "rows", "cols_n", "_taps")
+
+    def __init__(self, csr: NestedCSR, level: int, threads: int) -> None:
+        s64, e64 = csr.level_bounds(level)
+        self.rows, self.cols_n = csr.shape
+        self.starts = s64  # [rows] int64
+        self.ends = e64  # [rows] int64
+        lens = e64 - s64
+        self.nnz = int(lens.sum())
+        self.bounds = _balanced_bounds(lens, threads)  # [threads+1] int64 row blocks
+        self.bounds1 = np.array([0, self.rows], dtype=np.int64)
+        self.scales = (
+            np.ascontiguousarray(csr.scales, dtype=np.float32)
+            if csr.scales is not None
+            else np.ones(self.rows, dtype=np.float32)
+        )
+        self.zero_bias = np.zeros(self.rows, dtype=np.float32)
+        cols = np.ascontiguousarray(csr.col_indices)
+        vals = np.ascontiguousarray(csr.values)
+        self.cols_b = cols.view(np.uint8)  # byte views: dtype dispatched inside the kernel
+        self.vals_b = vals.view(np.uint8)
+        self.code = 2 * _COL_CODE[cols.dtype] + _VAL_CODE[vals.dtype]
+        self._taps: Optional[tuple[np.ndarray, np.ndarray]] = None
+
+    def taps(self, csr: NestedCSR) -> tuple[np.ndarray, np.ndarray]:
+        """Decoded ``(int64 columns, float32 raw values)`` for the direct depthwise kernel."""
+        if self._taps is None:
+            self._taps = (csr.col_indices.astype(np.int64), csr.values.astype(np.float32))
+        return self._taps
+
+
+def _balanced_bounds(lens: np.ndarray, parts: int) -> np.ndarray:
+    """Split rows into ``parts`` contiguous blocks of about equal cost (nnz + 4 per row)."""
+    rows = lens.shape[0]
+    parts = max(1, min(parts, rows)) if rows else 1
+    cost = np.cumsum(lens + 4, dtype=np.int64)
+    total = int(cost[-1]) if rows else 0
+    targets = (np.arange(1, parts, dtype=np.int64) * total) // parts
+    inner = np.searchsorted(cost, targets, side="left") + 1 if rows else np.zeros(0, np.int64)
+    b = np.concatenate([[0], np.minimum(inner, rows), [rows]]).astype(np.int64)
+    return np.maximum.accumulate(b)
+
+
+def _threads() -> int:
+    """numba's current thread count (fast path: the C getter, ~0.2 us instead of ~1 us)."""
+    f = _NB.get_threads
+    if f is not None:
+        return f()
+    nb = _numba()
+    if nb is None:
+        return 1
+    n = int(nb.get_num_threads())  # launches the thread pool
+    try:
+        from numba.np.ufunc import parallel as _par  # noqa: PLC0415
+
+        fast = _par._get_num_threads
+        if int(fast()) == n:
+            _NB.get_threads = fast
+    except Exception:  # pragma: no cover - numba internals moved: keep the public call
+        _NB.get_threads = lambda: int(nb.get_num_threads())
+    return n
+
+
+def _plan(csr: NestedCSR, level: int) -> _Plan:
+    threads = _threads()
+    key = ("plan", int(level), threads)
+    p = csr._cache.get(key)
+    if p is None:
+        if not csr._cache.get("validated"):
+            validate(csr)
+            csr._cache["validated"] = True
+        p = _Plan(csr, int(level), threads)
+        csr._cache[key] = p
+    return p
+
+
+def prepare(csr: NestedCSR, level: Optional[int] = None, batch: int = 64) -> None:
+    """Validate ``csr``, build the plans of ``level`` (all levels if None) and JIT-compile.
+
+    Runs the kernels once on zeros so the first real call pays no compile cost
+    (compiled code is also cached on disk by numba).
+    """
+    levels = range(csr.num_levels) if level is None else [level]
+    rows, cols = csr.shape
+    for k in levels:
+        _plan(csr, k)
+        for b in sorted({1, int(batch)}):
+            spmm(csr, np.zeros((b, cols), np.float32), k)
+            spmm_t(csr, np.zeros((cols, b), np.float32), k)
+
+
+# ============================================================ input helpers
+def _to_f32(x: Array) -> tuple[np.ndarray, bool]:
+    """``(C-contiguous float32 numpy view/copy, was_torch)``."""
+    if isinstance(x, np.ndarray):
+        if x.dtype != np.float32 or not x.flags.c_contiguous or not x.flags.writeable:
+            x = np.array(x, dtype=np.float32, order="C")  # (read-only views would need their own compile)
+        return x, False
+    import torch  # noqa: PLC0415
+
+    if isinstance(x, torch.Tensor):
+        t = x.detach()
+        if t.dtype != torch.float32 or t.device.type != "cpu":
+            t = t.to(device="cpu", dtype=torch.float32)
+        return np.ascontiguousarray(t.numpy()), True
+    return np.ascontiguousarray(np.asarray(x, dtype=np.float32)), False
+
+
+def _bias_arr(bias: Optional[Array], plan: _Plan) -> np.ndarray:
+    if bias is None:
+        return plan.zero_bias
+    b, _ = _to_f32(bias)
+    b = b.reshape(-1)
+    if b.shape[0] != plan.rows:
+        raise ValueError(f"bias has {b.shape[0]} entries, expected {plan.rows}")
+    return b
+
+
+def _out_arr(out: Optional[Array], shape: tuple[int, ...]) -> tuple[np.ndarray, Any]:
+    """``(numpy array to write, object to return)`` for an optional ``out=``."""
+    if out is None:
+        o = np.empty(shape, dtype=np.float32)
+        return o, o
+    if isinstance(out, np.ndarray):
+        o = out
+    else:
+        o = out.detach().numpy()  # torch tensor sharing memory
+    if o.shape != shape or o.dtype != np.float32 or not o.flags.c_contiguous or not o.flags.writeable:
+        raise ValueError(f"out must be a writable C-contiguous float32 array of shape {shape}")
+    return o, out
+
+
+def _wrap(y: np.ndarray, as_torch: bool) -> Any:
+    if as_torch:
+        import torch  # noqa: PLC0415
+
+        return torch.from_numpy(y)
+    return y
+
+
+def _use_parallel(parallel: Optional[bool], work: int) -> bool:
+    if parallel is not None:
+        return bool(parallel)
+    return work >= PARALLEL_MIN_WORK and _threads() > 1
+
+
+# ==================================================================== Linear
+def spmm_t(
+    csr: NestedCSR,
+    xt: Array,
+    level: int,
+    out: Optional[Array] = None,
+    bias: Optional[Array] = None,
+    relu: bool = False,
+    parallel: Optional[bool] = None,
+) -> Any:
+    """Feature-major sparse Linear: ``yt[out, B] = W_level @ xt[in, B] (+ bias[:, None])``.
+
+    The fastest entry point: ``xt`` rows are contiguous batch vectors, so each
+    non-zero is one AXPY over the batch held in registers.  Chain layers in this
+    layout (``spmm_t(l2, spmm_t(l1, xt, k, relu=True), k)``) and transpose once at
+    the ends of the network.
+
+    Args:
+        csr: the packed weight ``[out, in]``.
+        xt: ``[in, B]`` float32 (numpy or torch; copied if not C-contiguous float32).
+        level: level to run, ``0 <= level < csr.num_levels``.
+        out: optional ``[out, B]`` float32 C-contiguous destination (no allocation).
+        bias: optional ``[out]`` bias added to every column.
+        relu: apply ``max(., 0)`` after the bias (fused).
+        parallel: force the 2-thread (True) or serial (False) kernel; None = by size.
+
+    Returns:
+        ``[out, B]`` float32, a torch tensor iff ``xt`` was one (``out`` if given).
+    """
+    x, as_torch = _to_f32(xt)
+    if x.ndim != 2 or x.shape[0] != csr.shape[1]:
+        raise ValueError(f"xt must be [in={csr.shape[1]}, B], got {tuple(x.shape)}")
+    nb = _numba()
+    if nb is None:
+        y = _torch_linear(csr, x.T, level, bias, relu).T
+        if out is not None:
+            o, ret = _out_arr(out, (csr.shape[0], x.shape[1]))
+            o[...] = y
+            return ret
+        return _wrap(np.ascontiguousarray(y), as_torch)
+    plan = _plan(csr, level)
+    B = x.shape[1]
+    o, ret = _out_arr(out, (plan.rows, B))
+    _run_spmm(
+        _use_parallel(parallel, plan.nnz * B), plan, _bias_arr(bias, plan), relu,
+        x.reshape(1, x.shape[0], B), o.reshape(1, plan.rows, B), plan.rows, plan.cols_n,
+    )
+    return ret if out is not None else _wrap(o, as_torch)
+
+
+def _run_spmm(par: bool, plan: _Plan, bias: np.ndarray, relu: bool, xt: np.ndarray, yt: np.ndarray,
+              rows_per_group: int, k_per_group: int, x: Optional[np.ndarray] = None,
+              y: Optional[np.ndarray] = None) -> None:
+    """Call the ``spmm`` kernel (feature-major; batch-major when ``x``/``y`` are given)."""
+    _kernel("spmm_par" if par else "spmm_ser")(
+        plan.bounds if par else plan.bounds1, plan.starts, plan.ends, plan.cols_b, plan.vals_b, plan.code,
+        plan.scales, bias, _ZERO if relu else _F32_LOWEST,
+        _DUMMY2 if x is None else x, xt, yt, _DUMMY2 if y is None else y,
+        rows_per_group, k_per_group, x is not None,
+    )
+
+
+def bind_spmm_t(
+    csr: NestedCSR,
+    level: int,
+    xt: np.ndarray,
+    out: np.ndarray,
+    bias: Optional[Array] = None,
+    relu: bool = False,
+    parallel: Optional[bool] = None,
+) -> Callable[[], np.ndarray]:
+    """Pre-bind :func:`spmm_t` to fixed buffers; the returned ``fn()`` recomputes ``out``.
+
+    Every check, conversion and plan lookup happens once here, so a call costs
+    only numba's dispatch (~1.3 us instead of ~4 us): write the next input into
+    ``xt`` in place, call ``fn()``, read ``out``.  Meant for runtimes that chain
+    layers on preallocated activations (``out`` of one layer is ``xt`` of the next).
+
+    Args:
+        csr, level, bias, relu, parallel: as in :func:`spmm_t`.
+        xt: ``[in, B]`` float32 C-contiguous writable numpy buffer (kept by reference).
+        out: ``[out, B]`` float32 C-contiguous writable numpy buffer (kept by reference).
+
+    Returns:
+        ``fn() -> out``.
+    """
+    for name, a, shape in (("xt", xt, (csr.shape[1], None)), ("out", out, (csr.shape[0], None))):
+        if not (isinstance(a, np.ndarray) and a.dtype == np.float32 and a.ndim == 2 and a.flags.c_contiguous
+                and a.flags.writeable and a.shape[0] == shape[0]):
+            raise ValueError(f"{name} must be a writable C-contiguous float32 numpy array [{shape[0]}, B]")
+    if xt.shape[1] != out.shape[1]:
+        raise ValueError("xt and out must have the same batch width")
+    if _numba() is None:
+        def fallback() -> np.ndarray:
+            return spmm_t(csr, xt, level, out=out, bias=bias, relu=relu)
+
+        return fallback
+    plan = _plan(csr, level)
+    B = xt.shape[1]
+    par = _use_parallel(parallel, plan.nnz * B)
+    b = _bias_arr(bias, plan)
+    if b is not plan.zero_bias:
+        b = b.copy()
+    args = (
+        plan.bounds if par else plan.bounds1, plan.starts, plan.ends, plan.cols_b, plan.vals_b, plan.code,
+        plan.scales, b, _ZERO if relu else _F32_LOWEST, _DUMMY2, xt.reshape(1, xt.shape[0], B),
+        out.reshape(1, plan.rows, B), _DUMMY2, plan.rows, plan.cols_n, False,
+    )
+    kern = _kernel("spmm_par" if par else "spmm_ser")
+
+    def fn() -> np.ndarray:
+        kern(*args)
+        return out
+
+    return fn
+
+
+def spmm(
+    csr: NestedCSR,
+    x: Array,
+    level: int,
+    out: Optional[Array] = None,
+    bias: Optional[Array] = None,
+    relu: bool = False,
+    parallel: Optional[bool] = None,
+) -> Any:
+    """Batch-major sparse Linear: ``y[B, out] = x[B, in] @ W_level^T (+ bias)``.
+
+    Batch 1 is a sparse dot product per row read straight from ``x``.  Larger
+    batches transpose ``x`` into a per-thread scratch buffer (8x8 register
+    transposes), run the register-tile kernel of :func:`spmm_t`, and each thread
+    transposes its block of output rows into ``y`` -- one parallel region.  The
+    two transposes cost ~10-20 us at ``[64, 1024]``: networks should chain
+    :func:`spmm_t` instead.  ``x`` may also be 1-D ``[in]`` (returns ``[out]``).
+
+    Args:
+        csr: the packed weight ``[out, in]``.
+        x: ``[B, in]`` float32 (numpy or torch).
+        level: level to run.
+        out: optional ``[B, out]`` float32 C-contiguous destination.
+        bias: optional ``[out]`` bias.
+        relu: fused ReLU after the bias.
+        parallel: force 2 threads (True) or serial (False); None = by size.
+
+    Returns:
+        ``[B, out]`` float32, a torch tensor iff ``x`` was one (``out`` if given).
+    """
+    xa, as_torch = _to_f32(x)
+    if xa.ndim == 1:
+        y = spmm(csr, xa.reshape(1, -1), level, None if out is None else _flat_out(out), bias, relu, parallel)
+        return out if out is not None else _wrap(y.reshape(-1), as_torch)
+    if xa.ndim != 2 or xa.shape[1] != csr.shape[1]:
+        raise ValueError(f"x must be [B, in={csr.shape[1]}], got {tuple(xa.shape)}")
+    nb = _numba()
+    if nb is None:
+        y = _torch_linear(csr, xa, level, bias, relu)
+        if out is not None:
+            o, ret = _out_arr(out, y.shape)
+            o[...] = y
+            return ret
+        return _wrap(y, as_torch)
+    plan = _plan(csr, level)
+    B, K = xa.shape
+    o, ret = _out_arr(out, (B, plan.rows))
+    par = _use_parallel(parallel, plan.nnz * B)
+    b = _bias_arr(bias, plan)
+    if B == 1:  # [1, in] is also [in, 1]: no transpose
+        _run_spmm(par, plan, b, relu, xa.reshape(1, K, 1), o.reshape(1, plan.rows, 1), plan.rows, K)
+    else:
+        _run_spmm(par, plan, b, relu, _scratch(0, (1, K, B)), _scratch(1, (1, plan.rows, B)), plan.rows, K, xa, o)
+    return ret if out is not None else _wrap(o, as_torch)
+
+
+def _scratch(slot: int, shape: tuple[int, int, int]) -> np.ndarray:
+    """Per-thread reusable float32 buffer, 64-byte aligned.
+
+    Reuse avoids page-faulting fresh 256 KiB arrays on every call; alignment
+    keeps the kernel's 32-byte row loads from splitting cache lines (a 16-byte
+    aligned ``xt`` measured ~20% slower).
+    """
+    d = getattr(_SCRATCH, "bufs", None)
+    if d is None:
+        d = _SCRATCH.bufs = {}
+    n = shape[0] * shape[1] * shape[2]
+    buf = d.get(slot)
+    if buf is None or buf.shape[0] < n:
+        raw = np.empty(max(n, 1024) + 16, dtype=np.float32)
+        off = (-raw.ctypes.data // 4) % 16  # float32 elements to the next 64-byte boundary
+        buf = d[slot] = raw[off:off + max(n, 1024)]
+    return buf[:n].reshape(shape)
+
+
+def aligned_empty(shape: Sequence[int]) -> np.ndarray:
+    """Uninitialised C-contiguous float32 array whose data is 64-byte aligned.
+
+    Use it for activation buffers handed to :func:`spmm_t` / :func:`bind_spmm_t`:
+    the kernel reads ``xt`` rows with 32-byte vector loads, and a 16-byte aligned
+    buffer (what ``np.empty`` gives for small arrays) measured ~20% slower.
+    """
+    n = int(np.prod(shape, dtype=np.int64))
+    raw = np.empty(n + 16, dtype=np.float32)
+    off = (-raw.ctypes.data // 4) % 16
+    return raw[off:off + n].reshape(tuple(int(v) for v in shape))
+
+
+def _flat_out(out: Array) -> Array:
+    return out.reshape(1, -1)
+
+
+def transpose(x: Array, out: Optional[Array] = None) -> Any:
+    """Transpose a 2-D float32 array into a new C-contiguous one (numba, 8x8 register blocks).
+
+    Use it to switch between the batch-major (``[B, F]``) and the feature-major
+    (``[F, B]``) layouts at the ends of a chain of :func:`spmm_t` calls.
+    """
+    xa, as_torch = _to_f32(x)
+    if xa.ndim != 2:
+        raise ValueError("transpose expects a 2-D array")
+    o, ret = _out_arr(out, (xa.shape[1], xa.shape[0]))
+    if _numba() is None:
+        o[...] = xa.T
+    else:
+        _kernel("transpose")(xa, o, 0, xa.shape[0], 0, xa.shape[1])
+    return ret if out is not None else _wrap(o, as_torch)
+
+
+# ==================================================================== Conv2d
+def _pair(v: IntPair) -> tuple[int, int]:
+    if isinstance(v, (int, np.integer)):
+        return int(v), int(v)
+    t = tuple(int(a) for a in v)
+    if len(t) != 2:
+        raise ValueError(f"expected an int or a pair, got {v!r}")
+    return t  # type: ignore[return-value]
+
+
+def sparse_conv2d(
+    csr: NestedCSR,
+    x: Array,
+    level: int,
+    weight_shape: Sequence[int],
+    stride: IntPair = 1,
+    padding: IntPair = 0,
+    dilation: IntPair = 1,
+    groups: int = 1,
+    bias: Optional[Array] = None,
+    relu: bool = False,
+    parallel: Optional[bool] = None,
+) -> Any:
+    """Sparse Conv2d of level ``level``, equal to ``F.conv2d(x, W_level, bias, ...)``.
+
+    Args:
+        csr: packed weight, rows = out channels, cols = ``in/groups * kh * kw``.
+        x: ``[N, C, H, W]`` float32 (numpy or torch).
+        level: level to run.
+        weight_shape: ``(out, in/groups, kh, kw)``.
+        stride, padding, dilation: int or pair (zero padding).
+        groups: conv groups; ``groups == C`` with ``in/groups == 1`` (depthwise)
+            uses a direct kernel, everything else im2col (``F.unfold``) + the
+            register-tile sparse matmul with the spatial positions as the batch.
+        bias: optional ``[out]``.
+        relu: fused ReLU.
+        parallel: force 2 threads (True) or serial (False); None = by size.
+
+    Returns:
+        ``[N, out, OH, OW]`` float32, a torch tensor iff ``x`` was one.
+    """
+    import torch  # noqa: PLC0415
+    import torch.nn.functional as F  # noqa: PLC0415
+
+    O, Cg, kh, kw = (int(v) for v in weight_shape)
+    sh, sw = _pair(stride)
+    ph, pw = _pair(padding)
+    dh, dw = _pair(dilation)
+    groups = int(groups)
+    xa, as_torch = _to_f32(x)
+    if xa.ndim != 4:
+        raise ValueError(f"x must be [N, C, H, W], got {tuple(xa.shape)}")
+    N, C, H, Wd = xa.shape
+    if csr.shape != (O, Cg * kh * kw) or C != Cg * groups or O % groups:
+        raise ValueError(f"weight_shape {tuple(weight_shape)} / groups {groups} inconsistent with "
+                         f"csr {csr.shape} and x {xa.shape}")
+    OH = (H + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    OW = (Wd + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    if OH <= 0 or OW <= 0:
+        raise ValueError("convolution output would be empty")
+    nb = _numba()
+    if nb is None:
+        y = _torch_conv(csr, xa, level, (O, Cg, kh, kw), (sh, sw), (ph, pw), (dh, dw), groups, bias, relu)
+        return _wrap(y, as_torch)
+    plan = _plan(csr, level)
+    b = _bias_arr(bias, plan)
+    out = np.empty((N, O, OH, OW), dtype=np.float32)
+    if Cg == 1 and groups == C:  # depthwise (channel multiplier O // C)
+        xp = np.pad(xa, ((0, 0), (0, 0), (ph, ph), (pw, pw))) if (ph or pw) else xa
+        par = _use_parallel(parallel, plan.nnz * N * OH * OW)
+        taps, tvals = plan.taps(csr)
+        _kernel("depthwise_par" if par else "depthwise_ser")(
+            plan.starts, plan.ends, taps, tvals, plan.scales, b, _ZERO if relu else _F32_LOWEST, xp, out, O // C,
+            kw, sh, sw, dh, dw,
+        )
+        return _wrap(out, as_torch)
+    cols = F.unfold(torch.from_numpy(xa), (kh, kw), dilation=(dh, dw), padding=(ph, pw), stride=(sh, sw))
+    cols_np = np.ascontiguousarray(cols.numpy())  # [N, C*kh*kw, OH*OW]
+    par = _use_parallel(parallel, plan.nnz * N * OH * OW)
+    _run_spmm(par, plan, b, relu, cols_np, out.reshape(N, O, OH * OW), O // groups, Cg * kh * kw)
+    return _wrap(out, as_torch)
+
+
+# ================================================================ references
+def spmm_reference(csr: NestedCSR, x: Array, level: int, bias: Optional[Array] = None) -> Any:
+    """Plain torch reference: ``x @ to_dense(csr, level).T (+ bias)`` (same type as ``x``)."""
+    import torch  # noqa: PLC0415
+
+    xa, as_torch = _to_f32(x)
+    w = torch.from_numpy(to_dense(csr, level))
+    y = torch.from_numpy(xa) @ w.T
+    if bias is not None:
+        y = y + torch.as_tensor(_to_f32(bias)[0])
+    return y if as_torch else y.numpy()
+
+
+def conv2d_reference(
+    csr: NestedCSR,
+    x: Array,
+    level: int,
+    weight_shape: Sequence[int],
+    stride: IntPair = 1,
+    padding: IntPair = 0,
+    dilation: IntPair = 1,
+    groups: int = 1,
+    bias: Optional[Array] = None,
+) -> Any:
+    """Plain torch reference: ``F.conv2d`` with ``to_dense(csr, level)`` reshaped to ``weight_shape``."""
+    import torch  # noqa: PLC0415
+    import torch.nn.functional as F  # noqa: PLC0415
+
+    xa, as_torch = _to_f32(x)
+    w = torch.from_numpy(to_dense(csr, level)).reshape(tuple(int(v) for v in weight_shape))
+    b = None if bias is None else torch.as_tensor(_to_f32(bias)[0])
+    y = F.conv2d(torch.from_numpy(xa), w, b, _pair(stride), _pair(padding), _pair(dilation), int(groups))
+    return y if as_torch else y.numpy()
+
+
+# ================================================================ torch fallback
+def _torch_level_weight(csr: NestedCSR, level: int) -> Any:
+    import torch  # noqa: PLC0415
+
+    key = ("torch_dense", int(level))
+    w = csr._cache.get(key)
+    if w is None:
+        if not csr._cache.get("validated"):
+            validate(csr)
+            csr._cache["validated"] = True
+        w = torch.from_numpy(to_dense(csr, level))
+        if csr.density(level) < 0.3:
+            with warnings.catch_warnings():  # "sparse CSR support is in beta"
+                warnings.simplefilter("ignore", UserWarning)
+                w = w.to_sparse_csr()
+        csr._cache[key] = w
+    return w
+
+
+def _torch_linear(csr: NestedCSR, x: np.ndarray, level: int, bias: Optional[Array], relu: bool) -> np.ndarray:
+    """Fallback without numba: torch sparse-CSR (or dense) matmul.  x ``[B, in]`` -> ``[B, out]``."""
+    import torch  # noqa: PLC0415
+
+    w = _torch_level_weight(csr, level)
+    y = (w @ torch.from_numpy(np.ascontiguousarray(x)).T).T
+    if bias is not None:
+        y = y + torch.as_tensor(_to_f32(bias)[0])
+    if relu:
+        y = torch.relu(y)
+    return np.ascontiguousarray(y.numpy())
+
+
+def _torch_conv(csr: NestedCSR, x: np.ndarray, level: int, wshape: tuple[int, int, int, int],
+                stride: tuple[int, int], padding: tuple[int, int], dilation: tuple[int, int],
+                groups: int, bias: Optional[Array], relu: bool) -> np.ndarray:
+    import torch  # noqa: PLC0415
+
+    y = conv2d_reference(csr, torch.from_numpy(x), level, wshape, stride, padding, dilation, groups, bias)
+    if relu:
+        y = torch.relu(y)
+    return y.numpy()
+
+
+# ==================================================================== choose
+def choose(
+    csr: NestedCSR,
+    level: int,
+    batch: int,
+    density_threshold: Optional[float] = None,
+) -> str:
+    """``"sparse"`` if the level's density is at or below the threshold, else ``"dense"``.
+
+    The runtime runs the dense matmul on the level's materialised weight when
+    the sparse kernel would be slower.  ``density_threshold`` overrides the
+    measured default :data:`DEFAULT_DENSITY_THRESHOLD` (by batch size).
+    """
+    if density_threshold is None:
+        keys = [k for k in sorted(DEFAULT_DENSITY_THRESHOLD) if k <= max(1, int(batch))]
+        density_threshold = DEFAULT_DENSITY_THRESHOLD[keys[-1] if keys else min(DEFAULT_DENSITY_THRESHOLD)]
+    return "sparse" if csr.density(level) <= density_threshold else "dense"

@@ -1,0 +1,298 @@
+"""NestedCSR layout: round trip, nested prefixes, dtypes, sizes, validation."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from nestedsparse.pack.csr import (
+    NestedCSR,
+    NestedCSRError,
+    from_dense,
+    to_dense,
+    validate,
+)
+
+
+def _random_layer(rows: int, cols: int, L: int, seed: int = 0, never: float = 0.2):
+    """Weight and a level map with values 0..L (L = never active) drawn at random."""
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((rows, cols)).astype(np.float32)
+    lm = rng.integers(0, L, size=(rows, cols)).astype(np.uint8)
+    lm[rng.random((rows, cols)) < never] = L
+    return w, lm
+
+
+def _score_levels(rows: int, cols: int, densities, seed: int = 0):
+    """Level map keeping the top densities[k] fraction of random scores at level k."""
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((rows, cols)).astype(np.float32)
+    order = np.argsort(-rng.random(rows * cols))
+    lm = np.full(rows * cols, len(densities), dtype=np.uint8)
+    prev = 0
+    for k, d in enumerate(densities):
+        n = int(round(d * rows * cols))
+        lm[order[prev:n]] = k
+        prev = n
+    return w, lm.reshape(rows, cols)
+
+
+SHAPES = [(7, 5), (13, 29), (1, 1), (4, 300)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("L", [1, 2, 4])
+def test_round_trip_every_level(shape, L):
+    w, lm = _random_layer(*shape, L, seed=shape[0] * 31 + L)
+    csr = from_dense(w, lm, L)
+    validate(csr)
+    assert csr.shape == shape and csr.num_levels == L
+    assert csr.level_counts.shape == (shape[0], L - 1)
+    for k in range(L):
+        np.testing.assert_array_equal(to_dense(csr, k), w * (lm <= k))
+        assert csr.nnz(k) == int((lm <= k).sum())
+
+
+def test_entries_above_num_levels_dropped_and_torch_input():
+    w, lm = _random_layer(13, 29, 4)
+    csr = from_dense(torch.from_numpy(w), torch.from_numpy(lm.astype(np.int64)), 3)
+    assert csr.nnz() == int((lm < 3).sum())
+    for k in range(3):
+        np.testing.assert_array_equal(csr.to_dense(k), w * (lm <= k))
+
+
+def test_conv_weight_is_flattened():
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((6, 3, 3, 3)).astype(np.float32)
+    lm = rng.integers(0, 3, size=w.shape).astype(np.uint8)
+    csr = from_dense(w, lm, 3)
+    assert csr.shape == (6, 27)
+    np.testing.assert_array_equal(to_dense(csr, 1), (w * (lm <= 1)).reshape(6, 27))
+
+
+def test_each_level_is_a_prefix_of_every_row():
+    w, lm = _random_layer(13, 29, 4, seed=3)
+    csr = from_dense(w, lm, 4)
+    ro = csr.row_offsets
+    for r in range(13):
+        row_cols = csr.col_indices[ro[r]:ro[r + 1]].astype(int)
+        row_levels = lm[r, row_cols]
+        assert np.all(np.diff(row_levels.astype(int)) >= 0), "entries not ordered by level"
+        for k in range(4):
+            n = csr.row_nnz(k)[r]
+            assert set(row_cols[:n]) == set(np.flatnonzero(lm[r] <= k))
+            seg = row_cols[(csr.row_nnz(k - 1)[r] if k else 0):n]
+            assert np.all(np.diff(seg) > 0), "columns not increasing inside a level"
+
+
+def test_int8_round_trip_and_scales():
+    w, lm = _random_layer(13, 29, 3, seed=5)
+    csr = from_dense(w, lm, 3, dtype="int8")
+    validate(csr)
+    assert csr.values.dtype == np.int8 and csr.scales.dtype == np.float32
+    dense_levels = w * (lm <= 2)
+    np.testing.assert_allclose(csr.scales, np.abs(dense_levels).max(1) / 127, rtol=1e-6)
+    for k in range(3):
+        ref = w * (lm <= k)
+        got = to_dense(csr, k)
+        assert np.all((got != 0) <= (lm <= k))
+        assert np.all(np.abs(got - ref) <= csr.scales[:, None] / 2 + 1e-7)
+
+
+def test_int8_empty_rows_get_unit_scale():
+    w = np.zeros((3, 4), np.float32)
+    lm = np.full((3, 4), 2, np.uint8)
+    lm[1, 2] = 0
+    csr = from_dense(w, lm, 2, dtype="int8")
+    validate(csr)
+    np.testing.assert_array_equal(csr.scales, np.ones(3, np.float32))
+
+
+@pytest.mark.parametrize(
+    "cols,expected", [(5, np.uint8), (256, np.uint8), (257, np.uint16), (65536, np.uint16), (65537, np.int32)]
+)
+def test_index_dtype_minimal(cols, expected):
+    w = np.ones((1, cols), np.float32)
+    lm = np.zeros((1, cols), np.uint8)
+    lm[0, ::2] = 1
+    csr = from_dense(w, lm, 2)
+    assert csr.col_indices.dtype == expected
+    assert csr.row_offsets.dtype == np.int32
+    # level counts hold at most the row length
+    max_count = (cols + 1) // 2
+    assert csr.level_counts.dtype == (np.uint8 if max_count < 256 else np.uint16 if max_count < 65536 else np.int32)
+    validate(csr)
+
+
+def test_nbytes_monotone_in_level():
+    w, lm = _score_levels(64, 96, (0.05, 0.1, 0.25, 0.6))
+    for dt in ("float32", "int8"):
+        csr = from_dense(w, lm, 4, dtype=dt)
+        sizes = [csr.nbytes(k) for k in range(4)]
+        assert sizes == sorted(sizes) and len(set(sizes)) == 4
+        assert csr.nbytes() >= sizes[-1]
+        assert [csr.plain_csr_nbytes(k) for k in range(4)] == sorted(csr.plain_csr_nbytes(k) for k in range(4))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "int8"])
+def test_nested_size_within_10pct_of_plain_csr(dtype):
+    # levels (0.05, 0.1, 0.25, 1.0): level 3 is dense and is not stored; the densest sparse level is 0.25
+    w, lm = _score_levels(256, 256, (0.05, 0.1, 0.25, 1.0))
+    csr = from_dense(w, lm, num_levels=3, dtype=dtype)
+    assert abs(csr.density(2) - 0.25) < 1e-3
+    ratio = csr.nbytes() / csr.plain_csr_nbytes(2)
+    assert ratio <= 1.10, ratio
+    # and the arithmetic of the plain CSR is what it says
+    item = csr.values.itemsize + csr.col_indices.itemsize
+    extra = 0 if csr.scales is None else 4 * 256
+    assert csr.plain_csr_nbytes(2) == csr.nnz(2) * item + 257 * 4 + extra
+
+
+def test_level_argument_checked():
+    w, lm = _random_layer(7, 5, 2)
+    csr = from_dense(w, lm, 2)
+    with pytest.raises(ValueError):
+        to_dense(csr, 2)
+    with pytest.raises(ValueError):
+        csr.nnz(-1)
+    with pytest.raises(ValueError):
+        from_dense(w, lm, 2, dtype="float16")
+    with pytest.raises(ValueError):
+        from_dense(w, lm[:, :3], 2)
+
+
+# ------------------------------------------------------------------ validation
+def _base(dtype="float32"):
+    w, lm = _random_layer(7, 5, 3, seed=11, never=0.1)
+    return from_dense(w, lm, 3, dtype=dtype)
+
+
+def _with(csr, **kw):
+    return dataclasses.replace(csr, **kw)
+
+
+def _arr(csr, name, fn):
+    a = getattr(csr, name).copy()
+    fn(a)
+    return _with(csr, **{name: a})
+
+
+def _row_with_two_in_level0(csr):
+    for r in range(csr.shape[0]):
+        if csr.level_counts[r, 0] >= 2:
+            return r
+    raise AssertionError("fixture has no row with 2 level-0 entries")
+
+
+def _swap_first_two(csr):
+    r = _row_with_two_in_level0(csr)
+    s = csr.row_offsets[r]
+    ci = csr.col_indices.copy()
+    ci[s], ci[s + 1] = ci[s + 1], ci[s]
+    return _with(csr, col_indices=ci)
+
+
+def _duplicate_across_levels(csr):
+    # copy a level-0 column into the same row's level-1 segment (keeping that segment sorted)
+    for r in range(csr.shape[0]):
+        s = int(csr.row_offsets[r])
+        n0, n1 = int(csr.level_counts[r, 0]), int(csr.level_counts[r, 1])
+        if n0 >= 1 and n1 - n0 == 1:
+            ci = csr.col_indices.copy()
+            ci[s + n0] = ci[s]
+            return _with(csr, col_indices=ci)
+    raise AssertionError("fixture lacks a suitable row")
+
+
+CORRUPTIONS = {
+    "offset_dtype": (lambda c: _with(c, row_offsets=c.row_offsets.astype(np.float64)), "dtype"),
+    "col_dtype": (lambda c: _with(c, col_indices=c.col_indices.astype(np.int64)), "dtype"),
+    "value_dtype": (lambda c: _with(c, values=c.values.astype(np.float64)), "dtype"),
+    "byteorder": (lambda c: _with(c, row_offsets=c.row_offsets.astype(">i4")), "dtype"),
+    "dtype_string": (lambda c: _with(c, dtype="bfloat16"), "dtype"),
+    "not_array": (lambda c: _with(c, values=list(c.values)), "type"),
+    "offsets_2d": (lambda c: _with(c, row_offsets=c.row_offsets[None]), "shape"),
+    "offsets_length": (lambda c: _with(c, row_offsets=c.row_offsets[:-1]), "shape"),
+    "shape_type": (lambda c: _with(c, shape=[7, 5]), "shape"),
+    "shape_huge": (lambda c: _with(c, shape=(7, 2**40)), "shape"),
+    "first_offset": (lambda c: _arr(c, "row_offsets", lambda a: a.__setitem__(0, 1)), "offsets"),
+    "non_monotone": (lambda c: _arr(c, "row_offsets", lambda a: a.__setitem__(3, a[5] + 1)), "offsets"),
+    "final_offset": (lambda c: _arr(c, "row_offsets", lambda a: a.__setitem__(-1, a[-1] - 1)), "offsets"),
+    "nnz_mismatch": (lambda c: _with(c, col_indices=c.col_indices[:-1]), "nnz"),
+    "level_count_shape": (lambda c: _with(c, level_counts=c.level_counts[:, :1]), "levels"),
+    "num_levels": (lambda c: _with(c, num_levels=0), "levels"),
+    "num_levels_type": (lambda c: _with(c, num_levels=2.0), "levels"),
+    "level_not_nested": (
+        lambda c: _arr(c, "level_counts", lambda a: a.__setitem__((_row_with_two_in_level0(c), 1), 0)),
+        "level_counts",
+    ),
+    "level_beyond_row": (lambda c: _arr(c, "level_counts", lambda a: a.__setitem__((0, 1), 200)), "level_counts"),
+    "column_range": (lambda c: _arr(c, "col_indices", lambda a: a.__setitem__(2, 5)), "column_range"),
+    "column_order": (_swap_first_two, "column_order"),
+    "duplicate_column": (_duplicate_across_levels, "duplicate_column"),
+    "nan_value": (lambda c: _arr(c, "values", lambda a: a.__setitem__(0, np.nan)), "values"),
+    "scales_for_float": (lambda c: _with(c, scales=np.ones(7, np.float32)), "scales"),
+}
+
+INT8_CORRUPTIONS = {
+    "scale_zero": (lambda c: _arr(c, "scales", lambda a: a.__setitem__(1, 0.0)), "scales"),
+    "scale_nan": (lambda c: _arr(c, "scales", lambda a: a.__setitem__(1, np.nan)), "scales"),
+    "scale_inf": (lambda c: _arr(c, "scales", lambda a: a.__setitem__(1, np.inf)), "scales"),
+    "scale_missing": (lambda c: _with(c, scales=None), "type"),
+    "scale_length": (lambda c: _with(c, scales=c.scales[:-1]), "shape"),
+    "int8_min": (lambda c: _arr(c, "values", lambda a: a.__setitem__(0, -128)), "values"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CORRUPTIONS))
+def test_validate_rejects_float32(name):
+    fn, fault = CORRUPTIONS[name]
+    base = _base()
+    validate(base)
+    bad = fn(base)
+    with pytest.raises(NestedCSRError) as ei:
+        validate(bad)
+    assert isinstance(ei.value, ValueError)
+    assert ei.value.fault == fault
+    assert str(ei.value).startswith(fault), str(ei.value)
+
+
+@pytest.mark.parametrize("name", sorted(INT8_CORRUPTIONS))
+def test_validate_rejects_int8(name):
+    fn, fault = INT8_CORRUPTIONS[name]
+    base = _base("int8")
+    validate(base)
+    with pytest.raises(NestedCSRError) as ei:
+        validate(fn(base))
+    assert ei.value.fault == fault and fault in str(ei.value)
+
+
+def test_validate_rejects_non_csr():
+    with pytest.raises(ValueError, match="type"):
+        validate("not a csr")  # type: ignore[arg-type]
+
+
+def test_validate_hostile_huge_claims_are_cheap():
+    # offsets claiming a huge nnz never allocate anything of that size
+    c = _base()
+    ro = c.row_offsets.astype(np.int64)
+    ro[1:] = 2**62
+    with pytest.raises(NestedCSRError, match="offsets"):
+        validate(_with(c, row_offsets=ro))
+    neg = c.row_offsets.copy()
+    neg[2] = -(2**31)
+    with pytest.raises(NestedCSRError, match="offsets"):
+        validate(_with(c, row_offsets=neg))
+
+
+def test_empty_structures_are_valid():
+    csr = from_dense(np.zeros((0, 4), np.float32), np.zeros((0, 4), np.uint8), 2)
+    validate(csr)
+    assert csr.nnz() == 0 and to_dense(csr, 1).shape == (0, 4)
+    csr = from_dense(np.ones((3, 4), np.float32), np.full((3, 4), 5, np.uint8), 2)
+    validate(csr)
+    assert csr.nnz(1) == 0
+    assert isinstance(csr, NestedCSR)
