@@ -1,0 +1,90 @@
+"""bench_packed: one row per (batch, level), positive times, the documented keys."""
+import json
+
+import pytest
+import torch
+
+from nestedsparse import models
+from nestedsparse.levels import LevelSpec
+from nestedsparse.nest import nestify_
+from nestedsparse.pack import pack
+from nestedsparse.pack.bench import ROW_KEYS, bench_packed, time_interleaved
+
+SPEC = LevelSpec((0.1, 0.5, 1.0))
+
+
+@pytest.fixture
+def packed_file(tmp_path):
+    torch.manual_seed(0)
+    model = models.create("lenet5", image_size=16)
+    nestify_(model, SPEC)
+    path = tmp_path / "lenet.nsp"
+    p = pack(model, model_name="lenet5", model_kwargs={"image_size": 16})
+    p.save(path)
+    return path, p
+
+
+def test_bench_rows(packed_file):
+    path, p = packed_file
+    threads = torch.get_num_threads()
+    rows = bench_packed(path, batches=(1, 4), threads=1, repeats=3)
+    assert torch.get_num_threads() == threads  # restored
+    assert [(r["batch"], r["level"]) for r in rows] == [(b, k) for b in (1, 4) for k in range(SPEC.num_levels)]
+    have_ort = _has_ort()
+    for r in rows:
+        assert set(r) == set(ROW_KEYS)
+        assert r["ours_ms"] > 0 and r["torch_dense_ms"] > 0
+        assert r["speedup_vs_torch"] == pytest.approx(r["torch_dense_ms"] / r["ours_ms"], rel=1e-2)
+        if have_ort:
+            assert r["ort_dense_ms"] > 0 and r["speedup_vs_ort"] > 0
+        else:
+            assert r["ort_dense_ms"] is None and r["speedup_vs_ort"] is None
+        assert r["density"] == SPEC.densities[r["level"]]
+        assert r["bytes"] == p.level_bytes(r["level"])
+        assert 0 <= r["sparse_layers"] <= r["layers"] == 4
+        assert r["threads"] == 1 and r["repeats"] == 3
+    # one dense baseline per batch
+    for b in (1, 4):
+        assert len({r["torch_dense_ms"] for r in rows if r["batch"] == b}) == 1
+    assert [r["bytes"] for r in rows[:3]] == sorted(r["bytes"] for r in rows[:3])
+    json.dumps(rows)  # JSON-ready
+
+
+def test_bench_without_ort(packed_file):
+    path, _ = packed_file
+    rows = bench_packed(path, batches=(2,), repeats=3, ort=False, levels=[0])
+    assert len(rows) == 1 and rows[0]["ort_dense_ms"] is None and rows[0]["speedup_vs_ort"] is None
+
+
+def test_bench_rejects_bad_arguments(packed_file):
+    path, _ = packed_file
+    with pytest.raises(ValueError):
+        bench_packed(path, batches=(0,), repeats=3)
+    with pytest.raises(ValueError):
+        bench_packed(path, batches=(1,), repeats=0, ort=False)
+
+
+def test_time_interleaved_counts_calls():
+    calls = {"a": 0, "b": 0}
+
+    def make(k):
+        def f():
+            calls[k] += 1
+        return f
+
+    t = time_interleaved({"a": make("a"), "b": make("b")}, repeats=7, warmup=2, rounds=3, burst_warmup=1)
+    assert set(t) == {"a", "b"} and all(v >= 0 for v in t.values())
+    assert calls["a"] == calls["b"] == 2 + 3 * (1 + 3)  # warm-up + per round (1 untimed + ceil(7/3))
+    calls.update(a=0, b=0)
+    time_interleaved({"a": make("a"), "b": make("b")}, repeats=40, warmup=0)  # 4 rounds of 10, 2 untimed each
+    assert calls["a"] == 4 * (2 + 10)
+    with pytest.raises(ValueError):
+        time_interleaved({"a": make("a")}, repeats=0)
+
+
+def _has_ort():
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return False
+    return True
