@@ -141,7 +141,7 @@ def cmd_pack(args) -> int:
     load_into_(model, src)
     packed = pack(model, dtype=args.dtype, model_name=meta["model"], model_kwargs=meta.get("model_kwargs", {}))
     packed.save(args.output)
-    print(format_table(packed.size_table()))
+    print(format_table(packed.size_table(), ["level", "density", "nnz", "bytes", "vs_plain_csr_densest"]))
     print(f"wrote {args.output} ({Path(args.output).stat().st_size:,} bytes)")
     return 0
 
