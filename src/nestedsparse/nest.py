@@ -370,9 +370,13 @@ def layer_counts(
     ``fraction`` in [0, 1] scales the pruning (gradual schedules): a layer of n blocks whose
     final count is c gets ``n - round((n - c) * fraction)``; 0 keeps everything, 1 is final.
     """
+    pooled = {n: pool_blocks(scores[n], block) for n, _, _ in iter_nested(model)}
+    return _counts_from_pooled(model, pooled, fraction)
+
+
+def _counts_from_pooled(model: nn.Module, pooled: Mapping[str, torch.Tensor], fraction: float) -> dict[str, list[int]]:
     spec = get_spec(model)
     layers = [(n, m) for n, _, m in iter_nested(model)]
-    pooled = {n: pool_blocks(scores[n], block) for n, _ in layers}
     numels = {n: pooled[n].numel() for n, _ in layers}
     shapes = {n: tuple(m.level_map.shape) for n, m in layers}
     counts = allocate_counts(spec, numels, shapes, pooled, order=[n for n, _ in layers])
@@ -390,10 +394,11 @@ def compute_level_maps(
     first and last layers, overrides) and each map from :func:`level_map_from_scores`.
     """
     spec = get_spec(model)
-    counts = layer_counts(model, scores, block, fraction)
+    pooled = {n: pool_blocks(scores[n], block) for n, _, _ in iter_nested(model)}  # once per layer
+    counts = _counts_from_pooled(model, pooled, fraction)
     out = {}
     for n, _, m in iter_nested(model):
-        lm_blocks = level_map_from_scores(pool_blocks(scores[n], block), counts[n], spec.num_levels)
+        lm_blocks = level_map_from_scores(pooled[n], counts[n], spec.num_levels)
         out[n] = unpool_blocks(lm_blocks, block, m.level_map.shape)
     return out
 
