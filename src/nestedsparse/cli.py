@@ -59,7 +59,7 @@ def _add_train(sub) -> None:
     p.add_argument("--dataset", default="fashion-mnist", help="fashion-mnist | cifar10 | cifar100 | synthetic")
     p.add_argument("--data-dir", default=None, help="folder holding the data set's files")
     p.add_argument("--densities", type=_floats, default=(0.05, 0.1, 0.25, 1.0), help="per-level densities, sparsest first")
-    p.add_argument("--allocation", default="uniform", help="uniform | global | erk")
+    p.add_argument("--allocation", default="erk", help="erk (default: small layers kept denser) | uniform | global")
     p.add_argument("--first-last-density", type=float, default=None, help="floor density of first and last layers")
     p.add_argument("--block", type=_block, default=(1, 1), help="prune blocks ROWSxCOLS, e.g. 1x2 (default 1x1)")
     p.add_argument("--selector", default="magnitude", help="magnitude | nestednet")
