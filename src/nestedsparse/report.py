@@ -11,7 +11,7 @@ __all__ = ["format_table", "plot_pareto", "read_eval"]
 
 def _fmt(v) -> str:
     if isinstance(v, float):
-        return f"{v:.4f}" if v < 1 else f"{v:,.1f}"
+        return f"{v:.4f}" if abs(v) < 100 else f"{v:,.1f}"
     if isinstance(v, int):
         return f"{v:,}"
     return str(v)
