@@ -310,6 +310,22 @@ def set_run_levels_(model: nn.Module, levels) -> None:
         m.run_levels = levels
 
 
+def check_level_arg(spec: LevelSpec, level: LevelArg, names: list[str], kind: str) -> None:
+    """Raise a clear error unless ``level`` (an int or ``{prefix: level}``) fits ``spec`` and ``names``."""
+    if not isinstance(level, Mapping):
+        spec.check_level(level)
+        return
+    for prefix, lv in level.items():
+        spec.check_level(lv)
+        if prefix and not any(n == prefix or n.startswith(prefix + ".") for n in names):
+            raise KeyError(f"level prefix {prefix!r} matches no {kind} layer; {kind} layers: {names}")
+
+
+def magnitude_scores(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``|W|`` of every nested layer's dense weight, by layer name (the magnitude importance)."""
+    return {n: dense_weight(mod).detach().abs() for n, mod, _ in iter_nested(model)}
+
+
 def set_level_(model: nn.Module, level: LevelArg) -> None:
     """Set the active level: an int for the whole model, or ``{module_name_prefix: level}``.
 
@@ -317,16 +333,7 @@ def set_level_(model: nn.Module, level: LevelArg) -> None:
     matches keep their current level. This is how a forward pass switches level part-way
     (rerouting): ``set_level_(model, {"features": 3, "classifier": 0})``.
     """
-    spec = get_spec(model)
-    if isinstance(level, Mapping):
-        for lv in level.values():
-            spec.check_level(lv)
-        names = [n for n, _ in _level_owners(model)]
-        for prefix in level:
-            if prefix and not any(n == prefix or n.startswith(prefix + ".") for n in names):
-                raise KeyError(f"level prefix {prefix!r} matches no nested layer; nested layers: {names}")
-    else:
-        spec.check_level(level)
+    check_level_arg(get_spec(model), level, [n for n, _ in _level_owners(model)], "nested")
     for name, owner in _level_owners(model):
         owner.level = _resolve(name, level, owner.level)
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..levels import LevelSpec
-from ..nest import NestedBatchNorm, _resolve, iter_nested, nestify_
+from ..nest import NestedBatchNorm, _resolve, check_level_arg, iter_nested, nestify_
 from . import kernels
 from .csr import NestedCSR, to_dense
 from .format import PackedFormatError, PackedLayer, PackedModel, read_packed
@@ -152,18 +152,9 @@ class PackedRuntime(nn.Module):
         self.model, self.spec = model.eval(), spec
         self.names = [n for n, m in model.named_modules() if isinstance(m, (_SparseBase, LevelBatchNorm))]
 
-    def _check(self, level) -> None:
-        if isinstance(level, Mapping):
-            for prefix, lv in level.items():
-                self.spec.check_level(lv)
-                if prefix and not any(n == prefix or n.startswith(prefix + ".") for n in self.names):
-                    raise KeyError(f"level prefix {prefix!r} matches no packed layer; packed layers: {self.names}")
-        else:
-            self.spec.check_level(level)
-
     def forward(self, x: torch.Tensor, level: int | Mapping[str, int] | None = None) -> torch.Tensor:
         level = self.spec.num_levels - 1 if level is None else level
-        self._check(level)
+        check_level_arg(self.spec, level, self.names, "packed")
         token = _LEVEL.set(level)
         try:
             with torch.inference_mode():

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..nest import compute_level_maps, dense_weight, iter_nested, set_level_maps_
+from ..nest import compute_level_maps, magnitude_scores, set_level_maps_
 from . import Selector, register_selector
 
 
@@ -46,8 +46,7 @@ class MagnitudeSelector(Selector):
     @torch.no_grad()
     def apply_(self, model: nn.Module, fraction: float = 1.0) -> None:
         """Recompute every level map now from the current weights (``fraction`` of final pruning)."""
-        scores = {n: dense_weight(mod).abs() for n, mod, _ in iter_nested(model)}
-        set_level_maps_(model, compute_level_maps(model, scores, self.block, fraction))
+        set_level_maps_(model, compute_level_maps(model, magnitude_scores(model), self.block, fraction))
 
     def progress(self, step: int) -> float:
         """Fraction of the final pruning applied after ``step`` optimizer steps."""

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..levels import level_map_from_scores
-from ..nest import dense_weight, get_spec, iter_nested, layer_counts
+from ..nest import dense_weight, get_spec, iter_nested, layer_counts, magnitude_scores
 from . import Selector, register_selector
 
 
@@ -99,7 +99,7 @@ class NestedNetSelector(Selector):
 
     @torch.no_grad()
     def _set_tau(self, model: nn.Module, level: int, prog: float, refresh: bool) -> None:
-        counts = layer_counts(model, {n: dense_weight(mod).abs() for n, mod, _ in iter_nested(model)})
+        counts = layer_counts(model, magnitude_scores(model))
         for n, mod, m in iter_nested(model):
             if refresh or n not in self._targets:
                 w = dense_weight(mod).detach().abs()
@@ -114,7 +114,7 @@ class NestedNetSelector(Selector):
     def _harden(self, model: nn.Module, level: int) -> None:
         """Make level ``level``'s mask binary with the exact count, inside the parent level."""
         spec = get_spec(model)
-        counts = layer_counts(model, {n: dense_weight(mod).abs() for n, mod, _ in iter_nested(model)})
+        counts = layer_counts(model, magnitude_scores(model))
         for n, mod, m in iter_nested(model):
             parent = m.level_map <= level + 1
             w = dense_weight(mod).detach()
