@@ -13,9 +13,10 @@ Public API
   layers in this layout to avoid two transposes per layer.
 * :func:`bind_spmm_t` -- :func:`spmm_t` pre-bound to fixed buffers: ``fn()`` costs
   only numba's dispatch (~1.3 us), for runtimes chaining preallocated layers.
-* :func:`sparse_conv2d` -- Conv2d through im2col (``F.unfold``) + the sparse
-  matmul per group (spatial positions are the "batch"); a direct kernel for
-  depthwise convolutions.
+* :func:`sparse_conv2d` / :func:`run_conv` -- direct sparse Conv2d (any stride,
+  padding, dilation, groups): the input is zero-padded and split into stride
+  phases once, each non-zero becomes a flat offset into it, and every output row
+  is one register-tile pass (the same tiles as the Linear kernels) -- no im2col.
 * :func:`spmm_reference`, :func:`conv2d_reference` -- plain torch on ``to_dense``.
 * :func:`choose` -- ``"sparse"`` or ``"dense"`` from a density threshold.
 * :func:`prepare` -- validate, build the per-level plans and JIT-compile ahead of time.
@@ -160,7 +161,7 @@ _FASTMATH = {"contract", "reassoc", "nsz", "arcp"}  # no nnan/ninf: NaN/Inf keep
 
 
 def _kernel(name: str) -> Any:
-    """Kernel dispatcher: ``spmm_par``/``spmm_ser``, ``depthwise_par``/``depthwise_ser``, ``transpose``."""
+    """Kernel dispatcher: ``spmm_par``/``spmm_ser``, ``conv_par``/``conv_ser``, ``phase_split_*``, ``transpose``."""
     k = _NB.kernels.get(name)
     if k is not None:
         return k
@@ -420,6 +421,70 @@ def _make_intrinsics(nb: Any) -> dict[str, Any]:
     out = {f"_tile{w}": _make_tile(w) for w in (64, 32, 16, 8, 1)}
     out["_tile8m"] = _make_tile(8, masked=True)
     out["_tr8x8"] = tr8x8
+
+    def _flat_ptr(context: Any, builder: Any, aty: Any, arr: Any, off: Any, offty: Any) -> Any:
+        data = builder.bitcast(context.make_array(aty)(context, builder, arr).data, i8p)
+        return builder.gep(data, [builder.mul(context.cast(builder, off, offty, types.int64), i64(4))])
+
+    @nb.extending.intrinsic
+    def copy_f32(typingctx: Any, dst: Any, doff: Any, src: Any, soff: Any, n: Any) -> Any:
+        """``dst.flat[doff:doff+n] = src.flat[soff:soff+n]`` (float32, one ``llvm.memcpy``, no checks)."""
+        if not (isinstance(dst, types.Array) and isinstance(src, types.Array) and dst.dtype == types.float32
+                and src.dtype == types.float32):
+            return None
+        sig = types.void(dst, doff, src, soff, n)
+
+        def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+            dt, dot, st, sot, nt = signature.args
+            d = _flat_ptr(context, builder, dt, args[0], args[1], dot)
+            s_ = _flat_ptr(context, builder, st, args[2], args[3], sot)
+            nbytes = builder.mul(context.cast(builder, args[4], nt, types.int64), i64(4))
+            cgutils.raw_memcpy(builder, d, s_, nbytes, 1)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    @nb.extending.intrinsic
+    def zero_f32(typingctx: Any, dst: Any, doff: Any, n: Any) -> Any:
+        """``dst.flat[doff:doff+n] = 0`` (float32, one ``llvm.memset``, no checks)."""
+        if not (isinstance(dst, types.Array) and dst.dtype == types.float32):
+            return None
+        sig = types.void(dst, doff, n)
+
+        def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+            dt, dot, nt = signature.args
+            d = _flat_ptr(context, builder, dt, args[0], args[1], dot)
+            nbytes = builder.mul(context.cast(builder, args[2], nt, types.int64), i64(4))
+            cgutils.memset(builder, d, nbytes, 0)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    @nb.extending.intrinsic
+    def gather_f32(typingctx: Any, dst: Any, doff: Any, src: Any, soff: Any, n: Any, step: Any) -> Any:
+        """``dst.flat[doff + j] = src.flat[soff + j*step]`` for ``j < n`` (float32, no checks)."""
+        if not (isinstance(dst, types.Array) and isinstance(src, types.Array) and dst.dtype == types.float32
+                and src.dtype == types.float32):
+            return None
+        sig = types.void(dst, doff, src, soff, n, step)
+
+        def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+            dt, dot, st, sot, nt, stt = signature.args
+            d = builder.bitcast(_flat_ptr(context, builder, dt, args[0], args[1], dot), f32.as_pointer())
+            s_ = builder.bitcast(_flat_ptr(context, builder, st, args[2], args[3], sot), f32.as_pointer())
+            n_ = context.cast(builder, args[4], nt, types.int64)
+            step_ = context.cast(builder, args[5], stt, types.int64)
+            with cgutils.for_range(builder, n_) as loop:
+                j = loop.index
+                v = builder.load(builder.gep(s_, [builder.mul(j, step_)]), align=4)
+                builder.store(v, builder.gep(d, [j]), align=4)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    out["_gather_f32"] = gather_f32
+    out["_copy_f32"] = copy_f32
+    out["_zero_f32"] = zero_f32
     return out
 
 
@@ -511,47 +576,120 @@ def _transpose_region(src, dst, i0, i1, j0, j1):  # type: ignore[no-untyped-def]
             dst[j, i] = src[i, j]
 
 
-def _depthwise_par(starts, ends, taps, tvals, scales, bias, lo, xp, out,  # type: ignore[no-untyped-def]
-                   mult, kw, sh, sw, dh, dw):
-    """Direct depthwise conv: out channel ``o`` reads padded input channel ``o // mult``.
+def _conv_rows(r0, r1, starts, ends, offs_b, vals_b, code, scales, bias, lo, xq, img_base, yn,  # type: ignore
+               rows_per_group, group_stride, Wq):
+    """Output channels ``[r0, r1)`` of one image: ``yn[r, oy, ox] = max(sc*acc + bb, lo)``,
+    ``acc = sum_j vals[j] * xq[img_base + g*group_stride + oy*Wq + offs[j] + ox]`` (g = group of r),
+    one register-tile pass per output row (the tiles of :func:`_spmm_par`, with the
+    flat ``[L, 1]`` view ``xq`` so a "column index" is a flat offset)."""
+    OH = yn.shape[1]
+    OW = yn.shape[2]
+    for r in range(r0, r1):
+        s = starts[r]
+        e = ends[r]
+        sc = scales[r]
+        bb = bias[r]
+        base = img_base + (r // rows_per_group) * group_stride
+        for oy in range(OH):
+            yr = yn[r, oy]
+            xoff = base + oy * Wq
+            b0 = 0
+            while b0 + 64 <= OW:
+                _tile64(offs_b, vals_b, code, s, e, xq, xoff, b0, yr, sc, bb, lo)
+                b0 += 64
+            if b0 + 32 <= OW:
+                _tile32(offs_b, vals_b, code, s, e, xq, xoff, b0, yr, sc, bb, lo)
+                b0 += 32
+            if b0 + 16 <= OW:
+                _tile16(offs_b, vals_b, code, s, e, xq, xoff, b0, yr, sc, bb, lo)
+                b0 += 16
+            if b0 + 8 <= OW:
+                _tile8(offs_b, vals_b, code, s, e, xq, xoff, b0, yr, sc, bb, lo)
+                b0 += 8
+            if OW == 1:
+                _tile1(offs_b, vals_b, code, s, e, xq, xoff, b0, yr, sc, bb, lo)
+            elif b0 < OW:
+                _tile8m(offs_b, vals_b, code, s, e, xq, xoff, b0, yr, sc, bb, lo, OW - b0)
 
-    xp ``[N, C, Hp, Wp]`` (already padded), out ``[N, C*mult, OH, OW]``; ``taps``
-    (int64) / ``tvals`` (float32) hold the level's entries, tap = ``ky * kw + kx``.
-    Each (image, channel) plane is one task; each tap is an AXPY along an output row.
+
+def _split_image(xc, dst, ph, pw, sh, sw):  # type: ignore[no-untyped-def]
+    """Zero-pad one image ``xc`` ``[C, H, W]`` and split it into stride phases:
+    ``dst[(c*sh + a)*sw + b, i, j] = xpad[c, i*sh + a, j*sw + b]`` (zero outside ``xc``),
+    ``dst`` ``[C*sh*sw, Hq, Wq]``.  A stride-``s`` convolution is then a stride-1 one
+    on the phases, and every tap reads contiguous rows."""
+    C = xc.shape[0]
+    H = xc.shape[1]
+    W = xc.shape[2]
+    Hq = dst.shape[1]
+    Wq = dst.shape[2]
+    for c in range(C):
+        for a in range(sh):
+            # rows i with 0 <= i*sh + a - ph < H: [i0, i1)
+            i0 = (ph - a + sh - 1) // sh if ph > a else 0
+            i1 = min((H + ph - a + sh - 1) // sh, Hq)
+            i0 = min(i0, i1)
+            for b in range(sw):
+                pbase = ((c * sh + a) * sw + b) * Hq * Wq
+                j0 = (pw - b + sw - 1) // sw if pw > b else 0
+                j1 = min((W + pw - b + sw - 1) // sw, Wq)
+                j0 = min(j0, j1)
+                _zero_f32(dst, pbase, i0 * Wq)
+                for i in range(i0, i1):
+                    o = pbase + i * Wq
+                    si = (c * H + i * sh + a - ph) * W + b - pw
+                    _zero_f32(dst, o, j0)
+                    if sw == 1:
+                        _copy_f32(dst, o + j0, xc, si + j0, j1 - j0)
+                    else:
+                        _gather_f32(dst, o + j0, xc, si + j0 * sw, j1 - j0, sw)
+                    _zero_f32(dst, o + j1, Wq - j1)
+                _zero_f32(dst, pbase + i1 * Wq, (Hq - i1) * Wq)
+
+
+def _phase_split_par(x, xq, ph, pw, sh, sw):  # type: ignore[no-untyped-def]
+    """:func:`_split_image` for every image of ``x`` ``[N, C, H, W]`` into ``xq`` ``[N, C*sh*sw, Hq, Wq]``."""
+    for n in prange(x.shape[0]):
+        _split_image(x[n], xq[n], ph, pw, sh, sw)
+
+
+def _conv_par(bounds, starts, ends, offs_b, vals_b, code, scales, bias, lo, x, xq, xqf, out,  # type: ignore
+              rows_per_group, group_stride, ph, pw, sh, sw, mode):
+    """Direct sparse convolution (no im2col); entry ``j`` of output channel ``r`` has the
+    precomputed flat offset ``offs[j]`` (int32) of its tap inside a phase-split group.
+
+    ``mode`` 0: ``xq`` ``[N, P, Hq, Wq]`` is the input itself or already split (``xqf`` its
+    ``[L, 1]`` view); one task per (image, nnz-balanced block of channels in ``bounds``).
+    ``mode`` 1: ``xq`` ``[T, P, Hq, Wq]`` is scratch; task ``t`` of ``T`` takes a contiguous
+    run of images and pads/splits each into ``xq[t]`` just before convolving it, so the
+    split image is still in cache (no round trip of a padded copy through memory).
     """
     N = out.shape[0]
     O = out.shape[1]
-    OH = out.shape[2]
-    OW = out.shape[3]
-    for t in prange(N * O):
-        n = t // O
-        o = t - n * O
-        xc = xp[n, o // mult]
-        oc = out[n, o]
-        s = starts[o]
-        e = ends[o]
-        sc = scales[o]
-        bb = bias[o]
-        for oy in range(OH):
-            orow = oc[oy]
-            for ox in range(OW):
-                orow[ox] = 0.0
-            for j in range(s, e):
-                ky = taps[j] // kw
-                kx = taps[j] - ky * kw
-                v = tvals[j]
-                xr = xc[oy * sh + ky * dh]
-                base = kx * dw
-                for ox in range(OW):
-                    orow[ox] += v * xr[base + ox * sw]
-            for ox in range(OW):
-                orow[ox] = max(orow[ox] * sc + bb, lo)
+    Wq = xq.shape[3]
+    img_stride = xq.shape[1] * xq.shape[2] * Wq
+    if mode == 1:
+        T = xq.shape[0]
+        for t in prange(T):
+            n0 = (t * N) // T
+            n1 = ((t + 1) * N) // T
+            for n in range(n0, n1):
+                _split_image(x[n], xq[t], ph, pw, sh, sw)
+                _conv_rows(0, O, starts, ends, offs_b, vals_b, code, scales, bias, lo, xqf, t * img_stride,
+                           out[n], rows_per_group, group_stride, Wq)
+    else:
+        nch = bounds.shape[0] - 1
+        for t in prange(N * nch):
+            n = t // nch
+            ch = t - n * nch
+            _conv_rows(bounds[ch], bounds[ch + 1], starts, ends, offs_b, vals_b, code, scales, bias, lo, xqf,
+                       n * img_stride, out[n], rows_per_group, group_stride, Wq)
 
 
 # Kernels whose source goes into the generated module, callees first.  Each
 # ``*_par`` function also gets a serial twin ``*_ser``: the same source with
 # ``prange`` -> ``range`` (no fork/join for small problems; separate cache entry).
-_KERNEL_FUNCS: tuple[Callable[..., Any], ...] = (_transpose_region, _spmm_par, _depthwise_par)
+_KERNEL_FUNCS: tuple[Callable[..., Any], ...] = (
+    _transpose_region, _spmm_par, _conv_rows, _split_image, _phase_split_par, _conv_par)
 
 
 def _module_source() -> str:
@@ -650,7 +788,7 @@ class _Plan:
     """Per-(csr, level, threads) arrays the kernels take; built once, cached on the csr."""
 
     __slots__ = ("starts", "ends", "bounds", "bounds1", "scales", "zero_bias", "cols_b", "vals_b", "code",
-                 "nnz", "rows", "cols_n", "_taps")
+                 "nnz", "rows", "cols_n")
 
     def __init__(self, csr: NestedCSR, level: int, threads: int) -> None:
         s64, e64 = csr.level_bounds(level)
@@ -672,13 +810,6 @@ class _Plan:
         self.cols_b = cols.view(np.uint8)  # byte views: dtype dispatched inside the kernel
         self.vals_b = vals.view(np.uint8)
         self.code = 2 * _COL_CODE[cols.dtype] + _VAL_CODE[vals.dtype]
-        self._taps: Optional[tuple[np.ndarray, np.ndarray]] = None
-
-    def taps(self, csr: NestedCSR) -> tuple[np.ndarray, np.ndarray]:
-        """Decoded ``(int64 columns, float32 raw values)`` for the direct depthwise kernel."""
-        if self._taps is None:
-            self._taps = (csr.col_indices.astype(np.int64), csr.values.astype(np.float32))
-        return self._taps
 
 
 def _balanced_bounds(lens: np.ndarray, parts: int) -> np.ndarray:
@@ -1053,9 +1184,8 @@ def sparse_conv2d(
         level: level to run.
         weight_shape: ``(out, in/groups, kh, kw)``.
         stride, padding, dilation: int or pair (zero padding).
-        groups: conv groups; ``groups == C`` with ``in/groups == 1`` (depthwise)
-            uses a direct kernel, everything else im2col (``F.unfold``) + the
-            register-tile sparse matmul with the spatial positions as the batch.
+        groups: conv groups (depthwise: ``groups == C``).  One direct kernel for
+            every case (:func:`run_conv`): no im2col buffer.
         bias: optional ``[out]``.
         relu: fused ReLU.
         parallel: force 2 threads (True) or serial (False); None = by size.
@@ -1063,9 +1193,6 @@ def sparse_conv2d(
     Returns:
         ``[N, out, OH, OW]`` float32, a torch tensor iff ``x`` was one.
     """
-    import torch  # noqa: PLC0415
-    import torch.nn.functional as F  # noqa: PLC0415
-
     O, Cg, kh, kw = (int(v) for v in weight_shape)
     sh, sw = _pair(stride)
     ph, pw = _pair(padding)
@@ -1086,23 +1213,92 @@ def sparse_conv2d(
     if nb is None:
         y = _torch_conv(csr, xa, level, (O, Cg, kh, kw), (sh, sw), (ph, pw), (dh, dw), groups, bias, relu)
         return _wrap(y, as_torch)
+    geo = ConvGeometry((O, Cg, kh, kw), (sh, sw), (ph, pw), (dh, dw), groups)
     plan = _plan(csr, level)
-    b = _bias_arr(bias, plan)
     out = np.empty((N, O, OH, OW), dtype=np.float32)
-    if Cg == 1 and groups == C:  # depthwise (channel multiplier O // C)
-        xp = np.pad(xa, ((0, 0), (0, 0), (ph, ph), (pw, pw))) if (ph or pw) else xa
-        par = _use_parallel(parallel, plan.nnz * N * OH * OW)
-        taps, tvals = plan.taps(csr)
-        _kernel("depthwise_par" if par else "depthwise_ser")(
-            plan.starts, plan.ends, taps, tvals, plan.scales, b, _ZERO if relu else _F32_LOWEST, xp, out, O // C,
-            kw, sh, sw, dh, dw,
-        )
-        return _wrap(out, as_torch)
-    cols = F.unfold(torch.from_numpy(xa), (kh, kw), dilation=(dh, dw), padding=(ph, pw), stride=(sh, sw))
-    cols_np = np.ascontiguousarray(cols.numpy())  # [N, C*kh*kw, OH*OW]
-    par = _use_parallel(parallel, plan.nnz * N * OH * OW)
-    _run_spmm(par, plan, b, relu, cols_np, out.reshape(N, O, OH * OW), O // groups, Cg * kh * kw)
+    run_conv(csr, plan, geo, xa, out, plan.scales, _bias_arr(bias, plan), relu, parallel)
     return _wrap(out, as_torch)
+
+
+class ConvGeometry:
+    """A convolution's static shape: ``weight_shape (O, Cg, kh, kw)``, stride, padding, dilation, groups."""
+
+    __slots__ = ("wshape", "stride", "padding", "dilation", "groups")
+
+    def __init__(self, wshape: Sequence[int], stride: tuple[int, int], padding: tuple[int, int],
+                 dilation: tuple[int, int], groups: int) -> None:
+        self.wshape = tuple(int(v) for v in wshape)
+        self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, int(groups)
+
+    def out_hw(self, H: int, W: int) -> tuple[int, int]:
+        _, _, kh, kw = self.wshape
+        (sh, sw), (ph, pw), (dh, dw) = self.stride, self.padding, self.dilation
+        return (H + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (W + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+
+    def phase_hw(self, H: int, W: int) -> tuple[int, int]:
+        """``(Hq, Wq)``: the padded input's size in each stride phase."""
+        (sh, sw), (ph, pw) = self.stride, self.padding
+        return -(-(H + 2 * ph) // sh), -(-(W + 2 * pw) // sw)
+
+    def direct(self) -> bool:
+        """True when the input needs no padding or phase split (stride 1, no padding)."""
+        return self.stride == (1, 1) and self.padding == (0, 0)
+
+
+def _conv_offsets(csr: NestedCSR, geo: ConvGeometry, Hq: int, Wq: int) -> np.ndarray:
+    """Flat int32 offset of every entry's tap in a phase-split group (cached per input size).
+
+    Column ``c*kh*kw + ky*kw + kx`` reads phase ``(ky*dh % sh, kx*dw % sw)`` of input
+    channel ``c`` at row/column shift ``(ky*dh // sh, kx*dw // sw)``.  Level-independent:
+    every level reads a prefix of the same array.
+    """
+    key = ("conv_offsets", geo.wshape, geo.stride, geo.dilation, Hq, Wq)
+    got = csr._cache.get(key)
+    if got is not None:
+        return got
+    _, Cg, kh, kw = geo.wshape
+    (sh, sw), (dh, dw) = geo.stride, geo.dilation
+    if Cg * sh * sw * Hq * Wq >= 2**31:
+        raise ValueError("convolution input too large for 32-bit offsets")
+    col = csr.col_indices.astype(np.int64)
+    c, tap = np.divmod(col, kh * kw)
+    ky, kx = np.divmod(tap, kw)
+    ay, dy = (ky * dh) % sh, (ky * dh) // sh
+    ax, dx = (kx * dw) % sw, (kx * dw) // sw
+    off = (((c * sh + ay) * sw + ax) * Hq + dy) * Wq + dx
+    got = np.ascontiguousarray(off.astype(np.int32))
+    csr._cache[key] = got
+    return got
+
+
+def run_conv(csr: NestedCSR, plan: "_Plan", geo: ConvGeometry, xa: np.ndarray, out: np.ndarray,
+             scales: np.ndarray, bias: np.ndarray, relu: bool, parallel: Optional[bool] = None) -> None:
+    """``out = max(conv(xa, W_level) * scales[o] + bias[o], 0 if relu else -inf)`` (numba, direct).
+
+    ``xa`` ``[N, C, H, W]`` C-contiguous float32, ``out`` ``[N, O, OH, OW]`` likewise;
+    ``scales`` / ``bias`` ``[O]`` float32 (the epilogue: int8 scale, bias, folded BatchNorm).
+    """
+    N, C, H, Wd = xa.shape
+    O, Cg, kh, kw = geo.wshape
+    (sh, sw), (ph, pw) = geo.stride, geo.padding
+    Hq, Wq = geo.phase_hw(H, Wd)
+    P = C * sh * sw
+    par = _use_parallel(parallel, plan.nnz * N * out.shape[2] * out.shape[3])
+    T = _threads() if par else 1
+    if geo.direct():
+        mode, xq = 0, xa
+    elif N >= 2 * T:  # whole images per task, each split just before use (cache-hot)
+        mode, xq = 1, _scratch(2, (T, P, Hq * Wq)).reshape(T, P, Hq, Wq)
+    else:  # few images: split them all first, then parallelise over channels too
+        mode, xq = 0, _scratch(2, (N, P, Hq * Wq)).reshape(N, P, Hq, Wq)
+        _kernel("phase_split_par" if par else "phase_split_ser")(xa, xq, ph, pw, sh, sw)
+    offs = _conv_offsets(csr, geo, Hq, Wq)
+    _kernel("conv_par" if par else "conv_ser")(
+        plan.bounds if par else plan.bounds1, plan.starts, plan.ends, offs.view(np.uint8), plan.vals_b,
+        2 * _COL_CODE[np.dtype(np.int32)] + _VAL_CODE[csr.values.dtype], scales, bias,
+        _ZERO if relu else _F32_LOWEST, xa, xq, xq.reshape(-1, 1), out, O // geo.groups, Cg * sh * sw * Hq * Wq,
+        ph, pw, sh, sw, mode,
+    )
 
 
 # ================================================================ references
