@@ -86,6 +86,11 @@ __all__ = [
     "spmm_t",
     "bind_spmm_t",
     "sparse_conv2d",
+    "run_conv",
+    "linear_into",
+    "linear_into_t",
+    "plan_for",
+    "ConvGeometry",
     "spmm_reference",
     "conv2d_reference",
     "choose",
@@ -482,6 +487,43 @@ def _make_intrinsics(nb: Any) -> dict[str, Any]:
 
         return sig, codegen
 
+    def _nanmax(builder: Any, a: Any, b: Any) -> Any:
+        """max(a, b), NaN if either is NaN (torch's max-pool semantics)."""
+        take_b = builder.or_(builder.fcmp_unordered("uno", b, b), builder.fcmp_ordered(">", b, a))
+        return builder.select(take_b, b, a)
+
+    @nb.extending.intrinsic
+    def pool_rows(typingctx: Any, dst: Any, doff: Any, src: Any, soff: Any, n: Any, k: Any, rows: Any,
+                  rstride: Any) -> Any:
+        """``dst.flat[doff + i] = max_{a < rows, j < k} src.flat[soff + a*rstride + i*k + j]`` for
+        ``i < n`` (float32, NaN propagates, no checks): one output row of a ``rows x k``
+        max-pool window sweep."""
+        if not (isinstance(dst, types.Array) and isinstance(src, types.Array) and dst.dtype == types.float32
+                and src.dtype == types.float32):
+            return None
+        sig = types.void(dst, doff, src, soff, n, k, rows, rstride)
+
+        def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+            at = signature.args
+            d = builder.bitcast(_flat_ptr(context, builder, at[0], args[0], args[1], at[1]), f32.as_pointer())
+            s_ = builder.bitcast(_flat_ptr(context, builder, at[2], args[2], args[3], at[3]), f32.as_pointer())
+            n_, k_, rows_, rs_ = (context.cast(builder, args[i], at[i], types.int64) for i in (4, 5, 6, 7))
+            with cgutils.for_range(builder, n_) as loop:
+                i = loop.index
+                base = builder.mul(i, k_)
+                first = builder.load(builder.gep(s_, [base]), align=4)
+                acc = cgutils.alloca_once_value(builder, first)
+                with cgutils.for_range(builder, rows_) as la:
+                    rb = builder.add(base, builder.mul(la.index, rs_))
+                    with cgutils.for_range(builder, k_) as lj:
+                        v = builder.load(builder.gep(s_, [builder.add(rb, lj.index)]), align=4)
+                        builder.store(_nanmax(builder, builder.load(acc), v), acc)
+                builder.store(builder.load(acc), builder.gep(d, [i]), align=4)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    out["_pool_rows"] = pool_rows
     out["_gather_f32"] = gather_f32
     out["_copy_f32"] = copy_f32
     out["_zero_f32"] = zero_f32
@@ -552,6 +594,36 @@ def _spmm_par(bounds, starts, ends, cols_b, vals_b, code, scales, bias, lo, x, x
             _transpose_region(yn, y, r0, r1, 0, B)
 
 
+def _spmv_par(bounds, starts, ends, cols, vals, scales, bias, lo, x, y):  # type: ignore[no-untyped-def]
+    """Batch 1: ``y[r] = max(scales[r] * sum_j vals[j] * x[cols[j]] + bias[r], lo)``.
+
+    A plain typed loop (numba specialises it per index / value dtype on first use) with four
+    independent accumulators; the row loop lives inside the compiled code, so a row costs a
+    few cycles beyond its non-zeros (the tile kernels' per-call set-up dominated at batch 1).
+    """
+    nch = bounds.shape[0] - 1
+    for ch in prange(nch):
+        for r in range(bounds[ch], bounds[ch + 1]):
+            s = starts[r]
+            e = ends[r]
+            a0 = np.float32(0.0)
+            a1 = np.float32(0.0)
+            a2 = np.float32(0.0)
+            a3 = np.float32(0.0)
+            j = s
+            while j + 4 <= e:
+                a0 += np.float32(vals[j]) * x[cols[j]]
+                a1 += np.float32(vals[j + 1]) * x[cols[j + 1]]
+                a2 += np.float32(vals[j + 2]) * x[cols[j + 2]]
+                a3 += np.float32(vals[j + 3]) * x[cols[j + 3]]
+                j += 4
+            while j < e:
+                a0 += np.float32(vals[j]) * x[cols[j]]
+                j += 1
+            v = ((a0 + a1) + (a2 + a3)) * scales[r] + bias[r]
+            y[r] = lo if v < lo else v
+
+
 def _transpose_region(src, dst, i0, i1, j0, j1):  # type: ignore[no-untyped-def]
     """``dst[j, i] = src[i, j]`` for ``i in [i0, i1)``, ``j in [j0, j1)`` (float32 2-D).
 
@@ -576,40 +648,76 @@ def _transpose_region(src, dst, i0, i1, j0, j1):  # type: ignore[no-untyped-def]
             dst[j, i] = src[i, j]
 
 
-def _conv_rows(r0, r1, starts, ends, offs_b, vals_b, code, scales, bias, lo, xq, img_base, yn,  # type: ignore
-               rows_per_group, group_stride, Wq):
-    """Output channels ``[r0, r1)`` of one image: ``yn[r, oy, ox] = max(sc*acc + bb, lo)``,
-    ``acc = sum_j vals[j] * xq[img_base + g*group_stride + oy*Wq + offs[j] + ox]`` (g = group of r),
-    one register-tile pass per output row (the tiles of :func:`_spmm_par`, with the
-    flat ``[L, 1]`` view ``xq`` so a "column index" is a flat offset)."""
-    OH = yn.shape[1]
-    OW = yn.shape[2]
+def _conv_rows(r0, r1, starts, ends, offs_b, vals_b, code, scales, bias, lo, xq, img_base, yn, rn,  # type: ignore
+               has_res, pool, rows_per_group, group_stride, Wq, OH, OW, wide):
+    """Output channels ``[r0, r1)`` of one image.
+
+    ``acc[r, p] = sum_j vals[j] * xq[img_base + g*group_stride + offs[j] + p]`` over the *wide*
+    plane ``p = oy*Wq + ox`` (``ox < Wq``; g = group of r): the flat plane is covered by 64-wide
+    register tiles whatever the row width (the tiles of :func:`_spmm_par` on the flat ``[L, 1]``
+    view ``xq``, so a "column index" is a flat offset).  The tile lands in the cache-resident
+    ``wide`` scratch, and its ``ox < OW`` columns are copied to ``yn[r]``:
+    ``max(sc*acc + bb (+ rn[r]), lo)`` -- the residual ``rn`` (``has_res``) fused in; or, with
+    ``pool > 1``, the ``pool x pool`` / stride ``pool`` max-pool of ``max(sc*acc + bb, lo)``
+    goes to ``yn[r]`` (``[OH // pool, OW // pool]``) -- a following MaxPool2d fused in.
+    """
+    L = OH * Wq
+    tlo = np.float32(-3.4028234663852886e38) if has_res else lo
     for r in range(r0, r1):
         s = starts[r]
         e = ends[r]
         sc = scales[r]
         bb = bias[r]
         base = img_base + (r // rows_per_group) * group_stride
-        for oy in range(OH):
-            yr = yn[r, oy]
-            xoff = base + oy * Wq
-            b0 = 0
-            while b0 + 64 <= OW:
-                _tile64(offs_b, vals_b, code, s, e, xq, xoff, b0, yr, sc, bb, lo)
-                b0 += 64
-            if b0 + 32 <= OW:
-                _tile32(offs_b, vals_b, code, s, e, xq, xoff, b0, yr, sc, bb, lo)
-                b0 += 32
-            if b0 + 16 <= OW:
-                _tile16(offs_b, vals_b, code, s, e, xq, xoff, b0, yr, sc, bb, lo)
-                b0 += 16
-            if b0 + 8 <= OW:
-                _tile8(offs_b, vals_b, code, s, e, xq, xoff, b0, yr, sc, bb, lo)
-                b0 += 8
-            if OW == 1:
-                _tile1(offs_b, vals_b, code, s, e, xq, xoff, b0, yr, sc, bb, lo)
-            elif b0 < OW:
-                _tile8m(offs_b, vals_b, code, s, e, xq, xoff, b0, yr, sc, bb, lo, OW - b0)
+        p0 = 0
+        while p0 + 64 <= L:
+            _tile64(offs_b, vals_b, code, s, e, xq, base, p0, wide, sc, bb, tlo)
+            p0 += 64
+        if p0 + 32 <= L:
+            _tile32(offs_b, vals_b, code, s, e, xq, base, p0, wide, sc, bb, tlo)
+            p0 += 32
+        if p0 + 16 <= L:
+            _tile16(offs_b, vals_b, code, s, e, xq, base, p0, wide, sc, bb, tlo)
+            p0 += 16
+        if p0 + 8 <= L:
+            _tile8(offs_b, vals_b, code, s, e, xq, base, p0, wide, sc, bb, tlo)
+            p0 += 8
+        if L == 1:
+            _tile1(offs_b, vals_b, code, s, e, xq, base, p0, wide, sc, bb, tlo)
+        elif p0 < L:
+            _tile8m(offs_b, vals_b, code, s, e, xq, base, p0, wide, sc, bb, tlo, L - p0)
+        yr = yn[r]
+        if pool > 1:  # NaN propagates, as in torch
+            PW = OW // pool
+            if pool == 2:  # the common case, straight-line
+                yflat = yr.reshape(yr.shape[0] * yr.shape[1])
+                for py in range(OH // 2):
+                    a = np.uint64(py * 2 * Wq)
+                    o = np.uint64(py * PW)
+                    for px in range(PW):
+                        i0 = a + np.uint64(2 * px)
+                        v0 = wide[i0]
+                        v1 = wide[i0 + np.uint64(1)]
+                        v2 = wide[i0 + np.uint64(Wq)]
+                        v3 = wide[i0 + np.uint64(Wq + 1)]
+                        m0 = v1 if (v1 > v0) | (v1 != v1) else v0
+                        m1 = v3 if (v3 > v2) | (v3 != v3) else v2
+                        yflat[o + np.uint64(px)] = m1 if (m1 > m0) | (m1 != m1) else m0
+            else:
+                for py in range(OH // pool):
+                    _pool_rows(yr, py * PW, wide, py * pool * Wq, PW, pool, pool, Wq)
+        elif has_res:
+            rflat = rn[r].reshape(OH * OW)
+            yflat = yr.reshape(OH * OW)
+            for oy in range(OH):
+                w0 = oy * Wq
+                o0 = oy * OW
+                for ox in range(OW):
+                    v = wide[np.uint64(w0 + ox)] + rflat[np.uint64(o0 + ox)]
+                    yflat[np.uint64(o0 + ox)] = lo if v < lo else v
+        else:
+            for oy in range(OH):
+                _copy_f32(yr, oy * OW, wide, oy * Wq, OW)
 
 
 def _split_image(xc, dst, ph, pw, sh, sw):  # type: ignore[no-untyped-def]
@@ -652,44 +760,51 @@ def _phase_split_par(x, xq, ph, pw, sh, sw):  # type: ignore[no-untyped-def]
         _split_image(x[n], xq[n], ph, pw, sh, sw)
 
 
-def _conv_par(bounds, starts, ends, offs_b, vals_b, code, scales, bias, lo, x, xq, xqf, out,  # type: ignore
-              rows_per_group, group_stride, ph, pw, sh, sw, mode):
+def _conv_par(bounds, starts, ends, offs_b, vals_b, code, scales, bias, lo, x, xq, xqf, out, res,  # type: ignore
+              has_res, pool, OH, OW, rows_per_group, group_stride, ph, pw, sh, sw, mode):
     """Direct sparse convolution (no im2col); entry ``j`` of output channel ``r`` has the
     precomputed flat offset ``offs[j]`` (int32) of its tap inside a phase-split group.
 
-    ``mode`` 0: ``xq`` ``[N, P, Hq, Wq]`` is the input itself or already split (``xqf`` its
-    ``[L, 1]`` view); one task per (image, nnz-balanced block of channels in ``bounds``).
-    ``mode`` 1: ``xq`` ``[T, P, Hq, Wq]`` is scratch; task ``t`` of ``T`` takes a contiguous
-    run of images and pads/splits each into ``xq[t]`` just before convolving it, so the
-    split image is still in cache (no round trip of a padded copy through memory).
+    ``mode`` 0: ``xq`` ``[N, P, Hq, Wq]`` holds every image already split (``xqf`` its flat
+    ``[L, 1]`` view, with slack after the end); one task per (image, nnz-balanced block of
+    channels in ``bounds``).  ``mode`` 1: ``xq`` ``[T, P, Hq, Wq]`` is scratch; task ``t`` of
+    ``T`` takes a contiguous run of images and pads/splits each into ``xq[t]`` just before
+    convolving it, so the split image is still in cache (no padded copy through memory).
+    ``res`` ``[N, O, OH, OW]`` is added before the clamp when ``has_res``; ``pool > 1``: ``out``
+    is the max-pooled ``[N, O, OH // pool, OW // pool]``.
     """
     N = out.shape[0]
     O = out.shape[1]
     Wq = xq.shape[3]
     img_stride = xq.shape[1] * xq.shape[2] * Wq
+    Lw = OH * Wq + OW + 64
     if mode == 1:
         T = xq.shape[0]
         for t in prange(T):
+            wide = np.empty(Lw, dtype=np.float32)
             n0 = (t * N) // T
             n1 = ((t + 1) * N) // T
             for n in range(n0, n1):
                 _split_image(x[n], xq[t], ph, pw, sh, sw)
                 _conv_rows(0, O, starts, ends, offs_b, vals_b, code, scales, bias, lo, xqf, t * img_stride,
-                           out[n], rows_per_group, group_stride, Wq)
+                           out[n], res[n if has_res else 0], has_res, pool, rows_per_group, group_stride, Wq,
+                           OH, OW, wide)
     else:
         nch = bounds.shape[0] - 1
         for t in prange(N * nch):
+            wide = np.empty(Lw, dtype=np.float32)
             n = t // nch
             ch = t - n * nch
             _conv_rows(bounds[ch], bounds[ch + 1], starts, ends, offs_b, vals_b, code, scales, bias, lo, xqf,
-                       n * img_stride, out[n], rows_per_group, group_stride, Wq)
+                       n * img_stride, out[n], res[n if has_res else 0], has_res, pool, rows_per_group,
+                       group_stride, Wq, OH, OW, wide)
 
 
 # Kernels whose source goes into the generated module, callees first.  Each
 # ``*_par`` function also gets a serial twin ``*_ser``: the same source with
 # ``prange`` -> ``range`` (no fork/join for small problems; separate cache entry).
 _KERNEL_FUNCS: tuple[Callable[..., Any], ...] = (
-    _transpose_region, _spmm_par, _conv_rows, _split_image, _phase_split_par, _conv_par)
+    _spmv_par, _transpose_region, _spmm_par, _conv_rows, _split_image, _phase_split_par, _conv_par)
 
 
 def _module_source() -> str:
@@ -788,7 +903,7 @@ class _Plan:
     """Per-(csr, level, threads) arrays the kernels take; built once, cached on the csr."""
 
     __slots__ = ("starts", "ends", "bounds", "bounds1", "scales", "zero_bias", "cols_b", "vals_b", "code",
-                 "nnz", "rows", "cols_n")
+                 "nnz", "rows", "cols_n", "cols", "vals")
 
     def __init__(self, csr: NestedCSR, level: int, threads: int) -> None:
         s64, e64 = csr.level_bounds(level)
@@ -807,6 +922,7 @@ class _Plan:
         self.zero_bias = np.zeros(self.rows, dtype=np.float32)
         cols = np.ascontiguousarray(csr.col_indices)
         vals = np.ascontiguousarray(csr.values)
+        self.cols, self.vals = cols, vals  # typed (the batch-1 kernel is specialised per dtype)
         self.cols_b = cols.view(np.uint8)  # byte views: dtype dispatched inside the kernel
         self.vals_b = vals.view(np.uint8)
         self.code = 2 * _COL_CODE[cols.dtype] + _VAL_CODE[vals.dtype]
@@ -979,11 +1095,17 @@ def spmm_t(
 
 def _run_spmm(par: bool, plan: _Plan, bias: np.ndarray, relu: bool, xt: np.ndarray, yt: np.ndarray,
               rows_per_group: int, k_per_group: int, x: Optional[np.ndarray] = None,
-              y: Optional[np.ndarray] = None) -> None:
+              y: Optional[np.ndarray] = None, scales: Optional[np.ndarray] = None) -> None:
     """Call the ``spmm`` kernel (feature-major; batch-major when ``x``/``y`` are given)."""
+    if xt.shape[0] == 1 and xt.shape[2] == 1 and rows_per_group == plan.rows:  # one vector: SpMV
+        _kernel("spmv_par" if par else "spmv_ser")(
+            plan.bounds if par else plan.bounds1, plan.starts, plan.ends, plan.cols, plan.vals,
+            plan.scales if scales is None else scales, bias, _ZERO if relu else _F32_LOWEST,
+            xt.reshape(-1) if x is None else x.reshape(-1), yt.reshape(-1) if y is None else y.reshape(-1))
+        return
     _kernel("spmm_par" if par else "spmm_ser")(
         plan.bounds if par else plan.bounds1, plan.starts, plan.ends, plan.cols_b, plan.vals_b, plan.code,
-        plan.scales, bias, _ZERO if relu else _F32_LOWEST,
+        plan.scales if scales is None else scales, bias, _ZERO if relu else _F32_LOWEST,
         _DUMMY2 if x is None else x, xt, yt, _DUMMY2 if y is None else y,
         rows_per_group, k_per_group, x is not None,
     )
@@ -1052,8 +1174,9 @@ def spmm(
     bias: Optional[Array] = None,
     relu: bool = False,
     parallel: Optional[bool] = None,
+    scale: Optional[Array] = None,
 ) -> Any:
-    """Batch-major sparse Linear: ``y[B, out] = x[B, in] @ W_level^T (+ bias)``.
+    """Batch-major sparse Linear: ``y[B, out] = x[B, in] @ W_level^T (* scale) (+ bias)``.
 
     Batch 1 is a sparse dot product per row read straight from ``x``.  Larger
     batches transpose ``x`` into a per-thread scratch buffer (8x8 register
@@ -1070,34 +1193,75 @@ def spmm(
         bias: optional ``[out]`` bias.
         relu: fused ReLU after the bias.
         parallel: force 2 threads (True) or serial (False); None = by size.
+        scale: optional ``[out]`` multiplier applied before the bias (a folded
+            BatchNorm: ``scale = gamma / sqrt(var + eps)``, ``bias = (b - mean) * scale + beta``).
 
     Returns:
         ``[B, out]`` float32, a torch tensor iff ``x`` was one (``out`` if given).
     """
     xa, as_torch = _to_f32(x)
     if xa.ndim == 1:
-        y = spmm(csr, xa.reshape(1, -1), level, None if out is None else _flat_out(out), bias, relu, parallel)
+        y = spmm(csr, xa.reshape(1, -1), level, None if out is None else _flat_out(out), bias, relu, parallel, scale)
         return out if out is not None else _wrap(y.reshape(-1), as_torch)
     if xa.ndim != 2 or xa.shape[1] != csr.shape[1]:
         raise ValueError(f"x must be [B, in={csr.shape[1]}], got {tuple(xa.shape)}")
     nb = _numba()
     if nb is None:
-        y = _torch_linear(csr, xa, level, bias, relu)
+        y = _torch_linear(csr, xa, level, bias, relu, scale)
         if out is not None:
             o, ret = _out_arr(out, y.shape)
             o[...] = y
             return ret
         return _wrap(y, as_torch)
     plan = _plan(csr, level)
-    B, K = xa.shape
-    o, ret = _out_arr(out, (B, plan.rows))
-    par = _use_parallel(parallel, plan.nnz * B)
-    b = _bias_arr(bias, plan)
-    if B == 1:  # [1, in] is also [in, 1]: no transpose
-        _run_spmm(par, plan, b, relu, xa.reshape(1, K, 1), o.reshape(1, plan.rows, 1), plan.rows, K)
-    else:
-        _run_spmm(par, plan, b, relu, _scratch(0, (1, K, B)), _scratch(1, (1, plan.rows, B)), plan.rows, K, xa, o)
+    o, ret = _out_arr(out, (xa.shape[0], plan.rows))
+    linear_into(plan, xa, o, _scale_arr(scale, plan), _bias_arr(bias, plan), relu, parallel)
     return ret if out is not None else _wrap(o, as_torch)
+
+
+def linear_into(plan: _Plan, xa: np.ndarray, o: np.ndarray, scales: np.ndarray, bias: np.ndarray, relu: bool,
+                parallel: Optional[bool] = None) -> None:
+    """Low-level batch-major Linear: ``o = max((xa @ W^T) * scales + bias, 0 if relu else -inf)``.
+
+    ``plan`` from :func:`plan_for`; ``xa`` ``[B, in]`` / ``o`` ``[B, out]`` C-contiguous float32;
+    ``scales`` / ``bias`` ``[out]`` float32 (``scales`` already includes an int8 weight's row scales).
+    """
+    B, K = xa.shape
+    par = _use_parallel(parallel, plan.nnz * B)
+    if B == 1:  # [1, in] is also [in, 1]: no transpose
+        _run_spmm(par, plan, bias, relu, xa.reshape(1, K, 1), o.reshape(1, plan.rows, 1), plan.rows, K,
+                  scales=scales)
+    else:
+        _run_spmm(par, plan, bias, relu, _scratch(0, (1, K, B)), _scratch(1, (1, plan.rows, B)), plan.rows, K, xa,
+                  o, scales=scales)
+
+
+def linear_into_t(plan: _Plan, xt: np.ndarray, yt: np.ndarray, scales: np.ndarray, bias: np.ndarray, relu: bool,
+                  parallel: Optional[bool] = None) -> None:
+    """Low-level feature-major Linear: ``yt = max((W @ xt) * scales[:, None] + bias[:, None], 0 | -inf)``.
+
+    ``xt`` ``[in, B]`` / ``yt`` ``[out, B]`` C-contiguous float32 (64-byte aligned is fastest:
+    :func:`aligned_empty`); ``scales`` / ``bias`` ``[out]`` float32 (``scales`` includes int8 row scales).
+    """
+    B = xt.shape[1]
+    _run_spmm(_use_parallel(parallel, plan.nnz * B), plan, bias, relu, xt.reshape(1, xt.shape[0], B),
+              yt.reshape(1, plan.rows, B), plan.rows, plan.cols_n, scales=scales)
+
+
+def plan_for(csr: NestedCSR, level: int) -> _Plan:
+    """The validated per-level arrays the low-level kernels take (cached on ``csr``).
+
+    ``plan.scales`` holds the int8 row scales (ones for float32 values)."""
+    return _plan(csr, level)
+
+
+def _scale_arr(scale: Optional[Array], plan: _Plan) -> np.ndarray:
+    if scale is None:
+        return plan.scales
+    sc = _to_f32(scale)[0].reshape(-1)
+    if sc.shape[0] != plan.rows:
+        raise ValueError(f"scale has {sc.shape[0]} entries, expected {plan.rows}")
+    return np.ascontiguousarray(sc * plan.scales, dtype=np.float32)
 
 
 def _scratch(slot: int, shape: tuple[int, int, int]) -> np.ndarray:
@@ -1175,6 +1339,7 @@ def sparse_conv2d(
     bias: Optional[Array] = None,
     relu: bool = False,
     parallel: Optional[bool] = None,
+    scale: Optional[Array] = None,
 ) -> Any:
     """Sparse Conv2d of level ``level``, equal to ``F.conv2d(x, W_level, bias, ...)``.
 
@@ -1189,6 +1354,7 @@ def sparse_conv2d(
         bias: optional ``[out]``.
         relu: fused ReLU.
         parallel: force 2 threads (True) or serial (False); None = by size.
+        scale: optional ``[out]`` multiplier applied before the bias (folded BatchNorm).
 
     Returns:
         ``[N, out, OH, OW]`` float32, a torch tensor iff ``x`` was one.
@@ -1211,12 +1377,12 @@ def sparse_conv2d(
         raise ValueError("convolution output would be empty")
     nb = _numba()
     if nb is None:
-        y = _torch_conv(csr, xa, level, (O, Cg, kh, kw), (sh, sw), (ph, pw), (dh, dw), groups, bias, relu)
+        y = _torch_conv(csr, xa, level, (O, Cg, kh, kw), (sh, sw), (ph, pw), (dh, dw), groups, bias, relu, scale)
         return _wrap(y, as_torch)
     geo = ConvGeometry((O, Cg, kh, kw), (sh, sw), (ph, pw), (dh, dw), groups)
     plan = _plan(csr, level)
     out = np.empty((N, O, OH, OW), dtype=np.float32)
-    run_conv(csr, plan, geo, xa, out, plan.scales, _bias_arr(bias, plan), relu, parallel)
+    run_conv(csr, plan, geo, xa, out, _scale_arr(scale, plan), _bias_arr(bias, plan), relu, parallel)
     return _wrap(out, as_torch)
 
 
@@ -1272,32 +1438,45 @@ def _conv_offsets(csr: NestedCSR, geo: ConvGeometry, Hq: int, Wq: int) -> np.nda
 
 
 def run_conv(csr: NestedCSR, plan: "_Plan", geo: ConvGeometry, xa: np.ndarray, out: np.ndarray,
-             scales: np.ndarray, bias: np.ndarray, relu: bool, parallel: Optional[bool] = None) -> None:
-    """``out = max(conv(xa, W_level) * scales[o] + bias[o], 0 if relu else -inf)`` (numba, direct).
+             scales: np.ndarray, bias: np.ndarray, relu: bool, parallel: Optional[bool] = None,
+             residual: Optional[np.ndarray] = None, pool: int = 1) -> None:
+    """``out = max(conv(xa, W_level) * scales[o] + bias[o] (+ residual), 0 if relu else -inf)``.
 
-    ``xa`` ``[N, C, H, W]`` C-contiguous float32, ``out`` ``[N, O, OH, OW]`` likewise;
-    ``scales`` / ``bias`` ``[O]`` float32 (the epilogue: int8 scale, bias, folded BatchNorm).
+    Low-level entry of the direct kernel: ``xa`` ``[N, C, H, W]`` C-contiguous float32, ``out``
+    ``[N, O, OH, OW]`` likewise; ``scales`` / ``bias`` ``[O]`` float32 (the epilogue: int8 row
+    scale, bias, folded BatchNorm); ``residual`` (optional) shaped like ``out`` (a fused skip
+    connection); ``pool > 1`` (no residual): ``out`` is ``[N, O, OH // pool, OW // pool]``, the
+    ``pool x pool`` stride-``pool`` max-pool of the result (a fused ``MaxPool2d``).
+    ``plan`` from :func:`plan_for`.
     """
     N, C, H, Wd = xa.shape
+    OH, OW = geo.out_hw(H, Wd)
+    if residual is not None and pool > 1:
+        raise ValueError("run_conv fuses a residual or a max-pool, not both")
+    if out.shape != (N, geo.wshape[0], OH // pool, OW // pool):
+        raise ValueError(f"out is {out.shape}, expected {(N, geo.wshape[0], OH // pool, OW // pool)}")
     O, Cg, kh, kw = geo.wshape
     (sh, sw), (ph, pw) = geo.stride, geo.padding
     Hq, Wq = geo.phase_hw(H, Wd)
     P = C * sh * sw
-    par = _use_parallel(parallel, plan.nnz * N * out.shape[2] * out.shape[3])
+    par = _use_parallel(parallel, plan.nnz * N * OH * OW)
     T = _threads() if par else 1
-    if geo.direct():
-        mode, xq = 0, xa
-    elif N >= 2 * T:  # whole images per task, each split just before use (cache-hot)
-        mode, xq = 1, _scratch(2, (T, P, Hq * Wq)).reshape(T, P, Hq, Wq)
+    slack = kw * geo.dilation[1] + 16  # the last wide tile reads up to kw*dw floats past a plane
+    if N >= 2 * T:  # whole images per task, each split just before use (cache-hot)
+        mode, n_buf = 1, T
     else:  # few images: split them all first, then parallelise over channels too
-        mode, xq = 0, _scratch(2, (N, P, Hq * Wq)).reshape(N, P, Hq, Wq)
+        mode, n_buf = 0, N
+    flat = _scratch(2, (1, 1, n_buf * P * Hq * Wq + slack)).reshape(-1)
+    xq = flat[:n_buf * P * Hq * Wq].reshape(n_buf, P, Hq, Wq)
+    if mode == 0:
         _kernel("phase_split_par" if par else "phase_split_ser")(xa, xq, ph, pw, sh, sw)
     offs = _conv_offsets(csr, geo, Hq, Wq)
+    has_res = residual is not None
     _kernel("conv_par" if par else "conv_ser")(
         plan.bounds if par else plan.bounds1, plan.starts, plan.ends, offs.view(np.uint8), plan.vals_b,
         2 * _COL_CODE[np.dtype(np.int32)] + _VAL_CODE[csr.values.dtype], scales, bias,
-        _ZERO if relu else _F32_LOWEST, xa, xq, xq.reshape(-1, 1), out, O // geo.groups, Cg * sh * sw * Hq * Wq,
-        ph, pw, sh, sw, mode,
+        _ZERO if relu else _F32_LOWEST, xa, xq, flat.reshape(-1, 1), out, residual if has_res else out, has_res,
+        int(pool), OH, OW, O // geo.groups, Cg * sh * sw * Hq * Wq, ph, pw, sh, sw, mode,
     )
 
 
@@ -1355,12 +1534,15 @@ def _torch_level_weight(csr: NestedCSR, level: int) -> Any:
     return w
 
 
-def _torch_linear(csr: NestedCSR, x: np.ndarray, level: int, bias: Optional[Array], relu: bool) -> np.ndarray:
+def _torch_linear(csr: NestedCSR, x: np.ndarray, level: int, bias: Optional[Array], relu: bool,
+                  scale: Optional[Array] = None) -> np.ndarray:
     """Fallback without numba: torch sparse-CSR (or dense) matmul.  x ``[B, in]`` -> ``[B, out]``."""
     import torch  # noqa: PLC0415
 
     w = _torch_level_weight(csr, level)
     y = (w @ torch.from_numpy(np.ascontiguousarray(x)).T).T
+    if scale is not None:
+        y = y * torch.as_tensor(_to_f32(scale)[0])
     if bias is not None:
         y = y + torch.as_tensor(_to_f32(bias)[0])
     if relu:
@@ -1370,10 +1552,14 @@ def _torch_linear(csr: NestedCSR, x: np.ndarray, level: int, bias: Optional[Arra
 
 def _torch_conv(csr: NestedCSR, x: np.ndarray, level: int, wshape: tuple[int, int, int, int],
                 stride: tuple[int, int], padding: tuple[int, int], dilation: tuple[int, int],
-                groups: int, bias: Optional[Array], relu: bool) -> np.ndarray:
+                groups: int, bias: Optional[Array], relu: bool, scale: Optional[Array] = None) -> np.ndarray:
     import torch  # noqa: PLC0415
 
-    y = conv2d_reference(csr, torch.from_numpy(x), level, wshape, stride, padding, dilation, groups, bias)
+    y = conv2d_reference(csr, torch.from_numpy(x), level, wshape, stride, padding, dilation, groups)
+    if scale is not None:
+        y = y * torch.as_tensor(_to_f32(scale)[0]).reshape(1, -1, 1, 1)
+    if bias is not None:
+        y = y + torch.as_tensor(_to_f32(bias)[0]).reshape(1, -1, 1, 1)
     if relu:
         y = torch.relu(y)
     return y.numpy()

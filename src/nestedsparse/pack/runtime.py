@@ -15,7 +15,9 @@ times both on the user's own input shape and keeps the faster; without tuning a 
 from __future__ import annotations
 
 import contextvars
+import operator
 import os
+import threading
 import time
 from collections.abc import Callable, Mapping
 
@@ -30,7 +32,8 @@ from . import kernels
 from .csr import NestedCSR, to_dense
 from .format import PackedFormatError, PackedLayer, PackedModel, read_packed
 
-__all__ = ["PackedRuntime", "SparseLinear", "SparseConv", "LevelBatchNorm", "load_packed", "runtime_from_packed"]
+__all__ = ["PackedRuntime", "SparseLinear", "SparseConv", "LevelBatchNorm", "FusedSparse", "load_packed",
+           "runtime_from_packed"]
 
 _LEVEL: contextvars.ContextVar = contextvars.ContextVar("nestedsparse_level", default=None)
 
@@ -50,33 +53,74 @@ class _SparseBase(nn.Module):
         self.top = pl.csr.num_levels - 1
         self.mode: dict[tuple[int, int], str] = {}  # (level, batch) -> "sparse" | "dense", set by tune()
         self._dense: dict[int, torch.Tensor] = {}
+        self._epi: dict[tuple, tuple] = {}  # (level, bn, bn level, kind) -> epilogue arrays / folded weights
+        self._rule: dict[tuple[int, int], str] = {}  # memo of the density rule
 
     def dense_weight(self, level: int) -> torch.Tensor:
         """The level's weight as a dense tensor (materialised once per level, on first use)."""
         w = self._dense.get(level)
         if w is None:
-            w = torch.from_numpy(to_dense(self.csr, level)).reshape(self.pl.weight_shape)
+            # torch's allocator aligns to 64 bytes (numpy's large arrays only to 16): GEMV/GEMM
+            # on the copy runs at the speed of a weight torch allocated itself
+            w = torch.empty(self.pl.weight_shape)
+            w.copy_(torch.from_numpy(to_dense(self.csr, level)).reshape(self.pl.weight_shape))
             self._dense[level] = w
         return w
 
-    def _dense_args(self, level: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        w, b = self.dense_weight(level), self.bias
-        if w.dtype != x.dtype or w.device != x.device:  # converted only when the input asks for it
-            w = w.to(x.device, x.dtype)
-            b = None if b is None else b.to(x.device, x.dtype)
-        return w, b
-
     def choice(self, level: int, batch: int) -> str:
-        """``"sparse"`` or ``"dense"`` for this level and batch size."""
+        """``"sparse"`` or ``"dense"`` for this level and batch size (``tune()``'s pick, else the
+        density rule of ``kernels.choose``)."""
         got = self.mode.get((level, batch))
-        return got if got is not None else kernels.choose(self.csr, level, batch)
+        if got is None:
+            got = self._rule.get((level, batch))
+            if got is None:
+                got = self._rule[(level, batch)] = kernels.choose(self.csr, level, batch)
+        return got
 
-    def forward(self, x: torch.Tensor, force: str | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, force: str | None = None, bn: LevelBatchNorm | None = None,
+                relu: bool = False, residual: torch.Tensor | None = None, pool: int = 1) -> torch.Tensor:
+        """This layer at the call's level, then (fused) ``bn``, ``+ residual``, ``relu`` and a
+        ``pool x pool`` stride-``pool`` max-pool, in that order."""
         k = _level_for(self.name, self.top)
+        kb = -1 if bn is None else _level_for(bn.name, bn.top)
         way = force or self.choice(k, x.shape[0])
         if way == "dense" or x.dtype != torch.float32 or x.device.type != "cpu":
-            return self._dense_forward(x, k)
-        return self._sparse_forward(x, k)
+            w, b = self._folded(k, bn, kb)
+            if w.dtype != x.dtype or w.device != x.device:  # converted only when the input asks for it
+                w = w.to(x.device, x.dtype)
+                b = None if b is None else b.to(x.device, x.dtype)
+            y = _finish(self._dense_forward(x, w, b), residual, relu)
+            return F.max_pool2d(y, pool) if pool > 1 else y
+        sc, bb = self._epilogue(k, bn, kb)
+        if pool > 1:
+            return self._sparse_forward(x, k, sc, bb, relu, residual, pool)
+        return self._sparse_forward(x, k, sc, bb, relu, residual)
+
+    def _epilogue(self, k: int, bn: LevelBatchNorm | None, kb: int) -> tuple[np.ndarray, np.ndarray]:
+        """Per-output ``(scales, bias)`` of the sparse kernel: int8 row scales, bias, folded BatchNorm."""
+        key = (k, id(bn), kb, "sparse")
+        got = self._epi.get(key)
+        if got is None:
+            sc = kernels.plan_for(self.csr, k).scales.astype(np.float32)
+            bb = np.zeros(self.csr.shape[0], np.float32) if self.bias is None else self.bias.numpy().astype(np.float32)
+            if bn is not None:
+                s, t = bn.scale[kb].double().numpy(), bn.shift[kb].double().numpy()
+                sc, bb = (sc * s).astype(np.float32), (bb * s + t).astype(np.float32)
+            got = self._epi[key] = (np.ascontiguousarray(sc), np.ascontiguousarray(bb))
+        return got
+
+    def _folded(self, k: int, bn: LevelBatchNorm | None, kb: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Dense ``(weight, bias)`` of level ``k`` with the BatchNorm of level ``kb`` folded in."""
+        if bn is None:
+            return self.dense_weight(k), self.bias
+        key = (k, id(bn), kb, "dense")
+        got = self._epi.get(key)
+        if got is None:
+            s, t = bn.scale[kb].double(), bn.shift[kb].double()
+            w = self.dense_weight(k).double() * s.reshape(-1, *([1] * (len(self.pl.weight_shape) - 1)))
+            b = t if self.bias is None else self.bias.double() * s + t
+            got = self._epi[key] = (w.float().contiguous(), b.float().contiguous())
+        return got
 
     def extra_repr(self) -> str:
         return f"{self.pl.kind}, shape={self.pl.weight_shape}, levels={self.csr.num_levels}, dtype={self.csr.dtype}"
@@ -85,35 +129,164 @@ class _SparseBase(nn.Module):
 class SparseLinear(_SparseBase):
     """A nested Linear run from its NestedCSR at the call's level."""
 
-    def _dense_forward(self, x, k):
-        w, b = self._dense_args(k, x)
+    def _dense_forward(self, x, w, b):
         return F.linear(x, w, b)
 
-    def _sparse_forward(self, x, k):
-        lead = x.shape[:-1]
-        y = kernels.spmm(self.csr, x.reshape(-1, x.shape[-1]), k, bias=self.bias)
-        return y.reshape(*lead, y.shape[-1])
+    def _sparse_forward(self, x, k, sc, bb, relu, residual=None):
+        lead, K = x.shape[:-1], x.shape[-1]
+        xa = x.reshape(-1, K).contiguous().numpy()
+        y = torch.empty((xa.shape[0], self.csr.shape[0]))
+        kernels.linear_into(kernels.plan_for(self.csr, k), xa, y.numpy(), sc, bb, relu and residual is None)
+        y = y.reshape(*lead, y.shape[-1])
+        return y if residual is None else _finish(y, residual, relu)
 
 
 class SparseConv(_SparseBase):
     """A nested Conv1d / Conv2d run from its NestedCSR at the call's level."""
 
-    def _geo(self):
-        pl = self.pl
+    def __init__(self, name: str, pl: PackedLayer, bias: torch.Tensor | None) -> None:
+        super().__init__(name, pl, bias)
         if pl.kind == "conv1d":
-            return (1, *pl.stride), (0, *pl.padding), (1, *pl.dilation), (*pl.weight_shape[:2], 1, pl.weight_shape[2])
-        return pl.stride, pl.padding, pl.dilation, pl.weight_shape
+            o, c, kw = pl.weight_shape
+            self.geo = kernels.ConvGeometry((o, c, 1, kw), (1, *pl.stride), (0, *pl.padding), (1, *pl.dilation),
+                                            pl.groups)
+        else:
+            self.geo = kernels.ConvGeometry(pl.weight_shape, tuple(pl.stride), tuple(pl.padding),
+                                            tuple(pl.dilation), pl.groups)
 
-    def _dense_forward(self, x, k):
-        w, b = self._dense_args(k, x)
+    def _dense_forward(self, x, w, b):
         conv = F.conv1d if self.pl.kind == "conv1d" else F.conv2d
         return conv(x, w, b, self.pl.stride, self.pl.padding, self.pl.dilation, self.pl.groups)
 
-    def _sparse_forward(self, x, k):
-        stride, padding, dilation, wshape = self._geo()
+    def _sparse_forward(self, x, k, sc, bb, relu, residual=None, pool=1):
         x4 = x.unsqueeze(2) if self.pl.kind == "conv1d" else x
-        y = kernels.sparse_conv2d(self.csr, x4, k, wshape, stride, padding, dilation, self.pl.groups, bias=self.bias)
-        return y.squeeze(2) if self.pl.kind == "conv1d" else y
+        if x4.dim() != 4 or x4.shape[1] != self.geo.wshape[1] * self.geo.groups:
+            raise ValueError(f"layer {self.name!r}: input of shape {tuple(x.shape)} does not fit weight "
+                             f"{self.pl.weight_shape} (groups {self.pl.groups})")
+        xa = x4.contiguous().numpy()
+        oh, ow = self.geo.out_hw(xa.shape[2], xa.shape[3])
+        if oh <= 0 or ow <= 0:
+            raise ValueError(f"layer {self.name!r}: input {tuple(x.shape)} is smaller than the kernel")
+        if pool > 1:  # (the runtime fuses pools into conv2d layers only, never with a residual)
+            y = torch.empty((xa.shape[0], self.geo.wshape[0], oh // pool, ow // pool))
+            kernels.run_conv(self.csr, kernels.plan_for(self.csr, k), self.geo, xa, y.numpy(), sc, bb, relu,
+                             pool=pool)
+            return y
+        y = torch.empty((xa.shape[0], self.geo.wshape[0], oh, ow))
+        res = None
+        if residual is not None:
+            r4 = residual.unsqueeze(2) if self.pl.kind == "conv1d" else residual
+            if r4.shape == y.shape and r4.dtype == torch.float32 and r4.device.type == "cpu":
+                res, residual = r4.contiguous().numpy(), None  # added inside the kernel
+        kernels.run_conv(self.csr, kernels.plan_for(self.csr, k), self.geo, xa, y.numpy(), sc, bb,
+                         relu and residual is None, residual=res)  # residual None here: all fused
+        y = y.squeeze(2) if self.pl.kind == "conv1d" else y
+        return y if residual is None else _finish(y, residual, relu)
+
+
+def _finish(y: torch.Tensor, residual: torch.Tensor | None, relu: bool) -> torch.Tensor:
+    """``relu(y + residual)`` for what the kernel did not fuse (``y`` is a fresh tensor)."""
+    if residual is not None:
+        y = y.add_(residual) if residual.shape == y.shape or residual.dim() < y.dim() else y + residual
+    return torch.relu_(y) if relu else y
+
+
+class FusedSparse(nn.Module):
+    """A packed layer with the BatchNorm and/or ReLU that followed it in the model fused into
+    its epilogue (sparse kernel) or folded into its weight (dense path): one pass, no extra tensors."""
+
+    def __init__(self, layer: _SparseBase, bn: LevelBatchNorm | None, relu: bool, residual: bool = False,
+                 pool: int = 1) -> None:
+        super().__init__()
+        self.layer, self.bn, self.relu, self.residual, self.pool = layer, bn, relu, residual, pool
+        self.name = layer.name
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, force: str | None = None) -> torch.Tensor:
+        return self.layer(x, force, self.bn, self.relu, residual, self.pool)
+
+    def extra_repr(self) -> str:
+        return f"bn={self.bn is not None}, residual={self.residual}, relu={self.relu}, pool={self.pool}"
+
+
+class LinearChain(nn.Module):
+    """Consecutive packed Linear layers (each with its fused ReLU / BatchNorm), each feeding only
+    the next, run in the feature-major layout: one transpose in, ``[features, batch]``
+    activations between the layers (so every sparse layer is the register-tile ``spmm_t`` with
+    no transposes), one transpose out. Activation buffers are kept per thread and batch size,
+    so a steady-state call allocates only its output. Dense-chosen layers run ``torch.addmm``
+    in the same layout."""
+
+    def __init__(self, units: list[nn.Module]) -> None:
+        super().__init__()
+        self.units = nn.ModuleList(units)
+        self.name = units[0].name
+        self._act_bufs: dict[tuple[int, int], list[np.ndarray]] = {}
+        self._epi_cache: dict[tuple, tuple] = {}
+
+    @staticmethod
+    def _parts(u: nn.Module) -> tuple[_SparseBase, LevelBatchNorm | None, bool]:
+        return (u.layer, u.bn, u.relu) if isinstance(u, FusedSparse) else (u, None, False)
+
+    def _act_buffers(self, batch: int) -> list[np.ndarray]:
+        key = (threading.get_ident(), batch)
+        got = self._act_bufs.get(key)
+        if got is None:
+            layers = [self._parts(u)[0] for u in self.units]
+            dims = [layers[0].csr.shape[1]] + [lay.csr.shape[0] for lay in layers]
+            got = self._act_bufs[key] = [kernels.aligned_empty((d, batch)) for d in dims]
+        return got
+
+    def forward(self, x: torch.Tensor, force: str | None = None) -> torch.Tensor:
+        first = self._parts(self.units[0])[0]
+        if x.dim() != 2 or x.dtype != torch.float32 or x.device.type != "cpu" or x.shape[1] != first.csr.shape[1]:
+            for u in self.units:  # not the fast layout's case: layer by layer
+                x = u(x)
+            return x
+        B = x.shape[0]
+        bufs = self._act_buffers(B)
+        kernels.transpose(x.contiguous().numpy(), out=bufs[0])
+        for i, u in enumerate(self.units):
+            self._step(i, u, bufs[i], bufs[i + 1], force)
+        return torch.from_numpy(kernels.transpose(bufs[-1]))
+
+    def _step(self, i: int, u: nn.Module, xt: np.ndarray, yt: np.ndarray, force: str | None) -> None:
+        layer, bn, relu = self._parts(u)
+        k = _level_for(layer.name, layer.top)
+        kb = -1 if bn is None else _level_for(bn.name, bn.top)
+        if (force or layer.choice(k, xt.shape[1])) == "sparse":
+            sc, bb = layer._epilogue(k, bn, kb)
+            kernels.linear_into_t(kernels.plan_for(layer.csr, k), xt, yt, sc, bb, relu)
+            return
+        key = (i, k, kb)
+        wb = self._epi_cache.get(key)
+        if wb is None:
+            w, b = layer._folded(k, bn, kb)
+            wb = self._epi_cache[key] = (w, (torch.zeros(w.shape[0]) if b is None else b).reshape(-1, 1).contiguous())
+        y = torch.from_numpy(yt)
+        if yt.shape[1] == 1:  # one vector: GEMV, as nn.Linear runs at batch 1
+            torch.addmv(wb[1].reshape(-1), wb[0], torch.from_numpy(xt).reshape(-1), out=y.reshape(-1))
+        else:
+            torch.addmm(wb[1], wb[0], torch.from_numpy(xt), out=y)
+        if relu:
+            y.relu_()
+
+    def tune_level(self, args: tuple, level: int, repeats: int) -> dict:
+        """Time each layer sparse vs dense in the chain's layout at ``level``; keep the faster."""
+        x = args[0]
+        out = {}
+        if x.dim() != 2 or x.dtype != torch.float32 or x.device.type != "cpu":
+            return out
+        bufs = self._act_buffers(x.shape[0])
+        kernels.transpose(x.contiguous().numpy(), out=bufs[0])
+        for i, u in enumerate(self.units):
+            layer = self._parts(u)[0]
+            t = _median_times({w: (lambda w=w: self._step(i, u, bufs[i], bufs[i + 1], w)) for w in ("sparse", "dense")},
+                              repeats)
+            k = _level_for(layer.name, layer.top)
+            layer.mode[(k, x.shape[0])] = out[(layer.name, k)] = (
+                "sparse" if t["sparse"] < 0.95 * t["dense"] else "dense")
+            self._step(i, u, bufs[i], bufs[i + 1], None)  # the next layer's input, by the chosen path
+        return out
 
 
 class LevelBatchNorm(nn.Module):
@@ -145,12 +318,19 @@ class LevelBatchNorm(nn.Module):
 
 
 class PackedRuntime(nn.Module):
-    """A packed model that runs any level per call: ``rt(x, level=k)`` or ``level={prefix: k}``."""
+    """A packed model that runs any level per call: ``rt(x, level=k)`` or ``level={prefix: k}``.
 
-    def __init__(self, model: nn.Module, spec: LevelSpec) -> None:
+    ``model`` is the architecture with its layers swapped for packed ones (what
+    :func:`~nestedsparse.pack.onnx.dense_model_for_level` copies); ``graph`` the same modules
+    traced by ``torch.fx`` with every packed layer's following BatchNorm / ReLU fused into it
+    (``None`` when ``fuse=False`` or the model cannot be traced: then ``model`` runs as is).
+    """
+
+    def __init__(self, model: nn.Module, spec: LevelSpec, fuse: bool = True) -> None:
         super().__init__()
         self.model, self.spec = model.eval(), spec
         self.names = [n for n, m in model.named_modules() if isinstance(m, (_SparseBase, LevelBatchNorm))]
+        self.graph: nn.Module | None = _fuse(model) if fuse else None
 
     def forward(self, x: torch.Tensor, level: int | Mapping[str, int] | None = None) -> torch.Tensor:
         level = self.spec.num_levels - 1 if level is None else level
@@ -158,13 +338,25 @@ class PackedRuntime(nn.Module):
         token = _LEVEL.set(level)
         try:
             with torch.inference_mode():
-                return self.model(x)
+                return (self.model if self.graph is None else self.graph)(x)
         finally:
             _LEVEL.reset(token)
 
     def sparse_layers(self) -> list[_SparseBase]:
         """The packed layers, in model order."""
         return [m for m in self.model.modules() if isinstance(m, _SparseBase)]
+
+    def units(self) -> list[nn.Module]:
+        """What runs each packed layer: :class:`FusedSparse` modules of ``graph``, else the layers."""
+        if self.graph is None:
+            return self.sparse_layers()
+        out, seen = [], set()
+        for node in self.graph.graph.nodes:
+            mod = self.graph.get_submodule(node.target) if node.op == "call_module" else None
+            if isinstance(mod, (FusedSparse, _SparseBase, LinearChain)) and id(mod) not in seen:
+                seen.add(id(mod))
+                out.append(mod)
+        return out
 
     def tune(self, example: torch.Tensor, levels=None, repeats: int = 7) -> dict:
         """Time sparse vs dense per layer and level on ``example``'s shapes; keep the faster.
@@ -173,9 +365,9 @@ class PackedRuntime(nn.Module):
         go to dense (it is the safe default).
         """
         levels = range(self.spec.num_levels) if levels is None else levels
-        inputs: dict[str, torch.Tensor] = {}
-        hooks = [m.register_forward_pre_hook(lambda mod, a: inputs.__setitem__(mod.name, a[0]))
-                 for m in self.sparse_layers()]
+        inputs: dict[int, tuple] = {}
+        units = self.units()
+        hooks = [m.register_forward_pre_hook(lambda mod, a: inputs.__setitem__(id(mod), a)) for m in units]
         out = {}
         try:
             for k in levels:
@@ -183,17 +375,227 @@ class PackedRuntime(nn.Module):
                 self(example, level=k)  # record each layer's input at this level
                 token = _LEVEL.set(k)
                 try:
-                    for m in self.sparse_layers():
-                        x = inputs[m.name]
-                        t = _median_times({w: (lambda w=w: m(x, force=w)) for w in ("sparse", "dense")}, repeats)
+                    for m in units:
+                        if id(m) not in inputs:
+                            continue
+                        args = inputs[id(m)]
+                        if isinstance(m, LinearChain):
+                            out.update(m.tune_level(args, k, repeats))
+                            continue
+                        layer = m.layer if isinstance(m, FusedSparse) else m
+                        t = _median_times({w: (lambda w=w: m(*args, force=w)) for w in ("sparse", "dense")},
+                                          repeats)
                         # sparse must win clearly: a near-tie on a noisy machine keeps the dense path
-                        m.mode[(k, x.shape[0])] = out[(m.name, k)] = "sparse" if t["sparse"] < 0.95 * t["dense"] else "dense"
+                        layer.mode[(k, args[0].shape[0])] = out[(layer.name, k)] = (
+                            "sparse" if t["sparse"] < 0.95 * t["dense"] else "dense")
                 finally:
                     _LEVEL.reset(token)
         finally:
             for h in hooks:
                 h.remove()
         return out
+
+
+class _LeafTracer(torch.fx.Tracer):
+    """Traces the model's own code; packed layers and per-level BatchNorms stay leaf calls."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, (_SparseBase, LevelBatchNorm)) or super().is_leaf_module(m, qualname)
+
+
+def _is_relu(node: torch.fx.Node, src: torch.fx.Node, modules: Mapping[str, nn.Module]) -> bool:
+    """True when ``node`` is exactly ``relu(src)`` (module, function or method form)."""
+    if not node.args or node.args[0] is not src or len(node.args) > 1:
+        return False
+    if node.op == "call_module":
+        return type(modules.get(node.target)) is nn.ReLU
+    if node.op == "call_function":
+        return node.target in (F.relu, torch.relu, torch.relu_, F.relu_) and set(node.kwargs) <= {"inplace"}
+    return node.op == "call_method" and node.target in ("relu", "relu_") and not node.kwargs
+
+
+def _max_pool_size(node: torch.fx.Node, src: torch.fx.Node, modules: Mapping[str, nn.Module]) -> int:
+    """``k`` when ``node`` is a plain ``k x k`` / stride ``k`` max-pool of ``src`` (no padding,
+    dilation, ceil mode or indices), else 1."""
+    if not node.args or node.args[0] is not src:
+        return 1
+    if node.op == "call_module" and type(modules.get(node.target)) is nn.MaxPool2d and len(node.args) == 1:
+        m = modules[node.target]
+        ks, st, pad, dil = m.kernel_size, m.stride, m.padding, m.dilation
+        ceil, idx = m.ceil_mode, m.return_indices
+    elif node.op == "call_function" and node.target in (F.max_pool2d, torch.max_pool2d):
+        names = ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
+        vals = dict(zip(names, node.args[1:]))
+        vals.update(node.kwargs)
+        if set(vals) - set(names) or "kernel_size" not in vals:
+            return 1
+        ks = vals["kernel_size"]
+        st = vals.get("stride") or ks
+        pad, dil = vals.get("padding", 0), vals.get("dilation", 1)
+        ceil, idx = vals.get("ceil_mode", False), vals.get("return_indices", False)
+    else:
+        return 1
+    pair = lambda v: tuple(v) if isinstance(v, (tuple, list)) else (v, v)  # noqa: E731
+    try:
+        ks, st, pad, dil = pair(ks), pair(st), pair(pad), pair(dil)
+    except TypeError:
+        return 1
+    if not all(isinstance(v, int) for v in ks + st + pad + dil):
+        return 1
+    if ks[0] != ks[1] or st != ks or pad != (0, 0) or dil != (1, 1) or ceil or idx or ks[0] < 2:
+        return 1
+    return ks[0]
+
+
+def _residual_of(node: torch.fx.Node, src: torch.fx.Node) -> torch.fx.Node | None:
+    """The other operand when ``node`` is ``src + other`` (a tensor node), else None."""
+    add = (node.op == "call_function" and node.target in (operator.add, operator.iadd, torch.add)) or (
+        node.op == "call_method" and node.target in ("add", "add_"))
+    if not add or node.kwargs or len(node.args) != 2:
+        return None
+    a, b = node.args
+    other = b if a is src else a if b is src else None
+    if not isinstance(other, torch.fx.Node) or other is src:
+        return None
+    return other
+
+
+def _fuse(model: nn.Module) -> nn.Module | None:
+    """``model`` traced by ``torch.fx``, each packed layer merged with the BatchNorm and/or ReLU
+    that alone consume its output; ``None`` if the model cannot be traced symbolically
+    (data-dependent control flow): the runtime then runs the model's own ``forward``."""
+    try:
+        graph = _LeafTracer().trace(model)
+    except Exception:  # noqa: BLE001 - any tracing failure just means "run unfused"
+        return None
+    modules = dict(model.named_modules())
+    fused_any = False
+    for i, node in enumerate(list(graph.nodes)):
+        layer = modules.get(node.target) if node.op == "call_module" else None
+        if not isinstance(layer, _SparseBase) or node.kwargs or len(node.args) != 1:
+            continue
+        out, bn, relu = node, None, False
+        users = list(out.users)
+        if (len(users) == 1 and users[0].op == "call_module" and len(users[0].args) == 1 and not users[0].kwargs
+                and isinstance(modules.get(users[0].target), LevelBatchNorm)
+                and modules[users[0].target].weight.shape[0] == layer.csr.shape[0]):
+            bn = modules[users[0].target]
+            out = users[0]
+        users = list(out.users)
+        other = _residual_of(users[0], out) if len(users) == 1 else None
+        if other is not None:
+            out = users[0]
+            users = list(out.users)
+        if len(users) == 1 and _is_relu(users[0], out, modules):
+            relu = True
+            out = users[0]
+            users = list(out.users)
+        pool = 1
+        if other is None and layer.pl.kind == "conv2d" and len(users) == 1:
+            pool = _max_pool_size(users[0], out, modules)
+            if pool > 1:
+                out = users[0]
+                users = list(out.users)
+                if not relu and len(users) == 1 and _is_relu(users[0], out, modules):  # relu(pool(y)) == pool(relu(y))
+                    relu = True
+                    out = users[0]
+        if bn is None and not relu and other is None and pool == 1:
+            continue
+        name = f"_fused{i}_{node.target.replace('.', '_')}"
+        with graph.inserting_before(out):  # where the residual (computed after the layer, maybe) exists
+            new = graph.call_module(name, node.args + (() if other is None else (other,)))
+        modules[name] = FusedSparse(layer, bn, relu, other is not None, pool)
+        out.replace_all_uses_with(new)
+        _erase_chain(graph, node, out)
+        fused_any = True
+    fused_any |= _chain_linears(graph, modules)
+    if not fused_any:
+        return None
+    for node in graph.nodes:  # parameters / buffers the model's code reads directly
+        if node.op == "get_attr" and node.target not in modules:
+            modules[node.target] = _get_attr(model, node.target)
+    graph.lint()
+    # a dict root: the GraphModule takes exactly the modules the graph calls (shared, not copied)
+    return torch.fx.GraphModule(modules, graph, class_name="FusedPacked").eval()
+
+
+_PASS_THROUGH = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.AlphaDropout)  # identity at inference
+
+
+def _chain_linears(graph: torch.fx.Graph, modules: dict[str, nn.Module]) -> bool:
+    """Merge runs of >= 2 packed Linear units, each the only consumer of the previous one's
+    output (inference-time identities such as Dropout in between are dropped), into
+    :class:`LinearChain` modules. Returns True if any chain was made."""
+
+    def linear_unit(node: torch.fx.Node) -> bool:
+        if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
+            return False
+        mod = modules.get(node.target)
+        if isinstance(mod, FusedSparse):
+            return mod.layer.pl.kind == "linear" and not mod.residual
+        return isinstance(mod, SparseLinear)
+
+    def next_unit(node: torch.fx.Node) -> tuple[torch.fx.Node | None, list[torch.fx.Node]]:
+        skipped = []
+        while len(node.users) == 1:
+            user = next(iter(node.users))
+            if user.args and user.args[0] is node and len(user.args) == 1 and not user.kwargs:
+                if linear_unit(user):
+                    return user, skipped
+                if user.op == "call_module" and isinstance(modules.get(user.target), _PASS_THROUGH):
+                    skipped.append(user)
+                    node = user
+                    continue
+            break
+        return None, []
+
+    made = False
+    in_chain: set[torch.fx.Node] = set()
+    for node in list(graph.nodes):
+        if node in in_chain or not linear_unit(node):
+            continue
+        chain, dead = [node], []
+        while True:
+            nxt, skipped = next_unit(chain[-1])
+            if nxt is None:
+                break
+            dead += skipped
+            chain.append(nxt)
+        if len(chain) < 2:
+            continue
+        in_chain.update(chain)
+        name = f"_chain{len(modules)}_{chain[0].target.replace('.', '_')}"
+        modules[name] = LinearChain([modules[n.target] for n in chain])
+        with graph.inserting_before(chain[-1]):
+            new = graph.call_module(name, chain[0].args)
+        chain[-1].replace_all_uses_with(new)
+        for n in sorted(chain + dead, key=lambda n: -_position(graph, n)):
+            graph.erase_node(n)
+        made = True
+    return made
+
+
+def _position(graph: torch.fx.Graph, node: torch.fx.Node) -> int:
+    for i, n in enumerate(graph.nodes):
+        if n is node:
+            return i
+    return -1
+
+
+def _get_attr(model: nn.Module, target: str):
+    obj = model
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _erase_chain(graph: torch.fx.Graph, first: torch.fx.Node, last: torch.fx.Node) -> None:
+    """Erase the now-unused nodes ``first -> ... -> last`` (each the single user of the previous)."""
+    chain = [first]
+    while chain[-1] is not last:
+        chain.append(next(iter(chain[-1].users)))
+    for n in reversed(chain):
+        graph.erase_node(n)
 
 
 def _median_times(fns: Mapping[str, Callable], repeats: int) -> dict[str, float]:
