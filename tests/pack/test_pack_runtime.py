@@ -1,0 +1,231 @@
+"""Packed runtime graph fusion: BatchNorm / residual / ReLU / max-pool epilogues and Linear chains
+give exactly the nested model's outputs at every level, sparse or dense, fused or not."""
+import threading
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import nestedsparse as ns
+from nestedsparse.pack import kernels as K
+from nestedsparse.pack import load_packed, pack
+from nestedsparse.pack.csr import from_dense
+from nestedsparse.pack.runtime import FusedSparse, LinearChain
+
+SPEC = ns.LevelSpec((0.1, 0.4, 1.0))
+
+
+class Block(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c)
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        h = F.relu(self.bn1(self.conv1(x)))
+        return torch.add(x, self.bn2(self.conv2(h))).relu()  # residual on the left, method relu
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.pool = nn.MaxPool2d(2)
+        self.block = Block(8)
+        self.down = nn.Conv2d(8, 8, 3, stride=2, padding=1)
+        self.fc1 = nn.Linear(8 * 3 * 3, 24)
+        self.drop = nn.Dropout(0.5)
+        self.fc2 = nn.Linear(24, 16)
+        self.fc3 = nn.Linear(16, 5)
+
+    def forward(self, x):
+        h = self.pool(torch.relu(self.stem(x)))      # conv -> relu -> pool (2x2)
+        h = self.block(h)
+        h = F.max_pool2d(self.down(h), 2)            # conv -> pool (functional) without relu
+        h = h.flatten(1)
+        h = self.drop(F.relu(self.fc1(h)))
+        return self.fc3(F.relu(self.fc2(h)))
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    m = Net()
+    ns.nestify_(m, SPEC)
+    m.train()
+    for k in range(SPEC.num_levels):  # distinct BN statistics per level
+        with ns.use_level(m, k):
+            m(torch.randn(6, 3, 24, 24) * (k + 1))
+    m.eval()
+    return m
+
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory):
+    m = _model()
+    path = tmp_path_factory.mktemp("rt") / "net.nsp"
+    pack(m).save(path)
+    return m, path
+
+
+def test_fusion_finds_every_pattern(packed):
+    _, path = packed
+    rt = load_packed(path, Net)
+    assert rt.graph is not None
+    fused = {u.name: u for u in rt.units() if isinstance(u, FusedSparse)}
+    assert fused["stem"].relu and fused["stem"].pool == 2
+    assert fused["block.conv1"].bn is not None and fused["block.conv1"].relu
+    f2 = fused["block.conv2"]
+    assert f2.bn is not None and f2.residual and f2.relu and f2.pool == 1
+    assert fused["down"].pool == 2 and not fused["down"].relu
+    chains = [u for u in rt.units() if isinstance(u, LinearChain)]
+    assert len(chains) == 1 and [c.name for c in chains[0].units] == ["fc1", "fc2", "fc3"]
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("way", ["sparse", "dense"])
+def test_fused_equals_nested_model_every_level(packed, batch, way):
+    m, path = packed
+    rt = load_packed(path, Net)
+    x = torch.randn(batch, 3, 24, 24)
+    for layer in rt.sparse_layers():
+        for k in range(SPEC.num_levels):
+            layer.mode[(k, batch)] = way
+    for k in range(SPEC.num_levels):
+        with ns.use_level(m, k), torch.no_grad():
+            ref = m(x)
+        torch.testing.assert_close(rt(x, level=k), ref, rtol=1e-4, atol=1e-5)
+        graph, rt.graph = rt.graph, None  # the unfused module tree gives the same
+        torch.testing.assert_close(rt(x, level=k), ref, rtol=1e-4, atol=1e-5)
+        rt.graph = graph
+
+
+def test_per_layer_levels_reach_fused_batchnorm(packed):
+    """A BatchNorm routed to another level than its conv uses that level's statistics."""
+    m, path = packed
+    rt = load_packed(path, Net)
+    x = torch.randn(2, 3, 24, 24)
+    route = {"": 2, "block.conv1": 0, "block.bn1": 1, "fc2": 0}
+    with ns.use_level(m, route), torch.no_grad():
+        ref = m(x)
+    torch.testing.assert_close(rt(x, level=route), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_untraceable_model_runs_unfused(tmp_path):
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(6, 6), nn.Linear(6, 3)
+
+        def forward(self, x):
+            h = torch.relu(self.a(x))
+            if h.sum() > 0:  # data-dependent: torch.fx cannot trace it
+                h = h * 2
+            return self.b(h)
+
+    torch.manual_seed(0)
+    m = Branchy()
+    ns.nestify_(m, SPEC)
+    m.eval()
+    pack(m).save(tmp_path / "b.nsp")
+    rt = load_packed(tmp_path / "b.nsp", Branchy)
+    assert rt.graph is None
+    x = torch.randn(4, 6)
+    for k in range(SPEC.num_levels):
+        with ns.use_level(m, k), torch.no_grad():
+            torch.testing.assert_close(rt(x, level=k), m(x), rtol=1e-4, atol=1e-5)
+
+
+def test_chain_reuses_its_buffers_and_threads_do_not_share_them(packed):
+    _, path = packed
+    rt = load_packed(path, Net)
+    chain = next(u for u in rt.units() if isinstance(u, LinearChain))
+    x = torch.randn(5, 3, 24, 24)
+    rt(x, level=0)
+    bufs = [b.ctypes.data for b in chain._act_buffers(5)]
+    rt(x, level=1)
+    assert [b.ctypes.data for b in chain._act_buffers(5)] == bufs  # no new activation buffers
+    refs = [rt(x, level=k) for k in range(SPEC.num_levels)]
+    errors, barrier = [], threading.Barrier(3)
+
+    def worker(k):
+        barrier.wait()
+        for _ in range(20):
+            if not torch.equal(rt(x, level=k), refs[k]):
+                errors.append(k)
+
+    ts = [threading.Thread(target=worker, args=(k,)) for k in range(3)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert not errors
+
+
+def test_tune_covers_chained_and_fused_layers(packed):
+    _, path = packed
+    rt = load_packed(path, Net)
+    got = rt.tune(torch.randn(4, 3, 24, 24), repeats=2)
+    assert set(got) == {(layer.name, k) for layer in rt.sparse_layers() for k in range(SPEC.num_levels)}
+
+
+# ------------------------------------------------------------------ kernel epilogues
+def _conv_csr(O, C, k, seed=0):
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((O, C, k, k)).astype(np.float32)
+    lm = rng.integers(0, 3, size=w.shape).astype(np.uint8)
+    return w, lm, from_dense(w, lm, 3)
+
+
+@pytest.mark.parametrize("shape", [(2, 4, 9, 10, 6, 3, 1, 1), (3, 4, 8, 8, 5, 3, 2, 1), (1, 2, 7, 7, 3, 1, 1, 0)])
+def test_run_conv_fuses_residual(shape):
+    N, C, H, W, O, k, s, p = shape
+    w, lm, csr = _conv_csr(O, C, k)
+    geo = K.ConvGeometry((O, C, k, k), (s, s), (p, p), (1, 1), 1)
+    x = np.random.default_rng(1).standard_normal((N, C, H, W)).astype(np.float32)
+    OH, OW = geo.out_hw(H, W)
+    res = np.random.default_rng(2).standard_normal((N, O, OH, OW)).astype(np.float32)
+    sc = np.random.default_rng(3).uniform(0.5, 2, O).astype(np.float32)
+    bb = np.random.default_rng(4).standard_normal(O).astype(np.float32)
+    for lvl in range(3):
+        ref = F.conv2d(torch.from_numpy(x), torch.from_numpy(w * (lm <= lvl)), None, s, p)
+        ref = torch.relu(ref * torch.from_numpy(sc)[:, None, None] + torch.from_numpy(bb)[:, None, None]
+                         + torch.from_numpy(res))
+        for par in (False, True):
+            out = np.empty((N, O, OH, OW), np.float32)
+            K.run_conv(csr, K.plan_for(csr, lvl), geo, x, out, sc, bb, True, par, residual=res)
+            np.testing.assert_allclose(out, ref.numpy(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("pool", [2, 3])
+@pytest.mark.parametrize("batch", [1, 5])
+def test_run_conv_fuses_max_pool_nan_propagates(pool, batch):
+    O, C, k = 4, 3, 3
+    w, lm, csr = _conv_csr(O, C, k, seed=pool)
+    geo = K.ConvGeometry((O, C, k, k), (1, 1), (1, 1), (1, 1), 1)
+    x = np.random.default_rng(5).standard_normal((batch, C, 11, 13)).astype(np.float32)
+    x[0, 0, 4, 4] = np.nan
+    OH, OW = geo.out_hw(11, 13)
+    for relu in (False, True):
+        out = np.empty((batch, O, OH // pool, OW // pool), np.float32)
+        K.run_conv(csr, K.plan_for(csr, 2), geo, x, out, np.ones(O, np.float32), np.zeros(O, np.float32), relu,
+                   pool=pool)
+        ref = F.conv2d(torch.from_numpy(x), torch.from_numpy(w * (lm <= 2)), None, 1, 1)
+        ref = F.max_pool2d(torch.relu(ref) if relu else ref, pool).numpy()
+        assert np.isnan(ref).any()
+        np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4, equal_nan=True)
+
+
+def test_run_conv_checks_out_shape_and_exclusive_epilogues():
+    w, lm, csr = _conv_csr(3, 2, 3)
+    geo = K.ConvGeometry((3, 2, 3, 3), (1, 1), (1, 1), (1, 1), 1)
+    x = np.zeros((1, 2, 6, 6), np.float32)
+    one, zero = np.ones(3, np.float32), np.zeros(3, np.float32)
+    with pytest.raises(ValueError, match="expected"):
+        K.run_conv(csr, K.plan_for(csr, 0), geo, x, np.empty((1, 3, 5, 5), np.float32), one, zero, False)
+    with pytest.raises(ValueError, match="not both"):
+        K.run_conv(csr, K.plan_for(csr, 0), geo, x, np.empty((1, 3, 3, 3), np.float32), one, zero, False,
+                   residual=np.zeros((1, 3, 6, 6), np.float32), pool=2)
