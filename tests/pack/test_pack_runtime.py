@@ -229,3 +229,21 @@ def test_run_conv_checks_out_shape_and_exclusive_epilogues():
     with pytest.raises(ValueError, match="not both"):
         K.run_conv(csr, K.plan_for(csr, 0), geo, x, np.empty((1, 3, 3, 3), np.float32), one, zero, False,
                    residual=np.zeros((1, 3, 6, 6), np.float32), pool=2)
+
+
+def test_changing_a_choice_reaches_compiled_chain(packed):
+    """The chain replays compiled layer sequences; a new sparse/dense choice must not be ignored."""
+    _, path = packed
+    rt = load_packed(path, Net)
+    chain = next(u for u in rt.units() if isinstance(u, LinearChain))
+    fc2 = chain.units[1].layer
+    x = torch.randn(2, 3, 24, 24)
+    fc2.mode[(0, 2)] = "sparse"
+    y_sparse = rt(x, level=0)
+    assert 0 not in fc2._dense  # the sparse path made no dense weight
+    fc2.mode[(0, 2)] = "dense"
+    y_dense = rt(x, level=0)
+    assert 0 in fc2._dense  # the new choice ran
+    torch.testing.assert_close(y_sparse, y_dense, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="mode must be"):
+        fc2.mode[(0, 2)] = "fast"

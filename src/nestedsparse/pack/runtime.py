@@ -45,16 +45,53 @@ def _level_for(name: str, top: int) -> int:
     return _resolve(name, arg, top) if isinstance(arg, Mapping) else arg
 
 
+_MODE_EPOCH = [0]  # bumped whenever any layer's sparse/dense choice changes (compiled sequences key on it)
+
+
+class _ModeDict(dict):
+    """``{(level, batch): "sparse" | "dense"}`` that tells compiled layer sequences it changed."""
+
+    def __setitem__(self, key, value) -> None:
+        if value not in ("sparse", "dense"):
+            raise ValueError(f"mode must be 'sparse' or 'dense', got {value!r}")
+        _MODE_EPOCH[0] += 1
+        super().__setitem__(key, value)
+
+    def __delitem__(self, key) -> None:
+        _MODE_EPOCH[0] += 1
+        super().__delitem__(key)
+
+    def clear(self) -> None:
+        _MODE_EPOCH[0] += 1
+        super().clear()
+
+    def update(self, *args, **kwargs) -> None:
+        for k, v in dict(*args, **kwargs).items():
+            self[k] = v
+
+
 class _SparseBase(nn.Module):
     def __init__(self, name: str, pl: PackedLayer, bias: torch.Tensor | None) -> None:
         super().__init__()
         self.name, self.pl, self.csr = name, pl, pl.csr
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
         self.top = pl.csr.num_levels - 1
-        self.mode: dict[tuple[int, int], str] = {}  # (level, batch) -> "sparse" | "dense", set by tune()
+        self.mode = {}  # (level, batch) -> "sparse" | "dense", set by tune() (a _ModeDict)
         self._dense: dict[int, torch.Tensor] = {}
         self._epi: dict[tuple, tuple] = {}  # (level, bn, bn level, kind) -> epilogue arrays / folded weights
         self._rule: dict[tuple[int, int], str] = {}  # memo of the density rule
+
+    @property
+    def mode(self) -> dict:
+        """``{(level, batch): "sparse" | "dense"}``: the path per level and batch size (``tune()``
+        fills it; unset keys follow the density rule)."""
+        return self._mode
+
+    @mode.setter
+    def mode(self, value: Mapping) -> None:
+        _MODE_EPOCH[0] += 1
+        self._mode = _ModeDict()
+        self._mode.update(value)
 
     def dense_weight(self, level: int) -> torch.Tensor:
         """The level's weight as a dense tensor (materialised once per level, on first use)."""
@@ -222,6 +259,7 @@ class LinearChain(nn.Module):
         self.name = units[0].name
         self._act_bufs: dict[tuple[int, int], list[np.ndarray]] = {}
         self._epi_cache: dict[tuple, tuple] = {}
+        self._progs: dict[tuple, list] = {}
 
     @staticmethod
     def _parts(u: nn.Module) -> tuple[_SparseBase, LevelBatchNorm | None, bool]:
@@ -243,32 +281,62 @@ class LinearChain(nn.Module):
                 x = u(x)
             return x
         B = x.shape[0]
+        arg = _LEVEL.get()
+        levels = arg if isinstance(arg, int) else tuple(self._levels())
+        key = (threading.get_ident(), B, force, levels, _MODE_EPOCH[0])
+        prog = self._progs.get(key)
+        if prog is None:
+            if len(self._progs) > 256:  # stale epochs / many level maps: start over
+                self._progs.clear()
+            prog = self._progs[key] = self._compile(B, force)
         bufs = self._act_buffers(B)
-        kernels.transpose(x.contiguous().numpy(), out=bufs[0])
-        for i, u in enumerate(self.units):
-            self._step(i, u, bufs[i], bufs[i + 1], force)
+        xa = x.detach().contiguous().numpy()
+        if B == 1:  # [1, K] and [K, 1] are the same memory: no transposes at batch 1
+            np.copyto(bufs[0].reshape(-1), xa.reshape(-1))
+        else:
+            kernels.transpose(xa, out=bufs[0])
+        for fn in prog:
+            fn()
+        if B == 1:
+            return torch.from_numpy(bufs[-1].reshape(1, -1).copy())
         return torch.from_numpy(kernels.transpose(bufs[-1]))
 
-    def _step(self, i: int, u: nn.Module, xt: np.ndarray, yt: np.ndarray, force: str | None) -> None:
+    def _levels(self):
+        for u in self.units:
+            layer, bn, _ = self._parts(u)
+            yield _level_for(layer.name, layer.top), (-1 if bn is None else _level_for(bn.name, bn.top))
+
+    def _compile(self, B: int, force: str | None) -> list[Callable[[], object]]:
+        """The call's layer sequence with every choice, level and buffer resolved (cached per
+        thread, batch size and levels): replaying it costs one dispatch per layer."""
+        bufs = self._act_buffers(B)
+        return [self._bind(i, u, bufs[i], bufs[i + 1], force) for i, u in enumerate(self.units)]
+
+    def _bind(self, i: int, u: nn.Module, xt: np.ndarray, yt: np.ndarray, force: str | None) -> Callable[[], object]:
         layer, bn, relu = self._parts(u)
         k = _level_for(layer.name, layer.top)
         kb = -1 if bn is None else _level_for(bn.name, bn.top)
         if (force or layer.choice(k, xt.shape[1])) == "sparse":
             sc, bb = layer._epilogue(k, bn, kb)
-            kernels.linear_into_t(kernels.plan_for(layer.csr, k), xt, yt, sc, bb, relu)
-            return
+            return kernels.bind_linear_t(kernels.plan_for(layer.csr, k), xt, yt, sc, bb, relu)
         key = (i, k, kb)
         wb = self._epi_cache.get(key)
         if wb is None:
             w, b = layer._folded(k, bn, kb)
             wb = self._epi_cache[key] = (w, (torch.zeros(w.shape[0]) if b is None else b).reshape(-1, 1).contiguous())
-        y = torch.from_numpy(yt)
+        w, b = wb
+        X, Y = torch.from_numpy(xt), torch.from_numpy(yt)
         if yt.shape[1] == 1:  # one vector: GEMV, as nn.Linear runs at batch 1
-            torch.addmv(wb[1].reshape(-1), wb[0], torch.from_numpy(xt).reshape(-1), out=y.reshape(-1))
-        else:
-            torch.addmm(wb[1], wb[0], torch.from_numpy(xt), out=y)
+            b1, x1, y1 = b.reshape(-1), X.reshape(-1), Y.reshape(-1)
+            if relu:
+                return lambda: torch.addmv(b1, w, x1, out=y1).relu_()
+            return lambda: torch.addmv(b1, w, x1, out=y1)
         if relu:
-            y.relu_()
+            return lambda: torch.addmm(b, w, X, out=Y).relu_()
+        return lambda: torch.addmm(b, w, X, out=Y)
+
+    def _step(self, i: int, u: nn.Module, xt: np.ndarray, yt: np.ndarray, force: str | None) -> None:
+        self._bind(i, u, xt, yt, force)()
 
     def tune_level(self, args: tuple, level: int, repeats: int) -> dict:
         """Time each layer sparse vs dense in the chain's layout at ``level``; keep the faster."""
@@ -280,8 +348,7 @@ class LinearChain(nn.Module):
         kernels.transpose(x.contiguous().numpy(), out=bufs[0])
         for i, u in enumerate(self.units):
             layer = self._parts(u)[0]
-            t = _median_times({w: (lambda w=w: self._step(i, u, bufs[i], bufs[i + 1], w)) for w in ("sparse", "dense")},
-                              repeats)
+            t = _median_times({w: self._bind(i, u, bufs[i], bufs[i + 1], w) for w in ("sparse", "dense")}, repeats)
             k = _level_for(layer.name, layer.top)
             layer.mode[(k, x.shape[0])] = out[(layer.name, k)] = (
                 "sparse" if t["sparse"] < 0.95 * t["dense"] else "dense")
@@ -390,10 +457,32 @@ class PackedRuntime(nn.Module):
                             "sparse" if t["sparse"] < 0.95 * t["dense"] else "dense")
                 finally:
                     _LEVEL.reset(token)
+                self._guard_level(example, k, out, repeats)
         finally:
             for h in hooks:
                 h.remove()
         return out
+
+
+    def _guard_level(self, example: torch.Tensor, k: int, out: dict, repeats: int) -> None:
+        """Whole-model check of level ``k``'s per-layer picks: if running every layer dense is
+        faster (per-layer wins need not add up: caches, thread hand-offs), keep all dense."""
+        batch = example.shape[0]
+        layers = [m for m in self.sparse_layers() if m.mode.get((k, batch)) == "sparse"]
+        if not layers:
+            return
+
+        def set_all(way: str) -> None:
+            for m in layers:
+                m.mode[(k, batch)] = way
+
+        times = {}
+        for way in ("sparse", "dense"):
+            set_all(way)
+            times[way] = _median_times({way: lambda: self(example, level=k)}, repeats)[way]
+        set_all("sparse" if times["sparse"] <= times["dense"] else "dense")
+        if times["sparse"] > times["dense"]:
+            out.update({(m.name, k): "dense" for m in layers})
 
 
 class _LeafTracer(torch.fx.Tracer):
