@@ -10,7 +10,9 @@ for each batch size, then times, on one random input per batch size:
   onnxruntime is not installed).
 
 Method (``BENCHMARKS.md``): warm-up calls, then the median of ``repeats`` timed calls
-(``time.perf_counter``, garbage collector off). The candidates are timed in interleaved rounds
+(``time.perf_counter``, garbage collector off). ONNX Runtime is timed first, in its own block
+(its worker threads keep spinning after a run and slowed whatever ran next by up to 1.8x).
+PyTorch and the runtime's levels are timed in interleaved rounds
 (every candidate runs a burst of about 10 calls each round, the order rotating, the first calls
 of a burst untimed) so that the machine's drift hits them alike; within a burst calls run back
 to back (warm caches, as in any serving loop).
@@ -43,13 +45,14 @@ ROW_KEYS = ("batch", "level", "density", "ours_ms", "torch_dense_ms", "ort_dense
 
 
 def time_interleaved(fns: Mapping[Hashable, Callable[[], object]], repeats: int = 50, warmup: int = 3,
-                     rounds: int | None = None, burst_warmup: int = 2) -> dict[Hashable, float]:
+                     rounds: int | None = None, burst_warmup: int = 2, settle: float = 0.0) -> dict[Hashable, float]:
     """Median wall time in milliseconds of each function, timed in interleaved rounds.
 
     Every function first runs ``warmup`` times; then, for each of ``rounds`` rounds (order
-    rotating; default ``ceil(repeats / 10)``, at most 10), each function runs ``burst_warmup``
-    times untimed (so the previous candidate's thread pools have gone quiet and its data left
-    the caches) and ``ceil(repeats / rounds)`` times timed, back to back. At least ``repeats``
+    rotating; default ``ceil(repeats / 10)``, at most 10), the process sleeps ``settle`` seconds
+    (default 0: on the shared dev VM an idle gap made every candidate's first parallel regions
+    pay vCPU wake-ups, e.g. MLP 2% 0.33 -> 0.51 ms), each function runs ``burst_warmup`` times
+    untimed and ``ceil(repeats / rounds)`` times timed, back to back. At least ``repeats``
     timings per function are taken.
     """
     if repeats < 1:
@@ -71,6 +74,8 @@ def time_interleaved(fns: Mapping[Hashable, Callable[[], object]], repeats: int 
         for r in range(rounds):
             for k in keys[r % len(keys):] + keys[:r % len(keys)]:
                 fn, out = fns[k], samples[k]
+                if settle > 0:
+                    time.sleep(settle)
                 for _ in range(burst_warmup):
                     fn()
                 for _ in range(per):
@@ -185,12 +190,16 @@ def bench_packed(path: str | os.PathLike, batches: Sequence[int] = (1, 64), thre
                     with torch.inference_mode():
                         return dense(x)
 
-                fns: dict[Hashable, Callable[[], object]] = {"torch": run_dense}
+                t: dict[Hashable, float] = {}
                 if sess is not None:
-                    fns["ort"] = lambda xn=xn: sess.run(None, {"input": xn})
+                    # its own block first: ONNX Runtime's workers spin after each run, and interleaved
+                    # they slowed the candidates timed next by up to 1.8x (MLP 1024, 2 cores)
+                    t.update(time_interleaved({"ort": lambda xn=xn: sess.run(None, {"input": xn})}, repeats, warmup))
+                    time.sleep(0.5)  # let its threads park
+                fns: dict[Hashable, Callable[[], object]] = {"torch": run_dense}
                 for k in levels:
                     fns[("ours", k)] = lambda k=k, x=x: rt(x, level=k)
-                t = time_interleaved(fns, repeats, warmup)
+                t.update(time_interleaved(fns, repeats, warmup))
                 for k in levels:
                     ours = t[("ours", k)]
                     ort_ms = t.get("ort")

@@ -116,6 +116,11 @@ DEFAULT_DENSITY_THRESHOLD: dict[int, float] = {1: 0.07, 2: 0.3, 4: 0.5}
 #: Below this many multiply-adds per call the serial kernel is used (a parallel
 #: region costs a few us of fork/join on this machine).
 PARALLEL_MIN_WORK: int = 40_000
+#: Batch 1 (SpMV) goes parallel only from this many non-zeros: a call is tens of microseconds,
+#: about what waking a parked worker thread costs when the process is not in a tight loop
+#: (measured: 1024x1024 at 5%, serial ~65 us, 2 threads ~50 us back to back but slower than
+#: serial inside a whole batch-1 forward interleaved with other work).
+PARALLEL_MIN_WORK_SPMV: int = 150_000
 
 _F32_LOWEST = np.float32(np.finfo(np.float32).min)
 #: The 64-wide tile prefetches the x row of the entry this many non-zeros ahead (rows are
@@ -1097,10 +1102,10 @@ def _wrap(y: np.ndarray, as_torch: bool) -> Any:
     return y
 
 
-def _use_parallel(parallel: Optional[bool], work: int) -> bool:
+def _use_parallel(parallel: Optional[bool], work: int, batch: int = 2) -> bool:
     if parallel is not None:
         return bool(parallel)
-    return work >= PARALLEL_MIN_WORK and _threads() > 1
+    return work >= (PARALLEL_MIN_WORK_SPMV if batch == 1 else PARALLEL_MIN_WORK) and _threads() > 1
 
 
 # ==================================================================== Linear
@@ -1147,7 +1152,7 @@ def spmm_t(
     B = x.shape[1]
     o, ret = _out_arr(out, (plan.rows, B))
     _run_spmm(
-        _use_parallel(parallel, plan.nnz * B), plan, _bias_arr(bias, plan), relu,
+        _use_parallel(parallel, plan.nnz * B, B), plan, _bias_arr(bias, plan), relu,
         x.reshape(1, x.shape[0], B), o.reshape(1, plan.rows, B), plan.rows, plan.cols_n,
     )
     return ret if out is not None else _wrap(o, as_torch)
@@ -1208,7 +1213,7 @@ def bind_spmm_t(
         return fallback
     plan = _plan(csr, level)
     B = xt.shape[1]
-    par = _use_parallel(parallel, plan.nnz * B)
+    par = _use_parallel(parallel, plan.nnz * B, B)
     b = _bias_arr(bias, plan)
     if b is not plan.zero_bias:
         b = b.copy()
@@ -1287,7 +1292,7 @@ def linear_into(plan: _Plan, xa: np.ndarray, o: np.ndarray, scales: np.ndarray, 
     ``scales`` / ``bias`` ``[out]`` float32 (``scales`` already includes an int8 weight's row scales).
     """
     B, K = xa.shape
-    par = _use_parallel(parallel, plan.nnz * B)
+    par = _use_parallel(parallel, plan.nnz * B, B)
     if B == 1:  # [1, in] is also [in, 1]: no transpose
         _run_spmm(par, plan, bias, relu, xa.reshape(1, K, 1), o.reshape(1, plan.rows, 1), plan.rows, K,
                   scales=scales)
@@ -1314,7 +1319,7 @@ def bind_linear_t(plan: _Plan, xt: np.ndarray, yt: np.ndarray, scales: np.ndarra
     kernel's dispatch (for runtimes replaying a fixed sequence of layers on fixed buffers).
     The arrays are kept by reference."""
     B = xt.shape[1]
-    par = _use_parallel(parallel, plan.nnz * B)
+    par = _use_parallel(parallel, plan.nnz * B, B)
     lo = _ZERO if relu else _F32_LOWEST
     if B == 1:
         kern = _kernel("spmv_par" if par else "spmv_ser")
