@@ -12,7 +12,7 @@ import nestedsparse as ns
 from nestedsparse.pack import kernels as K
 from nestedsparse.pack import load_packed, pack
 from nestedsparse.pack.csr import from_dense
-from nestedsparse.pack.runtime import FusedSparse, LinearChain
+from nestedsparse.pack.runtime import FeatureMajorChain, FusedSparse
 
 SPEC = ns.LevelSpec((0.1, 0.4, 1.0))
 
@@ -80,9 +80,12 @@ def test_fusion_finds_every_pattern(packed):
     assert fused["block.conv1"].bn is not None and fused["block.conv1"].relu
     f2 = fused["block.conv2"]
     assert f2.bn is not None and f2.residual and f2.relu and f2.pool == 1
-    assert fused["down"].pool == 2 and not fused["down"].relu
-    chains = [u for u in rt.units() if isinstance(u, LinearChain)]
-    assert len(chains) == 1 and [c.name for c in chains[0].units] == ["fc1", "fc2", "fc3"]
+    chains = [u for u in rt.units() if isinstance(u, FeatureMajorChain)]
+    # down (8*3*3 = 72 taps) -> max_pool2d -> flatten -> fc1 -> dropout -> fc2 -> fc3: one feature-major chain
+    assert len(chains) == 1 and [c.name for c in chains[0].units] == ["down", "fc1", "fc2", "fc3"]
+    down = chains[0].units[0]
+    assert down.pool == 2 and not down.relu and chains[0].kinds == ["conv", "linear", "linear", "linear"]
+    assert "stem" not in [c.name for c in chains[0].units]  # 3*3*3 = 27 taps: below FM_MIN_TAPS
 
 
 @pytest.mark.parametrize("batch", [1, 3])
@@ -142,12 +145,15 @@ def test_untraceable_model_runs_unfused(tmp_path):
 def test_chain_reuses_its_buffers_and_threads_do_not_share_them(packed):
     _, path = packed
     rt = load_packed(path, Net)
-    chain = next(u for u in rt.units() if isinstance(u, LinearChain))
+    chain = next(u for u in rt.units() if isinstance(u, FeatureMajorChain))
+    for layer in rt.sparse_layers():  # the feature-major path at every level
+        layer.mode.update({(k, 5): "sparse" for k in range(SPEC.num_levels)})
     x = torch.randn(5, 3, 24, 24)
     rt(x, level=0)
-    bufs = [b.ctypes.data for b in chain._act_buffers(5)]
+    (shape,) = {k[2] for k in chain._act_bufs}
+    bufs = [b.ctypes.data for b in chain._act_buffers(5, shape)]
     rt(x, level=1)
-    assert [b.ctypes.data for b in chain._act_buffers(5)] == bufs  # no new activation buffers
+    assert [b.ctypes.data for b in chain._act_buffers(5, shape)] == bufs  # no new activation buffers
     refs = [rt(x, level=k) for k in range(SPEC.num_levels)]
     errors, barrier = [], threading.Barrier(3)
 
@@ -235,8 +241,8 @@ def test_changing_a_choice_reaches_compiled_chain(packed):
     """The chain replays compiled layer sequences; a new sparse/dense choice must not be ignored."""
     _, path = packed
     rt = load_packed(path, Net)
-    chain = next(u for u in rt.units() if isinstance(u, LinearChain))
-    fc2 = chain.units[1].layer
+    chain = next(u for u in rt.units() if isinstance(u, FeatureMajorChain))
+    fc2 = chain.units[2].layer
     x = torch.randn(2, 3, 24, 24)
     fc2.mode[(0, 2)] = "sparse"
     y_sparse = rt(x, level=0)
@@ -247,3 +253,37 @@ def test_changing_a_choice_reaches_compiled_chain(packed):
     torch.testing.assert_close(y_sparse, y_dense, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="mode must be"):
         fc2.mode[(0, 2)] = "fast"
+
+
+@pytest.mark.parametrize("case", [(5, 4, 9, 8, 6, 3, 1, 1, 1, 1, 1, 0), (3, 4, 10, 9, 6, 3, 2, 1, 1, 2, 1, 1),
+                                  (2, 4, 12, 12, 8, 3, 1, 2, 2, 4, 2, 1), (1, 3, 11, 11, 5, 5, 1, 0, 1, 1, 3, 2)])
+def test_feature_major_conv_kernel(case):
+    """bind_conv_t: [C*Hp*Wp, B] in, pooled output into the interior of the next padded buffer,
+    border rows untouched, every level, groups / stride / dilation / pool."""
+    B, C, H, W, O, k, s, p, d, g, pool, q = case
+    rng = np.random.default_rng(sum(case))
+    w = rng.standard_normal((O, C // g, k, k)).astype(np.float32)
+    lm = rng.integers(0, 3, size=w.shape).astype(np.uint8)
+    csr = from_dense(w, lm, 3)
+    geo = K.ConvGeometry((O, C // g, k, k), (s, s), (p, p), (d, d), g)
+    x = rng.standard_normal((B, C, H, W)).astype(np.float32)
+    xt = np.zeros((C, H + 2 * p, W + 2 * p, B), np.float32)
+    xt[:, p:p + H, p:p + W, :] = x.transpose(1, 2, 3, 0)
+    xt = xt.reshape(-1, B)
+    OH, OW = geo.out_hw(H, W)
+    PH, PW = OH // pool, OW // pool
+    sc = rng.uniform(0.5, 2, O).astype(np.float32)
+    bb = rng.standard_normal(O).astype(np.float32)
+    for lvl in range(3):
+        yt = np.full((O * (PH + 2 * q) * (PW + 2 * q), B), 7.0, np.float32)
+        K.bind_conv_t(csr, K.plan_for(csr, lvl), geo, (H, W), xt, yt, (q, q), sc, bb, True, pool)()
+        ref = F.conv2d(torch.from_numpy(x), torch.from_numpy(w * (lm <= lvl)), None, s, p, d, g)
+        ref = torch.relu(ref * torch.from_numpy(sc)[:, None, None] + torch.from_numpy(bb)[:, None, None])
+        ref = F.max_pool2d(ref, pool) if pool > 1 else ref
+        y4 = yt.reshape(O, PH + 2 * q, PW + 2 * q, B)
+        np.testing.assert_allclose(y4[:, q:q + PH, q:q + PW, :].transpose(3, 0, 1, 2), ref.numpy(), rtol=1e-4, atol=1e-4)
+        border = np.ones(y4.shape, bool)
+        border[:, q:q + PH, q:q + PW, :] = False
+        assert (y4[border] == 7.0).all()
+    with pytest.raises(ValueError, match="do not fit"):
+        K.bind_conv_t(csr, K.plan_for(csr, 0), geo, (H, W), xt[:-1], yt, (q, q), sc, bb, True, pool)

@@ -90,6 +90,7 @@ __all__ = [
     "linear_into",
     "linear_into_t",
     "bind_linear_t",
+    "bind_conv_t",
     "plan_for",
     "ConvGeometry",
     "spmm_reference",
@@ -865,11 +866,87 @@ def _conv_par(bounds, starts, ends, offs_b, vals_b, code, scales, bias, lo, x, x
                        group_stride, Wq, OH, OW, wide)
 
 
+def _batch_tiles(cols_b, vals_b, code, s, e, xn, xoff, yflat, yrow, sc, bb, lo):  # type: ignore
+    """Row ``yrow`` of ``yflat`` (a flat ``[rows * B]`` array) ``= max(sc * sum_{j in [s, e)} vals[j] *
+    xn[xoff + cols[j], :] + bb, lo)`` over the row width ``B`` (64/32/16/8-wide register tiles, a
+    masked tail, or a dot at B == 1).  Flat output, no per-row array views (a numba view costs
+    two atomic reference-count updates): the tiles' column offset ``b0`` moves both x and y, so
+    y's row offset ``yrow*B`` goes into ``b0`` and is taken back out of x as ``yrow`` rows."""
+    B = xn.shape[1]
+    xo = xoff - yrow
+    yb = yrow * B
+    b0 = 0
+    while b0 + 64 <= B:
+        _tile64(cols_b, vals_b, code, s, e, xn, xo, yb + b0, yflat, sc, bb, lo)
+        b0 += 64
+    if b0 + 32 <= B:
+        _tile32(cols_b, vals_b, code, s, e, xn, xo, yb + b0, yflat, sc, bb, lo)
+        b0 += 32
+    if b0 + 16 <= B:
+        _tile16(cols_b, vals_b, code, s, e, xn, xo, yb + b0, yflat, sc, bb, lo)
+        b0 += 16
+    if b0 + 8 <= B:
+        _tile8(cols_b, vals_b, code, s, e, xn, xo, yb + b0, yflat, sc, bb, lo)
+        b0 += 8
+    if B == 1:
+        _tile1(cols_b, vals_b, code, s, e, xn, xo, yb + b0, yflat, sc, bb, lo)
+    elif b0 < B:
+        _tile8m(cols_b, vals_b, code, s, e, xn, xo, yb + b0, yflat, sc, bb, lo, B - b0)
+
+
+def _convt_par(bounds, starts, ends, offs_b, vals_b, code, scales, bias, lo, xt, yt,  # type: ignore
+               rows_per_group, group_rows, sh, sw, Wp, PH, PW, pool, out_Hp, out_Wp, out_ph, out_pw):
+    """Feature-major direct sparse convolution: activations are ``[C*Hp*Wp, B]`` (row = one
+    zero-padded input position, the batch along the row), so every non-zero
+    ``(c, ky, kx)`` of output channel ``r`` is one AXPY over a contiguous batch row:
+    ``y[r, oy, ox, :] += v * xt[g*group_rows + offs[j] + oy*sh*Wp + ox*sw, :]`` with the
+    flat offset ``offs[j] = c*Hp*Wp + ky*dh*Wp + kx*dw``.  No im2col, no junk columns, no
+    layout change between layers.  The ``PH x PW`` (pooled) output goes to the interior
+    of the next layer's zero-padded input ``yt`` ``[O*out_Hp*out_Wp, B]`` (offset
+    ``out_ph, out_pw``); ``pool > 1`` takes the max of each ``pool x pool`` window
+    (NaN propagates).  Tasks: (nnz-balanced block of output channels, pooled output row).
+    """
+    B = xt.shape[1]
+    yflat = yt.reshape(yt.shape[0] * B)
+    nch = bounds.shape[0] - 1
+    pp = pool * pool
+    for t in prange(nch * PH):
+        ch = t // PH
+        py = t - ch * PH
+        win = np.empty(pp * B, dtype=np.float32)
+        for r in range(bounds[ch], bounds[ch + 1]):
+            s = starts[r]
+            e = ends[r]
+            sc = scales[r]
+            bb = bias[r]
+            gbase = (r // rows_per_group) * group_rows
+            obase = r * out_Hp * out_Wp + (py + out_ph) * out_Wp + out_pw
+            for px in range(PW):
+                if pool == 1:
+                    _batch_tiles(offs_b, vals_b, code, s, e, xt, gbase + py * sh * Wp + px * sw, yflat, obase + px,
+                                 sc, bb, lo)
+                    continue
+                for i in range(pool):
+                    for jj in range(pool):
+                        xoff = gbase + (py * pool + i) * sh * Wp + (px * pool + jj) * sw
+                        _batch_tiles(offs_b, vals_b, code, s, e, xt, xoff, win, i * pool + jj, sc, bb, lo)
+                yo = np.uint64((obase + px) * B)
+                for b in range(B):
+                    yflat[yo + np.uint64(b)] = win[b]
+                for q in range(1, pp):
+                    qo = np.uint64(q * B)
+                    for b in range(B):
+                        v = win[qo + np.uint64(b)]
+                        m = yflat[yo + np.uint64(b)]
+                        yflat[yo + np.uint64(b)] = v if (v > m) | (v != v) else m
+
+
 # Kernels whose source goes into the generated module, callees first.  Each
 # ``*_par`` function also gets a serial twin ``*_ser``: the same source with
 # ``prange`` -> ``range`` (no fork/join for small problems; separate cache entry).
 _KERNEL_FUNCS: tuple[Callable[..., Any], ...] = (
-    _spmv_par, _transpose_region, _spmm_par, _conv_rows, _split_image, _phase_split_par, _conv_par)
+    _spmv_par, _transpose_region, _spmm_par, _conv_rows, _split_image, _phase_split_par, _conv_par, _batch_tiles,
+    _convt_par)
 
 
 def _module_source() -> str:
@@ -1330,6 +1407,59 @@ def bind_linear_t(plan: _Plan, xt: np.ndarray, yt: np.ndarray, scales: np.ndarra
         args = (plan.bounds if par else plan.bounds1, plan.starts, plan.ends, plan.cols_b, plan.vals_b, plan.code,
                 scales, bias, lo, _DUMMY2, xt.reshape(1, xt.shape[0], B), yt.reshape(1, plan.rows, B), _DUMMY2,
                 plan.rows, plan.cols_n, False)
+
+    def fn() -> None:
+        kern(*args)
+
+    return fn
+
+
+def _convt_offsets(csr: NestedCSR, geo: "ConvGeometry", Hp: int, Wp: int) -> np.ndarray:
+    """Row offset ``c*Hp*Wp + ky*dh*Wp + kx*dw`` of every entry (feature-major conv; cached)."""
+    key = ("convt_offsets", geo.wshape, geo.dilation, Hp, Wp)
+    got = csr._cache.get(key)
+    if got is None:
+        _, Cg, kh, kw = geo.wshape
+        dh, dw = geo.dilation
+        if Cg * Hp * Wp >= 2**31:
+            raise ValueError("convolution input too large for 32-bit offsets")
+        c, tap = np.divmod(csr.col_indices.astype(np.int64), kh * kw)
+        ky, kx = np.divmod(tap, kw)
+        got = csr._cache[key] = np.ascontiguousarray((c * Hp * Wp + ky * dh * Wp + kx * dw).astype(np.int32))
+    return got
+
+
+def bind_conv_t(csr: NestedCSR, plan: _Plan, geo: "ConvGeometry", in_hw: tuple[int, int], xt: np.ndarray,
+                yt: np.ndarray, out_pad: tuple[int, int], scales: np.ndarray, bias: np.ndarray, relu: bool,
+                pool: int = 1, parallel: Optional[bool] = None) -> Callable[[], None]:
+    """A feature-major sparse Conv2d bound to fixed buffers; ``fn()`` runs it.
+
+    ``xt`` ``[C*(H+2ph)*(W+2pw), B]``: the input ``[C, H, W]`` per batch column, zero-padded by the
+    conv's own padding (the caller keeps the border rows zero); ``yt`` ``[O*(PH+2qh)*(PW+2qw), B]``
+    receives the ``pool``-max-pooled output ``[O, PH, PW]`` inside a zero border ``out_pad =
+    (qh, qw)`` (the next layer's padding).  Epilogue per output channel: ``max(acc * scales +
+    bias, 0 if relu else -inf)``, before the pool.
+    """
+    O, Cg, kh, kw = geo.wshape
+    H, W = in_hw
+    (sh, sw), (ph, pw) = geo.stride, geo.padding
+    Hp, Wp = H + 2 * ph, W + 2 * pw
+    OH, OW = geo.out_hw(H, W)
+    PH, PW = OH // pool, OW // pool
+    qh, qw = out_pad
+    B = xt.shape[1]
+    C = Cg * geo.groups
+    if xt.shape[0] != C * Hp * Wp or yt.shape[0] != O * (PH + 2 * qh) * (PW + 2 * qw) or yt.shape[1] != B:
+        raise ValueError(f"buffers {xt.shape} / {yt.shape} do not fit the convolution")
+    if PH <= 0 or PW <= 0:
+        raise ValueError("convolution output would be empty")
+    offs = _convt_offsets(csr, geo, Hp, Wp)
+    par = _use_parallel(parallel, plan.nnz * B * OH * OW)
+    kern = _kernel("convt_par" if par else "convt_ser")
+    args = (plan.bounds if par else plan.bounds1, plan.starts, plan.ends, offs.view(np.uint8), plan.vals_b,
+            2 * _COL_CODE[np.dtype(np.int32)] + _VAL_CODE[csr.values.dtype], scales, bias,
+            _ZERO if relu else _F32_LOWEST, xt, yt, O // geo.groups, Cg * Hp * Wp, sh, sw, Wp, PH, PW, int(pool),
+            PH + 2 * qh, PW + 2 * qw, qh, qw)
 
     def fn() -> None:
         kern(*args)

@@ -32,8 +32,8 @@ from . import kernels
 from .csr import NestedCSR, to_dense
 from .format import PackedFormatError, PackedLayer, PackedModel, read_packed
 
-__all__ = ["PackedRuntime", "SparseLinear", "SparseConv", "LevelBatchNorm", "FusedSparse", "load_packed",
-           "runtime_from_packed"]
+__all__ = ["PackedRuntime", "SparseLinear", "SparseConv", "LevelBatchNorm", "FusedSparse", "FeatureMajorChain",
+           "load_packed", "runtime_from_packed"]
 
 _LEVEL: contextvars.ContextVar = contextvars.ContextVar("nestedsparse_level", default=None)
 
@@ -245,72 +245,171 @@ class FusedSparse(nn.Module):
         return f"bn={self.bn is not None}, residual={self.residual}, relu={self.relu}, pool={self.pool}"
 
 
-class LinearChain(nn.Module):
-    """Consecutive packed Linear layers (each with its fused ReLU / BatchNorm), each feeding only
-    the next, run in the feature-major layout: one transpose in, ``[features, batch]``
-    activations between the layers (so every sparse layer is the register-tile ``spmm_t`` with
-    no transposes), one transpose out. Activation buffers are kept per thread and batch size,
-    so a steady-state call allocates only its output. Dense-chosen layers run ``torch.addmm``
-    in the same layout."""
+#: A packed Conv2d joins a feature-major chain only with at least this many taps per output
+#: channel (``in/groups * kh * kw``): the chain's kernel makes one call per output position, which
+#: a layer with a handful of taps (LeNet's 1-channel first conv) does not amortise.
+FM_MIN_TAPS = 64
+
+
+class FeatureMajorChain(nn.Module):
+    """Consecutive packed Conv2d and Linear layers (each with its fused BatchNorm / ReLU /
+    max-pool), each feeding only the next (Flatten between a conv and a Linear, Dropout anywhere),
+    run in the feature-major layout: activations are ``[C*H*W, batch]`` (a conv's input with its
+    zero padding built in), so a sparse conv is one AXPY over a contiguous batch row per non-zero
+    and output position (``kernels.bind_conv_t``) and a sparse Linear the register-tile
+    ``spmm_t``; a conv writes straight into the next layer's padded input, and ``Flatten`` is
+    free (``[C*H*W, B]`` already is NCHW's flatten order). One transpose in, one out.
+    Activation buffers are kept per thread, batch size and input shape, so a steady-state call
+    allocates only its output; the call's layer sequence is compiled once per (thread, batch,
+    input shape, levels, choice epoch) and replayed. Dense-chosen Linear layers run
+    ``torch.addmm`` in the same layout; a dense-chosen conv sends the call down the layer-by-layer
+    path (NCHW)."""
 
     def __init__(self, units: list[nn.Module]) -> None:
         super().__init__()
         self.units = nn.ModuleList(units)
         self.name = units[0].name
-        self._act_bufs: dict[tuple[int, int], list[np.ndarray]] = {}
+        self.kinds = ["linear" if self._parts(u)[0].pl.kind == "linear" else "conv" for u in units]
+        self._act_bufs: dict[tuple, list[np.ndarray]] = {}
+        self._shapes: dict[tuple, list[tuple]] = {}
         self._epi_cache: dict[tuple, tuple] = {}
-        self._progs: dict[tuple, list] = {}
+        self._progs: dict[tuple, list | None] = {}
 
     @staticmethod
     def _parts(u: nn.Module) -> tuple[_SparseBase, LevelBatchNorm | None, bool]:
         return (u.layer, u.bn, u.relu) if isinstance(u, FusedSparse) else (u, None, False)
 
-    def _act_buffers(self, batch: int) -> list[np.ndarray]:
-        key = (threading.get_ident(), batch)
+    @staticmethod
+    def _pool(u: nn.Module) -> int:
+        return u.pool if isinstance(u, FusedSparse) else 1
+
+    def _plan_shapes(self, in_shape: tuple) -> list[tuple] | None:
+        """Per element ``(in dims, padding, out dims)``; None if the input does not fit the fast path."""
+        key = tuple(in_shape)
+        if key in self._shapes:
+            return self._shapes[key]
+        out, dims = [], tuple(in_shape)
+        for u, kind in zip(self.units, self.kinds):
+            layer = self._parts(u)[0]
+            if kind == "linear":
+                feats = int(np.prod(dims))
+                if feats != layer.csr.shape[1]:
+                    out = None
+                    break
+                out.append(((feats,), (0, 0), (layer.csr.shape[0],)))
+                dims = (layer.csr.shape[0],)
+            else:
+                geo, pool = layer.geo, self._pool(u)
+                if len(dims) != 3 or dims[0] != geo.wshape[1] * geo.groups:
+                    out = None
+                    break
+                oh, ow = geo.out_hw(dims[1], dims[2])
+                if oh // pool <= 0 or ow // pool <= 0:
+                    out = None
+                    break
+                out.append((dims, geo.padding, (geo.wshape[0], oh // pool, ow // pool)))
+                dims = (geo.wshape[0], oh // pool, ow // pool)
+        self._shapes[key] = out
+        return out
+
+    def _act_buffers(self, batch: int, in_shape: tuple = ()) -> list[np.ndarray]:
+        """Zeroed once (padding borders stay zero: producers write interiors only)."""
+        if not in_shape:  # linear-only chains: the first layer's features
+            in_shape = (self._parts(self.units[0])[0].csr.shape[1],)
+        key = (threading.get_ident(), batch, tuple(in_shape))
         got = self._act_bufs.get(key)
         if got is None:
-            layers = [self._parts(u)[0] for u in self.units]
-            dims = [layers[0].csr.shape[1]] + [lay.csr.shape[0] for lay in layers]
-            got = self._act_bufs[key] = [kernels.aligned_empty((d, batch)) for d in dims]
+            shapes = self._plan_shapes(in_shape)
+            rows = []
+            for dims, (ph, pw), _ in shapes:
+                rows.append(dims[0] * (dims[1] + 2 * ph) * (dims[2] + 2 * pw) if len(dims) == 3 else dims[0])
+            rows.append(int(np.prod(shapes[-1][2])))
+            got = []
+            for r in rows:
+                buf = kernels.aligned_empty((r, batch))
+                buf.fill(0.0)
+                got.append(buf)
+            self._act_bufs[key] = got
         return got
 
+    def _unit_path(self, x: torch.Tensor, force: str | None = None) -> torch.Tensor:
+        for u, kind in zip(self.units, self.kinds):
+            if kind == "linear" and x.dim() > 2:
+                x = x.flatten(1)
+            x = u(x, force=force)
+        return x
+
     def forward(self, x: torch.Tensor, force: str | None = None) -> torch.Tensor:
-        first = self._parts(self.units[0])[0]
-        if x.dim() != 2 or x.dtype != torch.float32 or x.device.type != "cpu" or x.shape[1] != first.csr.shape[1]:
-            for u in self.units:  # not the fast layout's case: layer by layer
-                x = u(x)
-            return x
+        if x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() != (4 if self.kinds[0] == "conv" else 2):
+            return self._unit_path(x, force)
+        in_shape = tuple(x.shape[1:])
+        shapes = self._plan_shapes(in_shape)
+        if shapes is None:
+            return self._unit_path(x, force)
         B = x.shape[0]
         arg = _LEVEL.get()
         levels = arg if isinstance(arg, int) else tuple(self._levels())
-        key = (threading.get_ident(), B, force, levels, _MODE_EPOCH[0])
-        prog = self._progs.get(key)
-        if prog is None:
+        key = (threading.get_ident(), B, in_shape, force, levels, _MODE_EPOCH[0])
+        prog = self._progs.get(key, False)
+        if prog is False:
             if len(self._progs) > 256:  # stale epochs / many level maps: start over
                 self._progs.clear()
-            prog = self._progs[key] = self._compile(B, force)
-        bufs = self._act_buffers(B)
-        xa = x.detach().contiguous().numpy()
-        if B == 1:  # [1, K] and [K, 1] are the same memory: no transposes at batch 1
-            np.copyto(bufs[0].reshape(-1), xa.reshape(-1))
-        else:
-            kernels.transpose(xa, out=bufs[0])
+            prog = self._progs[key] = self._compile(B, in_shape, force)
+        if prog is None:  # a conv runs dense at this level: layer by layer
+            return self._unit_path(x, force)
+        bufs = self._act_buffers(B, in_shape)
+        self._load_input(x, bufs[0], shapes[0])
         for fn in prog:
             fn()
+        out_dims = shapes[-1][2]
         if B == 1:
-            return torch.from_numpy(bufs[-1].reshape(1, -1).copy())
-        return torch.from_numpy(kernels.transpose(bufs[-1]))
+            y = torch.from_numpy(bufs[-1].reshape(1, -1).copy())
+        else:
+            y = torch.from_numpy(kernels.transpose(bufs[-1]))
+        return y.reshape(B, *out_dims)
+
+    @staticmethod
+    def _load_input(x: torch.Tensor, buf: np.ndarray, shape: tuple) -> None:
+        """``x`` ``[B, ...]`` -> ``buf`` ``[features (padded), B]``."""
+        dims, (ph, pw), _ = shape
+        B = x.shape[0]
+        xa = x.detach().contiguous().numpy().reshape(B, -1)
+        if len(dims) == 1 or (ph == 0 and pw == 0):
+            if B == 1:
+                np.copyto(buf.reshape(-1), xa.reshape(-1))
+            else:
+                kernels.transpose(xa, out=buf)
+            return
+        C, H, W = dims
+        inner = xa.T if B == 1 else kernels.transpose(xa)
+        buf.reshape(C, H + 2 * ph, W + 2 * pw, B)[:, ph:ph + H, pw:pw + W, :] = inner.reshape(C, H, W, B)
 
     def _levels(self):
         for u in self.units:
             layer, bn, _ = self._parts(u)
             yield _level_for(layer.name, layer.top), (-1 if bn is None else _level_for(bn.name, bn.top))
 
-    def _compile(self, B: int, force: str | None) -> list[Callable[[], object]]:
-        """The call's layer sequence with every choice, level and buffer resolved (cached per
-        thread, batch size and levels): replaying it costs one dispatch per layer."""
-        bufs = self._act_buffers(B)
-        return [self._bind(i, u, bufs[i], bufs[i + 1], force) for i, u in enumerate(self.units)]
+    def _compile(self, B: int, in_shape: tuple, force: str | None) -> list[Callable[[], object]] | None:
+        """The call's layer sequence with every choice, level and buffer resolved; None if a conv
+        is to run dense (that level goes layer by layer)."""
+        bufs = self._act_buffers(B, in_shape)
+        shapes = self._plan_shapes(in_shape)
+        prog = []
+        for i, (u, kind) in enumerate(zip(self.units, self.kinds)):
+            if kind == "conv":
+                layer, bn, relu = self._parts(u)
+                k = _level_for(layer.name, layer.top)
+                kb = -1 if bn is None else _level_for(bn.name, bn.top)
+                if (force or layer.choice(k, B)) != "sparse":
+                    return None
+                nxt = (0, 0) if i + 1 == len(self.units) or self.kinds[i + 1] != "conv" else shapes[i + 1][1]
+                sc, bb = layer._epilogue(k, bn, kb)
+                prog.append(kernels.bind_conv_t(layer.csr, kernels.plan_for(layer.csr, k), layer.geo,
+                                                shapes[i][0][1:], bufs[i], bufs[i + 1], nxt, sc, bb, relu,
+                                                self._pool(u)))
+            else:
+                prog.append(self._bind(i, u, bufs[i], bufs[i + 1], force))
+        return prog
 
     def _bind(self, i: int, u: nn.Module, xt: np.ndarray, yt: np.ndarray, force: str | None) -> Callable[[], object]:
         layer, bn, relu = self._parts(u)
@@ -335,25 +434,24 @@ class LinearChain(nn.Module):
             return lambda: torch.addmm(b, w, X, out=Y).relu_()
         return lambda: torch.addmm(b, w, X, out=Y)
 
-    def _step(self, i: int, u: nn.Module, xt: np.ndarray, yt: np.ndarray, force: str | None) -> None:
-        self._bind(i, u, xt, yt, force)()
-
     def tune_level(self, args: tuple, level: int, repeats: int) -> dict:
-        """Time each layer sparse vs dense in the chain's layout at ``level``; keep the faster."""
+        """Time each layer sparse vs dense on its own input at ``level`` (layer by layer); keep
+        the faster (the whole-level check in ``PackedRuntime.tune`` follows)."""
         x = args[0]
         out = {}
-        if x.dim() != 2 or x.dtype != torch.float32 or x.device.type != "cpu":
-            return out
-        bufs = self._act_buffers(x.shape[0])
-        kernels.transpose(x.contiguous().numpy(), out=bufs[0])
-        for i, u in enumerate(self.units):
+        for u, kind in zip(self.units, self.kinds):
+            if kind == "linear" and x.dim() > 2:
+                x = x.flatten(1)
             layer = self._parts(u)[0]
-            t = _median_times({w: self._bind(i, u, bufs[i], bufs[i + 1], w) for w in ("sparse", "dense")}, repeats)
+            t = _median_times({w: (lambda w=w, x=x: u(x, force=w)) for w in ("sparse", "dense")}, repeats)
             k = _level_for(layer.name, layer.top)
             layer.mode[(k, x.shape[0])] = out[(layer.name, k)] = (
                 "sparse" if t["sparse"] < 0.95 * t["dense"] else "dense")
-            self._step(i, u, bufs[i], bufs[i + 1], None)  # the next layer's input, by the chosen path
+            x = u(x)
         return out
+
+
+LinearChain = FeatureMajorChain  # the name of its first, Linear-only form
 
 
 class LevelBatchNorm(nn.Module):
@@ -420,7 +518,7 @@ class PackedRuntime(nn.Module):
         out, seen = [], set()
         for node in self.graph.graph.nodes:
             mod = self.graph.get_submodule(node.target) if node.op == "call_module" else None
-            if isinstance(mod, (FusedSparse, _SparseBase, LinearChain)) and id(mod) not in seen:
+            if isinstance(mod, (FusedSparse, _SparseBase, FeatureMajorChain)) and id(mod) not in seen:
                 seen.add(id(mod))
                 out.append(mod)
         return out
@@ -446,7 +544,7 @@ class PackedRuntime(nn.Module):
                         if id(m) not in inputs:
                             continue
                         args = inputs[id(m)]
-                        if isinstance(m, LinearChain):
+                        if isinstance(m, FeatureMajorChain):
                             out.update(m.tune_level(args, k, repeats))
                             continue
                         layer = m.layer if isinstance(m, FusedSparse) else m
@@ -612,40 +710,71 @@ _PASS_THROUGH = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.AlphaDropout)  # iden
 
 
 def _chain_linears(graph: torch.fx.Graph, modules: dict[str, nn.Module]) -> bool:
-    """Merge runs of >= 2 packed Linear units, each the only consumer of the previous one's
-    output (inference-time identities such as Dropout in between are dropped), into
-    :class:`LinearChain` modules. Returns True if any chain was made."""
+    """Merge runs of >= 2 packed units -- Conv2d (with at least :data:`FM_MIN_TAPS` taps per
+    output channel) then Linear -- each the only consumer of the previous one's output, into
+    :class:`FeatureMajorChain` modules. Inference-time identities (Dropout, Identity) in between
+    are dropped; a Flatten is absorbed between a conv and a Linear. Returns True if any chain
+    was made."""
 
-    def linear_unit(node: torch.fx.Node) -> bool:
+    def unit_kind(node: torch.fx.Node) -> str | None:
         if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
-            return False
+            return None
         mod = modules.get(node.target)
         if isinstance(mod, FusedSparse):
-            return mod.layer.pl.kind == "linear" and not mod.residual
-        return isinstance(mod, SparseLinear)
+            if mod.residual:
+                return None
+            mod = mod.layer
+        if isinstance(mod, SparseLinear):
+            return "linear"
+        if isinstance(mod, SparseConv) and mod.pl.kind == "conv2d":
+            _, cg, kh, kw = mod.geo.wshape
+            return "conv" if cg * kh * kw >= FM_MIN_TAPS else None
+        return None
 
-    def next_unit(node: torch.fx.Node) -> tuple[torch.fx.Node | None, list[torch.fx.Node]]:
-        skipped = []
+    def is_flatten(node: torch.fx.Node, src: torch.fx.Node) -> bool:
+        if not node.args or node.args[0] is not src:
+            return False
+        if node.op == "call_module":
+            m = modules.get(node.target)
+            return type(m) is nn.Flatten and m.start_dim == 1 and m.end_dim == -1 and len(node.args) == 1
+        if node.op == "call_function" and node.target is torch.flatten:
+            rest = dict(zip(("start_dim", "end_dim"), node.args[1:]), **node.kwargs)
+            return rest.get("start_dim", 0) == 1 and rest.get("end_dim", -1) == -1 and set(rest) <= {"start_dim", "end_dim"}
+        if node.op == "call_method" and node.target == "flatten":
+            rest = dict(zip(("start_dim", "end_dim"), node.args[1:]), **node.kwargs)
+            return rest.get("start_dim", 0) == 1 and rest.get("end_dim", -1) == -1 and set(rest) <= {"start_dim", "end_dim"}
+        return False
+
+    def next_unit(node: torch.fx.Node, kind: str) -> tuple[torch.fx.Node | None, list[torch.fx.Node]]:
+        skipped, flat = [], False
         while len(node.users) == 1:
             user = next(iter(node.users))
-            if user.args and user.args[0] is node and len(user.args) == 1 and not user.kwargs:
-                if linear_unit(user):
-                    return user, skipped
-                if user.op == "call_module" and isinstance(modules.get(user.target), _PASS_THROUGH):
-                    skipped.append(user)
-                    node = user
-                    continue
+            uk = unit_kind(user) if user.args and user.args[0] is node else None
+            if uk == "linear" and (kind == "linear" or flat):
+                return user, skipped
+            if uk == "conv" and kind == "conv" and not flat:
+                return user, skipped
+            if user.op == "call_module" and isinstance(modules.get(user.target), _PASS_THROUGH) \
+                    and user.args and user.args[0] is node and len(user.args) == 1 and not user.kwargs:
+                skipped.append(user)
+                node = user
+                continue
+            if kind == "conv" and not flat and is_flatten(user, node):
+                skipped.append(user)
+                flat = True
+                node = user
+                continue
             break
         return None, []
 
     made = False
     in_chain: set[torch.fx.Node] = set()
     for node in list(graph.nodes):
-        if node in in_chain or not linear_unit(node):
+        if node in in_chain or unit_kind(node) is None:
             continue
         chain, dead = [node], []
         while True:
-            nxt, skipped = next_unit(chain[-1])
+            nxt, skipped = next_unit(chain[-1], unit_kind(chain[-1]))
             if nxt is None:
                 break
             dead += skipped
@@ -654,7 +783,7 @@ def _chain_linears(graph: torch.fx.Graph, modules: dict[str, nn.Module]) -> bool
             continue
         in_chain.update(chain)
         name = f"_chain{len(modules)}_{chain[0].target.replace('.', '_')}"
-        modules[name] = LinearChain([modules[n.target] for n in chain])
+        modules[name] = FeatureMajorChain([modules[n.target] for n in chain])
         with graph.inserting_before(chain[-1]):
             new = graph.call_module(name, chain[0].args)
         chain[-1].replace_all_uses_with(new)
