@@ -168,3 +168,19 @@ def test_nested_batchnorm_checks_input_rank(tiny_conv):
     ns.nestify_(tiny_conv, SPEC)
     with pytest.raises(ValueError, match="expected a 4D input, got 3D"):
         tiny_conv.features[1](torch.randn(2, 6, 5))
+
+
+def test_nestify_keeps_train_eval_mode():
+    """Nestifying an eval-mode model must not switch its BatchNorms to batch statistics."""
+    for training in (False, True):
+        m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
+        m.train(training)
+        with torch.no_grad():
+            m[1].running_mean.uniform_(-1, 1)
+        x = torch.randn(5, 3, 8, 8)
+        ref = m(x).detach() if not training else None
+        ns.nestify_(m, ns.LevelSpec((0.5, 1.0)))
+        assert all(mod.training == training for mod in m.modules())
+        if not training:
+            with ns.use_level(m, 1):
+                torch.testing.assert_close(m(x), ref)

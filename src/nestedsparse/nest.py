@@ -216,6 +216,7 @@ def nestify_(
             masks[id(w)] = NestedMask(lm, spec.num_levels)
             report.nested.append(name)
         parametrize.register_parametrization(mod, "weight", masks[id(w)], unsafe=True)
+        mod.parametrizations.train(mod.training)  # new containers follow the module's mode
     report.batchnorms = _swap_batchnorms(model, spec.num_levels)
     setattr(model, _SPEC_ATTR, spec)
     from .select.magnitude import MagnitudeSelector  # local: select builds on nest
@@ -229,7 +230,9 @@ def _swap_batchnorms(model: nn.Module, num_levels: int) -> list[str]:
     for pname, parent in list(model.named_modules()):
         for cname, child in list(parent.named_children()):
             if isinstance(child, nn.modules.batchnorm._BatchNorm) and not isinstance(child, nn.SyncBatchNorm):
-                setattr(parent, cname, NestedBatchNorm(child, num_levels))
+                # keep the replaced BatchNorm's mode: an eval-mode model must not start
+                # normalising with batch statistics because it was nestified
+                setattr(parent, cname, NestedBatchNorm(child, num_levels).train(child.training))
                 names.append(f"{pname}.{cname}" if pname else cname)
     return names
 
