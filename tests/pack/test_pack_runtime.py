@@ -287,3 +287,21 @@ def test_feature_major_conv_kernel(case):
         assert (y4[border] == 7.0).all()
     with pytest.raises(ValueError, match="do not fit"):
         K.bind_conv_t(csr, K.plan_for(csr, 0), geo, (H, W), xt[:-1], yt, (q, q), sc, bb, True, pool)
+
+
+def test_feature_major_conv_int8_matches_reference():
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((6, 4, 3, 3)).astype(np.float32)
+    lm = rng.integers(0, 2, size=w.shape).astype(np.uint8)
+    csr = from_dense(w, lm, 2, dtype="int8")
+    geo = K.ConvGeometry((6, 4, 3, 3), (1, 1), (1, 1), (1, 1), 1)
+    x = rng.standard_normal((3, 4, 7, 7)).astype(np.float32)
+    xt = np.zeros((4, 9, 9, 3), np.float32)
+    xt[:, 1:8, 1:8, :] = x.transpose(1, 2, 3, 0)
+    for lvl in range(2):
+        plan = K.plan_for(csr, lvl)
+        yt = np.zeros((6 * 7 * 7, 3), np.float32)
+        K.bind_conv_t(csr, plan, geo, (7, 7), xt.reshape(-1, 3), yt, (0, 0), plan.scales.copy(),
+                      np.zeros(6, np.float32), False)()
+        ref = K.conv2d_reference(csr, x, lvl, (6, 4, 3, 3), 1, 1)
+        np.testing.assert_allclose(yt.reshape(6, 7, 7, 3).transpose(3, 0, 1, 2), ref, rtol=1e-4, atol=1e-4)
