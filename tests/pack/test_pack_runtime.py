@@ -305,3 +305,91 @@ def test_feature_major_conv_int8_matches_reference():
                       np.zeros(6, np.float32), False)()
         ref = K.conv2d_reference(csr, x, lvl, (6, 4, 3, 3), 1, 1)
         np.testing.assert_allclose(yt.reshape(6, 7, 7, 3).transpose(3, 0, 1, 2), ref, rtol=1e-4, atol=1e-4)
+
+
+class TokenMLP(nn.Module):
+    """Linears on [N, L, C] (a transformer MLP) and a BatchNorm1d over dim 1 after a Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 8)
+        self.fc3 = nn.Linear(8, 8)
+        self.bn = nn.BatchNorm1d(8)  # normalises dim 1 (L = 8 tokens), not the features
+
+    def forward(self, x):
+        h = self.fc2(F.relu(self.fc1(x)))
+        return self.bn(self.fc3(h))
+
+
+@pytest.mark.parametrize("way", ["sparse", "dense"])
+def test_linears_on_3d_inputs_and_batchnorm_over_dim1(tmp_path, way):
+    torch.manual_seed(0)
+    m = TokenMLP()
+    ns.nestify_(m, SPEC)
+    m.train()
+    m(torch.randn(6, 8, 8))
+    m.eval()
+    pack(m).save(tmp_path / "t.nsp")
+    rt = load_packed(tmp_path / "t.nsp", TokenMLP)
+    assert any(isinstance(u, FeatureMajorChain) for u in rt.units())
+    for batch in (1, 4):
+        x = torch.randn(batch, 8, 8)  # L == C == 8: a wrong-axis BatchNorm fold would go unnoticed by shapes
+        for layer in rt.sparse_layers():
+            layer.mode.update({(k, b): way for k in range(SPEC.num_levels) for b in (batch, batch * 8)})
+        for k in range(SPEC.num_levels):
+            with ns.use_level(m, k), torch.no_grad():
+                ref = m(x)
+            torch.testing.assert_close(rt(x, level=k), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_inplace_add_into_another_tensor_is_not_fused(tmp_path):
+    class AddInto(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(6, 6), nn.Linear(6, 6)
+
+        def forward(self, x):
+            s = x * 2.0
+            s.add_(self.a(x))  # in place, the packed output on the right: s itself changes
+            return s + self.b(s)  # (fx records ``+=`` as a plain add; ``add_`` stays in place)
+
+    torch.manual_seed(1)
+    m = AddInto()
+    ns.nestify_(m, SPEC)
+    m.eval()
+    pack(m).save(tmp_path / "a.nsp")
+    rt = load_packed(tmp_path / "a.nsp", AddInto)
+    assert not any(isinstance(u, FusedSparse) and u.name == "a" for u in rt.units())
+    x = torch.randn(3, 6)
+    for k in range(SPEC.num_levels):
+        with ns.use_level(m, k), torch.no_grad():
+            torch.testing.assert_close(rt(x, level=k), m(x), rtol=1e-4, atol=1e-5)
+
+
+def test_low_level_entries_refuse_wrong_buffers():
+    w, lm, csr = _conv_csr(3, 2, 3)
+    geo = K.ConvGeometry((3, 2, 3, 3), (1, 1), (1, 1), (1, 1), 1)
+    one, zero = np.ones(3, np.float32), np.zeros(3, np.float32)
+    big = np.zeros((1, 2, 6, 12), np.float32)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        K.run_conv(csr, K.plan_for(csr, 0), geo, big[..., ::2], np.empty((1, 3, 6, 6), np.float32), one, zero, False)
+    with pytest.raises(ValueError, match="scales"):
+        K.run_conv(csr, K.plan_for(csr, 0), geo, big[..., :6].copy(), np.empty((1, 3, 6, 6), np.float32),
+                   one[:2], zero, False)
+    buf = np.zeros((2 * 8 * 8, 4), np.float32)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        K.bind_conv_t(csr, K.plan_for(csr, 0), geo, (6, 6), buf[:, :2], np.zeros((3 * 36, 2), np.float32),
+                      (0, 0), one, zero, False)
+    lin = from_dense(np.ones((4, 5), np.float32), np.zeros((4, 5), np.uint8), 1)
+    p = K.plan_for(lin, 0)
+    with pytest.raises(ValueError, match="yt"):
+        K.bind_linear_t(p, np.zeros((5, 1), np.float32), np.zeros((4, 2), np.float32)[:, :1], np.ones(4, np.float32),
+                        np.zeros(4, np.float32), False)
+
+
+def test_minus_infinity_stays_minus_infinity_without_relu():
+    lin = from_dense(np.array([[-1.0, 2.0]], np.float32), np.zeros((1, 2), np.uint8), 1)
+    x = np.array([[np.inf, 1.0]] * 3, np.float32)
+    y = K.spmm(lin, x, 0)
+    assert np.isneginf(y).all()
+    assert np.isneginf(K.spmm(lin, x[:1], 0)).all()

@@ -123,7 +123,7 @@ PARALLEL_MIN_WORK: int = 40_000
 #: serial inside a whole batch-1 forward interleaved with other work).
 PARALLEL_MIN_WORK_SPMV: int = 150_000
 
-_F32_LOWEST = np.float32(np.finfo(np.float32).min)
+_F32_LOWEST = np.float32(-np.inf)  # the "no ReLU" floor: -inf outputs stay -inf, NaN stays NaN
 #: The 64-wide tile prefetches the x row of the entry this many non-zeros ahead (rows are
 #: visited in random order, so the hardware prefetcher cannot; measured on the Zen3 dev
 #: machine, 1024x1024, batch 64: +15-20% at 5-10% density, neutral at 2%; 6-12 all similar).
@@ -726,7 +726,7 @@ def _conv_rows(r0, r1, starts, ends, offs_b, vals_b, code, scales, bias, lo, xq,
     goes to ``yn[r]`` (``[OH // pool, OW // pool]``) -- a following MaxPool2d fused in.
     """
     L = OH * Wq
-    tlo = np.float32(-3.4028234663852886e38) if has_res else lo
+    tlo = np.float32(-np.inf) if has_res else lo
     for r in range(r0, r1):
         s = starts[r]
         e = ends[r]
@@ -1368,7 +1368,12 @@ def linear_into(plan: _Plan, xa: np.ndarray, o: np.ndarray, scales: np.ndarray, 
     ``plan`` from :func:`plan_for`; ``xa`` ``[B, in]`` / ``o`` ``[B, out]`` C-contiguous float32;
     ``scales`` / ``bias`` ``[out]`` float32 (``scales`` already includes an int8 weight's row scales).
     """
-    B, K = xa.shape
+    B = xa.shape[0] if getattr(xa, "ndim", 0) == 2 else -1
+    _check_buf("xa", xa, (B, plan.cols_n))
+    _check_buf("o", o, (B, plan.rows))
+    _check_buf("scales", scales, (plan.rows,))
+    _check_buf("bias", bias, (plan.rows,))
+    K = plan.cols_n
     par = _use_parallel(parallel, plan.nnz * B, B)
     if B == 1:  # [1, in] is also [in, 1]: no transpose
         _run_spmm(par, plan, bias, relu, xa.reshape(1, K, 1), o.reshape(1, plan.rows, 1), plan.rows, K,
@@ -1385,9 +1390,22 @@ def linear_into_t(plan: _Plan, xt: np.ndarray, yt: np.ndarray, scales: np.ndarra
     ``xt`` ``[in, B]`` / ``yt`` ``[out, B]`` C-contiguous float32 (64-byte aligned is fastest:
     :func:`aligned_empty`); ``scales`` / ``bias`` ``[out]`` float32 (``scales`` includes int8 row scales).
     """
-    B = xt.shape[1]
-    _run_spmm(_use_parallel(parallel, plan.nnz * B), plan, bias, relu, xt.reshape(1, xt.shape[0], B),
+    B = xt.shape[1] if getattr(xt, "ndim", 0) == 2 else -1
+    _check_buf("xt", xt, (plan.cols_n, B))
+    _check_buf("yt", yt, (plan.rows, B))
+    _check_buf("scales", scales, (plan.rows,))
+    _check_buf("bias", bias, (plan.rows,))
+    _run_spmm(_use_parallel(parallel, plan.nnz * B, B), plan, bias, relu, xt.reshape(1, xt.shape[0], B),
               yt.reshape(1, plan.rows, B), plan.rows, plan.cols_n, scales=scales)
+
+
+def _check_buf(name: str, a: Any, shape: tuple) -> None:
+    """The low-level entries write through raw pointers: refuse anything but the exact buffer."""
+    if not (isinstance(a, np.ndarray) and a.dtype == np.float32 and a.flags.c_contiguous and a.shape == shape):
+        got = (type(a).__name__, getattr(a, "dtype", None), getattr(a, "shape", None),
+               getattr(getattr(a, "flags", None), "c_contiguous", None))
+        raise ValueError(f"{name} must be a C-contiguous float32 numpy array of shape {shape}; got "
+                         f"{got[0]} dtype={got[1]} shape={got[2]} c_contiguous={got[3]}")
 
 
 def bind_linear_t(plan: _Plan, xt: np.ndarray, yt: np.ndarray, scales: np.ndarray, bias: np.ndarray, relu: bool,
@@ -1395,7 +1413,11 @@ def bind_linear_t(plan: _Plan, xt: np.ndarray, yt: np.ndarray, scales: np.ndarra
     """:func:`linear_into_t` with every argument resolved once: ``fn()`` costs only the compiled
     kernel's dispatch (for runtimes replaying a fixed sequence of layers on fixed buffers).
     The arrays are kept by reference."""
-    B = xt.shape[1]
+    B = xt.shape[1] if getattr(xt, "ndim", 0) == 2 else -1
+    _check_buf("xt", xt, (plan.cols_n, B))
+    _check_buf("yt", yt, (plan.rows, B))
+    _check_buf("scales", scales, (plan.rows,))
+    _check_buf("bias", bias, (plan.rows,))
     par = _use_parallel(parallel, plan.nnz * B, B)
     lo = _ZERO if relu else _F32_LOWEST
     if B == 1:
@@ -1447,10 +1469,16 @@ def bind_conv_t(csr: NestedCSR, plan: _Plan, geo: "ConvGeometry", in_hw: tuple[i
     OH, OW = geo.out_hw(H, W)
     PH, PW = OH // pool, OW // pool
     qh, qw = out_pad
-    B = xt.shape[1]
+    B = xt.shape[1] if getattr(xt, "ndim", 0) == 2 else -1
     C = Cg * geo.groups
-    if xt.shape[0] != C * Hp * Wp or yt.shape[0] != O * (PH + 2 * qh) * (PW + 2 * qw) or yt.shape[1] != B:
-        raise ValueError(f"buffers {xt.shape} / {yt.shape} do not fit the convolution")
+    if getattr(xt, "shape", None) != (C * Hp * Wp, B) or getattr(yt, "shape", None) != (
+            O * (PH + 2 * qh) * (PW + 2 * qw), B):
+        raise ValueError(f"buffers {getattr(xt, 'shape', None)} / {getattr(yt, 'shape', None)} do not fit the "
+                         f"convolution (need [{C * Hp * Wp}, B] / [{O * (PH + 2 * qh) * (PW + 2 * qw)}, B])")
+    _check_buf("xt", xt, (C * Hp * Wp, B))
+    _check_buf("yt", yt, (O * (PH + 2 * qh) * (PW + 2 * qw), B))
+    _check_buf("scales", scales, (O,))
+    _check_buf("bias", bias, (O,))
     if PH <= 0 or PW <= 0:
         raise ValueError("convolution output would be empty")
     offs = _convt_offsets(csr, geo, Hp, Wp)
@@ -1668,12 +1696,22 @@ def run_conv(csr: NestedCSR, plan: "_Plan", geo: ConvGeometry, xa: np.ndarray, o
     ``pool x pool`` stride-``pool`` max-pool of the result (a fused ``MaxPool2d``).
     ``plan`` from :func:`plan_for`.
     """
+    if getattr(xa, "ndim", 0) != 4 or xa.shape[1] != geo.wshape[1] * geo.groups:
+        raise ValueError(f"xa must be [N, {geo.wshape[1] * geo.groups}, H, W], got {getattr(xa, 'shape', None)}")
     N, C, H, Wd = xa.shape
     OH, OW = geo.out_hw(H, Wd)
     if residual is not None and pool > 1:
         raise ValueError("run_conv fuses a residual or a max-pool, not both")
-    if out.shape != (N, geo.wshape[0], OH // pool, OW // pool):
-        raise ValueError(f"out is {out.shape}, expected {(N, geo.wshape[0], OH // pool, OW // pool)}")
+    if OH // pool <= 0 or OW // pool <= 0:
+        raise ValueError("convolution output would be empty")
+    if getattr(out, "shape", None) != (N, geo.wshape[0], OH // pool, OW // pool):
+        raise ValueError(f"out is {getattr(out, 'shape', None)}, expected {(N, geo.wshape[0], OH // pool, OW // pool)}")
+    _check_buf("xa", xa, xa.shape)
+    _check_buf("out", out, out.shape)
+    _check_buf("scales", scales, (geo.wshape[0],))
+    _check_buf("bias", bias, (geo.wshape[0],))
+    if residual is not None:
+        _check_buf("residual", residual, out.shape)
     O, Cg, kh, kw = geo.wshape
     (sh, sw), (ph, pw) = geo.stride, geo.padding
     Hq, Wq = geo.phase_hw(H, Wd)

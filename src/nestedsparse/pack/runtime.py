@@ -69,6 +69,23 @@ class _ModeDict(dict):
         for k, v in dict(*args, **kwargs).items():
             self[k] = v
 
+    def pop(self, *args):
+        _MODE_EPOCH[0] += 1
+        return super().pop(*args)
+
+    def popitem(self):
+        _MODE_EPOCH[0] += 1
+        return super().popitem()
+
+    def setdefault(self, key, default=None):
+        if key not in self:
+            self[key] = default
+        return self[key]
+
+    def __ior__(self, other):
+        self.update(other)
+        return self
+
 
 class _SparseBase(nn.Module):
     def __init__(self, name: str, pl: PackedLayer, bias: torch.Tensor | None) -> None:
@@ -211,7 +228,7 @@ class SparseConv(_SparseBase):
             return y
         y = torch.empty((xa.shape[0], self.geo.wshape[0], oh, ow))
         res = None
-        if residual is not None:
+        if isinstance(residual, torch.Tensor):
             r4 = residual.unsqueeze(2) if self.pl.kind == "conv1d" else residual
             if r4.shape == y.shape and r4.dtype == torch.float32 and r4.device.type == "cpu":
                 res, residual = r4.contiguous().numpy(), None  # added inside the kernel
@@ -221,10 +238,12 @@ class SparseConv(_SparseBase):
         return y if residual is None else _finish(y, residual, relu)
 
 
-def _finish(y: torch.Tensor, residual: torch.Tensor | None, relu: bool) -> torch.Tensor:
-    """``relu(y + residual)`` for what the kernel did not fuse (``y`` is a fresh tensor)."""
+def _finish(y: torch.Tensor, residual, relu: bool) -> torch.Tensor:
+    """``relu(y + residual)`` for what the kernel did not fuse (``y`` is a fresh tensor, so it
+    may be updated in place when the sum has exactly its shape and dtype)."""
     if residual is not None:
-        y = y.add_(residual) if residual.shape == y.shape or residual.dim() < y.dim() else y + residual
+        same = isinstance(residual, torch.Tensor) and residual.shape == y.shape and residual.dtype == y.dtype
+        y = y.add_(residual) if same else y + residual
     return torch.relu_(y) if relu else y
 
 
@@ -239,6 +258,10 @@ class FusedSparse(nn.Module):
         self.name = layer.name
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, force: str | None = None) -> torch.Tensor:
+        if self.bn is not None and self.layer.pl.kind == "linear" and x.dim() != 2:
+            # BatchNorm1d normalises dim 1, the fold the last one: only the same thing on [N, C]
+            y = self.bn(self.layer(x, force))
+            return _finish(y, residual, self.relu)
         return self.layer(x, force, self.bn, self.relu, residual, self.pool)
 
     def extra_repr(self) -> str:
@@ -270,6 +293,7 @@ class FeatureMajorChain(nn.Module):
         self.units = nn.ModuleList(units)
         self.name = units[0].name
         self.kinds = ["linear" if self._parts(u)[0].pl.kind == "linear" else "conv" for u in units]
+        self._linear_bn = any(k == "linear" and self._parts(u)[1] is not None for u, k in zip(units, self.kinds))
         self._act_bufs: dict[tuple, list[np.ndarray]] = {}
         self._shapes: dict[tuple, list[tuple]] = {}
         self._epi_cache: dict[tuple, tuple] = {}
@@ -319,6 +343,9 @@ class FeatureMajorChain(nn.Module):
         key = (threading.get_ident(), batch, tuple(in_shape))
         got = self._act_bufs.get(key)
         if got is None:
+            if len(self._act_bufs) >= 32:  # many threads / batch sizes: drop the old buffers
+                self._act_bufs.clear()
+                self._progs.clear()
             shapes = self._plan_shapes(in_shape)
             rows = []
             for dims, (ph, pw), _ in shapes:
@@ -333,13 +360,20 @@ class FeatureMajorChain(nn.Module):
         return got
 
     def _unit_path(self, x: torch.Tensor, force: str | None = None) -> torch.Tensor:
+        prev = None
         for u, kind in zip(self.units, self.kinds):
-            if kind == "linear" and x.dim() > 2:
+            if kind == "linear" and prev == "conv":  # the absorbed Flatten
                 x = x.flatten(1)
             x = u(x, force=force)
+            prev = kind
         return x
 
     def forward(self, x: torch.Tensor, force: str | None = None) -> torch.Tensor:
+        if self.kinds[0] == "linear" and x.dim() > 2 and not self._linear_bn:
+            # a Linear acts on the last dim: [*, K] runs as [prod(*), K] and is reshaped back
+            lead = x.shape[:-1]
+            y = self.forward(x.reshape(-1, x.shape[-1]), force)
+            return y.reshape(*lead, y.shape[-1])
         if x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() != (4 if self.kinds[0] == "conv" else 2):
             return self._unit_path(x, force)
         in_shape = tuple(x.shape[1:])
@@ -439,9 +473,11 @@ class FeatureMajorChain(nn.Module):
         the faster (the whole-level check in ``PackedRuntime.tune`` follows)."""
         x = args[0]
         out = {}
+        prev = None
         for u, kind in zip(self.units, self.kinds):
-            if kind == "linear" and x.dim() > 2:
+            if kind == "linear" and prev == "conv":
                 x = x.flatten(1)
+            prev = kind
             layer = self._parts(u)[0]
             t = _median_times({w: (lambda w=w, x=x: u(x, force=w)) for w in ("sparse", "dense")}, repeats)
             k = _level_for(layer.name, layer.top)
@@ -635,13 +671,17 @@ def _max_pool_size(node: torch.fx.Node, src: torch.fx.Node, modules: Mapping[str
 
 
 def _residual_of(node: torch.fx.Node, src: torch.fx.Node) -> torch.fx.Node | None:
-    """The other operand when ``node`` is ``src + other`` (a tensor node), else None."""
-    add = (node.op == "call_function" and node.target in (operator.add, operator.iadd, torch.add)) or (
-        node.op == "call_method" and node.target in ("add", "add_"))
+    """The other operand when ``node`` is ``src + other`` (a node), else None. In-place forms
+    (``src += other``, ``src.add_(other)``) only with ``src`` on the left: ``other += src`` would
+    also change ``other`` for its later readers, which the fused call does not."""
+    inplace = (node.op == "call_function" and node.target is operator.iadd) or (
+        node.op == "call_method" and node.target == "add_")
+    add = inplace or (node.op == "call_function" and node.target in (operator.add, torch.add)) or (
+        node.op == "call_method" and node.target == "add")
     if not add or node.kwargs or len(node.args) != 2:
         return None
     a, b = node.args
-    other = b if a is src else a if b is src else None
+    other = b if a is src else (a if b is src and not inplace else None)
     if not isinstance(other, torch.fx.Node) or other is src:
         return None
     return other
