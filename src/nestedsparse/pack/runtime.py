@@ -469,11 +469,17 @@ class FeatureMajorChain(nn.Module):
         return lambda: torch.addmm(b, w, X, out=Y)
 
     def tune_level(self, args: tuple, level: int, repeats: int) -> dict:
-        """Time each layer sparse vs dense on its own input at ``level`` (layer by layer); keep
-        the faster (the whole-level check in ``PackedRuntime.tune`` follows)."""
+        """Time each layer sparse vs dense at ``level`` on what will run; keep the faster.
+
+        First layer by layer on its own input (the path a dense-chosen conv sends the call
+        down); then, if the feature-major path will run, the Linear layers again inside it
+        (there a sparse layer is ``spmm_t`` without transposes: a small classifier that loses
+        batch-major wins feature-major). The whole-level check of ``PackedRuntime.tune`` follows.
+        """
         x = args[0]
-        out = {}
-        prev = None
+        if self.kinds[0] == "linear" and x.dim() > 2 and not self._linear_bn:
+            x = x.reshape(-1, x.shape[-1])  # as forward runs it
+        x0, out, prev = x, {}, None
         for u, kind in zip(self.units, self.kinds):
             if kind == "linear" and prev == "conv":
                 x = x.flatten(1)
@@ -484,6 +490,26 @@ class FeatureMajorChain(nn.Module):
             layer.mode[(k, x.shape[0])] = out[(layer.name, k)] = (
                 "sparse" if t["sparse"] < 0.95 * t["dense"] else "dense")
             x = u(x)
+        fits = (x0.dtype == torch.float32 and x0.device.type == "cpu"
+                and x0.dim() == (4 if self.kinds[0] == "conv" else 2))
+        in_shape = tuple(x0.shape[1:])
+        if not fits or self._plan_shapes(in_shape) is None:
+            return out
+        B = x0.shape[0]
+        prog = self._compile(B, in_shape, None)
+        if prog is None:  # a conv runs dense: the call goes layer by layer, as timed above
+            return out
+        bufs = self._act_buffers(B, in_shape)
+        self._load_input(x0, bufs[0], self._plan_shapes(in_shape)[0])
+        for i, (u, kind) in enumerate(zip(self.units, self.kinds)):
+            if kind == "conv":
+                prog[i]()
+                continue
+            layer = self._parts(u)[0]
+            t = _median_times({w: self._bind(i, u, bufs[i], bufs[i + 1], w) for w in ("sparse", "dense")}, repeats)
+            k = _level_for(layer.name, layer.top)
+            layer.mode[(k, B)] = out[(layer.name, k)] = "sparse" if t["sparse"] < 0.95 * t["dense"] else "dense"
+            self._bind(i, u, bufs[i], bufs[i + 1], None)()  # the next layer's input, by the chosen path
         return out
 
 
@@ -539,7 +565,8 @@ class PackedRuntime(nn.Module):
         token = _LEVEL.set(level)
         try:
             with torch.inference_mode():
-                return (self.model if self.graph is None else self.graph)(x)
+                # the traced graph's forward directly: GraphModule.__call__ adds a wrapper per call
+                return self.model(x) if self.graph is None else self.graph.forward(x)
         finally:
             _LEVEL.reset(token)
 
