@@ -12,9 +12,10 @@ for timing; threads fixed to 2 for torch, numba and ONNX Runtime):
   back to the dense matmul where the sparse kernel is slower).
 
 Each configuration is packed to a temporary file and timed by ``nestedsparse.pack.bench.bench_packed``
-(warm-up, then medians; ONNX Runtime in its own block first, because its spinning worker threads
-slowed whatever ran next by up to 1.8x; dense PyTorch and every level of ours in interleaved
-rounds; batch 64 and batch 1; each batch size tuned with ``rt.tune`` first). Run it as
+(warm-up, then medians; dense PyTorch and every level of ours in interleaved rounds; ONNX Runtime
+twice -- alone with spinning workers, and interleaved with non-spinning ones, whose spinning
+twins slowed whatever ran next by up to 1.8x -- and the faster of the two is the baseline;
+batch 64 and batch 1; each batch size tuned with ``rt.tune`` first). Run it as
 ``GOMP_SPINCOUNT=300 python benchmarks/kernels.py`` (see ``pack/kernels.py``). The machine is shared: before
 each measurement the script waits until other processes use < 15% of the CPUs (``--quiet-threshold``)
 and records their share (``others_cpu_busy``) in the rows; two-thread pools slow down many times

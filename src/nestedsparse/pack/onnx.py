@@ -141,11 +141,14 @@ def _export(model: nn.Module, x: torch.Tensor, output: str | os.PathLike) -> Non
             torch.onnx.export(model, (x,), str(output), **kw)
 
 
-def ort_session(path: str | os.PathLike, threads: int | None = None):
-    """An ONNX Runtime CPU session (all graph optimisations, ``threads`` intra-op threads, sequential)."""
+def ort_session(path: str | os.PathLike, threads: int | None = None, spinning: bool = True):
+    """An ONNX Runtime CPU session (all graph optimisations, ``threads`` intra-op threads, sequential;
+    ``spinning=False``: idle workers block instead of spinning)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
+    if not spinning:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.intra_op_num_threads = int(threads or torch.get_num_threads())
