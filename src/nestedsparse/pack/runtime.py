@@ -479,13 +479,14 @@ class FeatureMajorChain(nn.Module):
         x = args[0]
         if self.kinds[0] == "linear" and x.dim() > 2 and not self._linear_bn:
             x = x.reshape(-1, x.shape[-1])  # as forward runs it
-        x0, out, prev = x, {}, None
+        x0, out, prev, dense_ms = x, {}, None, []
         for u, kind in zip(self.units, self.kinds):
             if kind == "linear" and prev == "conv":
                 x = x.flatten(1)
             prev = kind
             layer = self._parts(u)[0]
             t = _median_times({w: (lambda w=w, x=x: u(x, force=w)) for w in ("sparse", "dense")}, repeats)
+            dense_ms.append(t["dense"])
             k = _level_for(layer.name, layer.top)
             layer.mode[(k, x.shape[0])] = out[(layer.name, k)] = (
                 "sparse" if t["sparse"] < 0.95 * t["dense"] else "dense")
@@ -503,6 +504,14 @@ class FeatureMajorChain(nn.Module):
         self._load_input(x0, bufs[0], self._plan_shapes(in_shape)[0])
         for i, (u, kind) in enumerate(zip(self.units, self.kinds)):
             if kind == "conv":
+                # the chain runs the feature-major kernel, not the one timed above: against the
+                # layer's dense time, it must win too, or the level goes layer by layer
+                t_fm = _median_times({"fm": prog[i]}, repeats)["fm"]
+                if t_fm >= 0.95 * dense_ms[i]:
+                    layer = self._parts(u)[0]
+                    k = _level_for(layer.name, layer.top)
+                    layer.mode[(k, B)] = out[(layer.name, k)] = "dense"
+                    return out
                 prog[i]()
                 continue
             layer = self._parts(u)[0]
