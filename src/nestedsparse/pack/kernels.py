@@ -866,6 +866,23 @@ def _conv_par(bounds, starts, ends, offs_b, vals_b, code, scales, bias, lo, x, x
                        group_stride, Wq, OH, OW, wide)
 
 
+def _transpose_par(src, dst, parts):  # type: ignore[no-untyped-def]
+    """:func:`_transpose_region` of the whole array, the longer side split into ``parts`` blocks
+    (multiples of 8) run in parallel."""
+    R = src.shape[0]
+    Cn = src.shape[1]
+    if R >= Cn:
+        step = ((R + parts - 1) // parts + 7) // 8 * 8
+        for p in prange(parts):
+            i0 = min(p * step, R)
+            _transpose_region(src, dst, i0, min(i0 + step, R), 0, Cn)
+    else:
+        step = ((Cn + parts - 1) // parts + 7) // 8 * 8
+        for p in prange(parts):
+            j0 = min(p * step, Cn)
+            _transpose_region(src, dst, 0, R, j0, min(j0 + step, Cn))
+
+
 def _batch_tiles(cols_b, vals_b, code, s, e, xn, xoff, yflat, yrow, sc, bb, lo):  # type: ignore
     """Row ``yrow`` of ``yflat`` (a flat ``[rows * B]`` array) ``= max(sc * sum_{j in [s, e)} vals[j] *
     xn[xoff + cols[j], :] + bb, lo)`` over the row width ``B`` (64/32/16/8-wide register tiles, a
@@ -945,7 +962,7 @@ def _convt_par(bounds, starts, ends, offs_b, vals_b, code, scales, bias, lo, xt,
 # ``*_par`` function also gets a serial twin ``*_ser``: the same source with
 # ``prange`` -> ``range`` (no fork/join for small problems; separate cache entry).
 _KERNEL_FUNCS: tuple[Callable[..., Any], ...] = (
-    _spmv_par, _transpose_region, _spmm_par, _conv_rows, _split_image, _phase_split_par, _conv_par, _batch_tiles,
+    _spmv_par, _transpose_region, _transpose_par, _spmm_par, _conv_rows, _split_image, _phase_split_par, _conv_par, _batch_tiles,
     _convt_par)
 
 
@@ -1559,6 +1576,8 @@ def transpose(x: Array, out: Optional[Array] = None) -> Any:
     o, ret = _out_arr(out, (xa.shape[1], xa.shape[0]))
     if _numba() is None:
         o[...] = xa.T
+    elif xa.size >= 131_072 and _threads() > 1:  # ~40 us and up: worth the second thread
+        _kernel("transpose_par")(xa, o, _threads())
     else:
         _kernel("transpose")(xa, o, 0, xa.shape[0], 0, xa.shape[1])
     return ret if out is not None else _wrap(o, as_torch)
