@@ -125,7 +125,7 @@ def test_prepare_and_have_numba():
 
 
 def test_transpose_odd_shapes():
-    for shape in [(1, 1), (3, 17), (13, 29), (64, 40), (9, 130)]:
+    for shape in [(1, 1), (3, 17), (13, 29), (64, 40), (9, 130), (301, 517), (517, 301), (7, 20001)]:  # last 3: parallel
         a = _x(shape)
         np.testing.assert_array_equal(K.transpose(a), a.T)
         buf = K.aligned_empty(shape[::-1])
