@@ -393,3 +393,28 @@ def test_minus_infinity_stays_minus_infinity_without_relu():
     y = K.spmm(lin, x, 0)
     assert np.isneginf(y).all()
     assert np.isneginf(K.spmm(lin, x[:1], 0)).all()
+
+
+def test_leading_flatten_is_absorbed_into_a_linear_chain(tmp_path):
+    class Flat(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Flatten(), nn.Linear(12, 9), nn.ReLU(), nn.Linear(9, 4))
+
+        def forward(self, x):
+            return self.body(x)
+
+    torch.manual_seed(2)
+    m = Flat()
+    ns.nestify_(m, SPEC)
+    m.eval()
+    pack(m).save(tmp_path / "f.nsp")
+    rt = load_packed(tmp_path / "f.nsp", Flat)
+    chain = next(u for u in rt.units() if isinstance(u, FeatureMajorChain))
+    assert chain.flatten_input
+    assert not any(n.op == "call_module" and n.target == "body.0" for n in rt.graph.graph.nodes)
+    for batch in (1, 3):
+        x = torch.randn(batch, 3, 2, 2)
+        for k in range(SPEC.num_levels):
+            with ns.use_level(m, k), torch.no_grad():
+                torch.testing.assert_close(rt(x, level=k), m(x), rtol=1e-4, atol=1e-5)

@@ -294,6 +294,7 @@ class FeatureMajorChain(nn.Module):
         self.name = units[0].name
         self.kinds = ["linear" if self._parts(u)[0].pl.kind == "linear" else "conv" for u in units]
         self._linear_bn = any(k == "linear" and self._parts(u)[1] is not None for u, k in zip(units, self.kinds))
+        self.flatten_input = False
         self._act_bufs: dict[tuple, list[np.ndarray]] = {}
         self._shapes: dict[tuple, list[tuple]] = {}
         self._epi_cache: dict[tuple, tuple] = {}
@@ -369,6 +370,8 @@ class FeatureMajorChain(nn.Module):
         return x
 
     def forward(self, x: torch.Tensor, force: str | None = None) -> torch.Tensor:
+        if self.flatten_input:  # a Flatten(1) before the first Linear was absorbed
+            x = x.flatten(1)
         if self.kinds[0] == "linear" and x.dim() > 2 and not self._linear_bn:
             # a Linear acts on the last dim: [*, K] runs as [prod(*), K] and is reshaped back
             lead = x.shape[:-1]
@@ -376,31 +379,36 @@ class FeatureMajorChain(nn.Module):
             return y.reshape(*lead, y.shape[-1])
         if x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() != (4 if self.kinds[0] == "conv" else 2):
             return self._unit_path(x, force)
-        in_shape = tuple(x.shape[1:])
-        shapes = self._plan_shapes(in_shape)
-        if shapes is None:
-            return self._unit_path(x, force)
-        B = x.shape[0]
         arg = _LEVEL.get()
         levels = arg if isinstance(arg, int) else tuple(self._levels())
-        key = (threading.get_ident(), B, in_shape, force, levels, _MODE_EPOCH[0])
-        prog = self._progs.get(key, False)
-        if prog is False:
+        key = (threading.get_ident(), tuple(x.shape), force, levels, _MODE_EPOCH[0])
+        state = self._progs.get(key, False)
+        if state is False:
             if len(self._progs) > 256:  # stale epochs / many level maps: start over
                 self._progs.clear()
-            prog = self._progs[key] = self._compile(B, in_shape, force)
-        if prog is None:  # a conv runs dense at this level: layer by layer
+            state = self._progs[key] = self._state(x.shape[0], tuple(x.shape[1:]), force)
+        if state is None:  # the input does not fit, or a conv runs dense at this level: layer by layer
             return self._unit_path(x, force)
-        bufs = self._act_buffers(B, in_shape)
-        self._load_input(x, bufs[0], shapes[0])
+        prog, bufs, shape0, out_dims = state
+        B = x.shape[0]
+        self._load_input(x, bufs[0], shape0)
         for fn in prog:
             fn()
-        out_dims = shapes[-1][2]
         if B == 1:
             y = torch.from_numpy(bufs[-1].reshape(1, -1).copy())
         else:
             y = torch.from_numpy(kernels.transpose(bufs[-1]))
         return y.reshape(B, *out_dims)
+
+    def _state(self, B: int, in_shape: tuple, force: str | None):
+        """``(compiled layer sequence, buffers, first layer's shape plan, output dims)`` or None."""
+        shapes = self._plan_shapes(in_shape)
+        if shapes is None:
+            return None
+        prog = self._compile(B, in_shape, force)
+        if prog is None:
+            return None
+        return prog, self._act_buffers(B, in_shape), shapes[0], shapes[-1][2]
 
     @staticmethod
     def _load_input(x: torch.Tensor, buf: np.ndarray, shape: tuple) -> None:
@@ -477,6 +485,8 @@ class FeatureMajorChain(nn.Module):
         batch-major wins feature-major). The whole-level check of ``PackedRuntime.tune`` follows.
         """
         x = args[0]
+        if self.flatten_input:
+            x = x.flatten(1)
         if self.kinds[0] == "linear" and x.dim() > 2 and not self._linear_bn:
             x = x.reshape(-1, x.shape[-1])  # as forward runs it
         x0, out, prev, dense_ms = x, {}, None, []
@@ -570,7 +580,8 @@ class PackedRuntime(nn.Module):
 
     def forward(self, x: torch.Tensor, level: int | Mapping[str, int] | None = None) -> torch.Tensor:
         level = self.spec.num_levels - 1 if level is None else level
-        check_level_arg(self.spec, level, self.names, "packed")
+        if type(level) is not int or not 0 <= level < self.spec.num_levels:  # the common case costs nothing
+            check_level_arg(self.spec, level, self.names, "packed")
         token = _LEVEL.set(level)
         try:
             with torch.inference_mode():
@@ -859,9 +870,16 @@ def _chain_linears(graph: torch.fx.Graph, modules: dict[str, nn.Module]) -> bool
             continue
         in_chain.update(chain)
         name = f"_chain{len(modules)}_{chain[0].target.replace('.', '_')}"
-        modules[name] = FeatureMajorChain([modules[n.target] for n in chain])
+        fm = modules[name] = FeatureMajorChain([modules[n.target] for n in chain])
+        args = chain[0].args
+        src = args[0]
+        if (fm.kinds[0] == "linear" and isinstance(src, torch.fx.Node) and len(src.users) == 1 and src.args
+                and isinstance(src.args[0], torch.fx.Node) and is_flatten(src, src.args[0])):
+            fm.flatten_input = True  # the chain flattens its input itself: one module call less
+            args = (src.args[0],)
+            dead.append(src)
         with graph.inserting_before(chain[-1]):
-            new = graph.call_module(name, chain[0].args)
+            new = graph.call_module(name, args)
         chain[-1].replace_all_uses_with(new)
         for n in sorted(chain + dead, key=lambda n: -_position(graph, n)):
             graph.erase_node(n)
