@@ -418,3 +418,35 @@ def test_leading_flatten_is_absorbed_into_a_linear_chain(tmp_path):
         for k in range(SPEC.num_levels):
             with ns.use_level(m, k), torch.no_grad():
                 torch.testing.assert_close(rt(x, level=k), m(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name, kwargs, shape", [
+    ("resnet20", {"shortcut": "B"}, (3, 16, 16)),
+    ("resnet20", {"shortcut": "A"}, (3, 16, 16)),
+    ("mobilenet_v1", {"width_mult": 0.25}, (3, 32, 32)),
+    ("wrn", {"depth": 10, "width": 1}, (3, 16, 16)),
+    ("lenet5", {}, (1, 28, 28)),
+])
+def test_registry_models_packed_equal_nested(tmp_path, name, kwargs, shape):
+    """The fused / chained runtime on the library's own architectures: every level, both paths."""
+    from nestedsparse import models
+
+    torch.manual_seed(0)
+    m = models.create(name, **kwargs)
+    ns.nestify_(m, SPEC)
+    m.train()
+    for k in range(SPEC.num_levels):  # per-level BatchNorm statistics that differ
+        with ns.use_level(m, k), torch.no_grad():
+            m(torch.randn(4, *shape) * (1 + k))
+    m.eval()
+    pack(m, model_name=name, model_kwargs=kwargs).save(tmp_path / "m.nsp")
+    rt = load_packed(tmp_path / "m.nsp")
+    assert rt.graph is not None
+    x = torch.randn(3, *shape)
+    for way in ("sparse", "dense"):
+        for layer in rt.sparse_layers():
+            layer.mode.update({(k, 3): way for k in range(SPEC.num_levels)})
+        for k in range(SPEC.num_levels):
+            with ns.use_level(m, k), torch.no_grad():
+                ref = m(x)
+            torch.testing.assert_close(rt(x, level=k), ref, rtol=1e-3, atol=1e-4)
