@@ -1,5 +1,3 @@
-import threading
-
 import pytest
 import torch
 from torch import nn

@@ -222,7 +222,7 @@ def bench_packed(path: str | os.PathLike, batches: Sequence[int] = (1, 64), thre
                         "sparse_layers": sum(m.choice(k, b) == "sparse" for m in layers), "layers": len(layers),
                         "threads": n_threads, "repeats": int(repeats),
                     })
-            del sess
+            sess = None
             sess_quiet = None  # noqa: F841 - release the session before the temp dir goes
         return rows
     finally:

@@ -453,24 +453,6 @@ def _make_intrinsics(nb: Any) -> dict[str, Any]:
         return builder.gep(data, [builder.mul(context.cast(builder, off, offty, types.int64), i64(4))])
 
     @nb.extending.intrinsic
-    def copy_f32(typingctx: Any, dst: Any, doff: Any, src: Any, soff: Any, n: Any) -> Any:
-        """``dst.flat[doff:doff+n] = src.flat[soff:soff+n]`` (float32, one ``llvm.memcpy``, no checks)."""
-        if not (isinstance(dst, types.Array) and isinstance(src, types.Array) and dst.dtype == types.float32
-                and src.dtype == types.float32):
-            return None
-        sig = types.void(dst, doff, src, soff, n)
-
-        def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
-            dt, dot, st, sot, nt = signature.args
-            d = _flat_ptr(context, builder, dt, args[0], args[1], dot)
-            s_ = _flat_ptr(context, builder, st, args[2], args[3], sot)
-            nbytes = builder.mul(context.cast(builder, args[4], nt, types.int64), i64(4))
-            cgutils.raw_memcpy(builder, d, s_, nbytes, 1)
-            return context.get_dummy_value()
-
-        return sig, codegen
-
-    @nb.extending.intrinsic
     def zero_f32(typingctx: Any, dst: Any, doff: Any, n: Any) -> Any:
         """``dst.flat[doff:doff+n] = 0`` (float32, one ``llvm.memset``, no checks)."""
         if not (isinstance(dst, types.Array) and dst.dtype == types.float32):
@@ -589,7 +571,6 @@ def _make_intrinsics(nb: Any) -> dict[str, Any]:
     out["_vcopy"] = vcopy
     out["_pool_rows"] = pool_rows
     out["_gather_f32"] = gather_f32
-    out["_copy_f32"] = copy_f32
     out["_zero_f32"] = zero_f32
     return out
 
@@ -1671,10 +1652,6 @@ class ConvGeometry:
         """``(Hq, Wq)``: the padded input's size in each stride phase."""
         (sh, sw), (ph, pw) = self.stride, self.padding
         return -(-(H + 2 * ph) // sh), -(-(W + 2 * pw) // sw)
-
-    def direct(self) -> bool:
-        """True when the input needs no padding or phase split (stride 1, no padding)."""
-        return self.stride == (1, 1) and self.padding == (0, 0)
 
 
 def _conv_offsets(csr: NestedCSR, geo: ConvGeometry, Hq: int, Wq: int) -> np.ndarray:

@@ -29,7 +29,7 @@ from torch import nn
 from ..levels import LevelSpec
 from ..nest import NestedBatchNorm, _resolve, check_level_arg, iter_nested, nestify_
 from . import kernels
-from .csr import NestedCSR, to_dense
+from .csr import to_dense
 from .format import PackedFormatError, PackedLayer, PackedModel, read_packed
 
 __all__ = ["PackedRuntime", "SparseLinear", "SparseConv", "LevelBatchNorm", "FusedSparse", "FeatureMajorChain",
