@@ -450,3 +450,72 @@ def test_registry_models_packed_equal_nested(tmp_path, name, kwargs, shape):
             with ns.use_level(m, k), torch.no_grad():
                 ref = m(x)
             torch.testing.assert_close(rt(x, level=k), ref, rtol=1e-3, atol=1e-4)
+
+
+def test_chain_state_keeps_the_buffers_its_program_is_bound_to(packed):
+    """Another thread clearing the buffer cache between compiling and caching a call's state
+    must not pair a program with other buffers (the output would stay zero)."""
+    m, path = packed
+    rt = load_packed(path, Net)
+    chain = next(u for u in rt.units() if isinstance(u, FeatureMajorChain))
+    for layer in rt.sparse_layers():
+        layer.mode.update({(k, 2): "sparse" for k in range(SPEC.num_levels)})
+    compile_ = chain._compile
+
+    def compile_then_clear(*a, **kw):
+        prog = compile_(*a, **kw)
+        chain._act_bufs.clear()  # what a concurrent call over the buffer cap does
+        return prog
+
+    chain._compile = compile_then_clear
+    x = torch.randn(2, 3, 24, 24)
+    for k in range(SPEC.num_levels):
+        with ns.use_level(m, k), torch.no_grad():
+            ref = m(x)
+        for _ in range(2):  # the first call builds the state, the second replays it
+            torch.testing.assert_close(rt(x, level=k), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_tuned_runtime_still_equals_nested_model(packed):
+    m, path = packed
+    rt = load_packed(path, Net)
+    for batch in (1, 4):
+        x = torch.randn(batch, 3, 24, 24)
+        rt.tune(x, repeats=2)
+        for k in range(SPEC.num_levels):
+            with ns.use_level(m, k), torch.no_grad():
+                torch.testing.assert_close(rt(x, level=k), m(x), rtol=1e-4, atol=1e-5)
+
+
+def test_flatten_over_other_dims_is_not_absorbed(tmp_path):
+    class Flat2(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.flat = nn.Flatten(2)
+            self.fc1, self.fc2 = nn.Linear(4, 6), nn.Linear(6, 3)
+
+        def forward(self, x):
+            return self.fc2(torch.relu(self.fc1(self.flat(x))))  # Linear over [N, C, H*W]
+
+    torch.manual_seed(3)
+    m = Flat2()
+    ns.nestify_(m, SPEC)
+    m.eval()
+    pack(m).save(tmp_path / "f2.nsp")
+    rt = load_packed(tmp_path / "f2.nsp", Flat2)
+    chain = next(u for u in rt.units() if isinstance(u, FeatureMajorChain))
+    assert not chain.flatten_input
+    x = torch.randn(2, 5, 2, 2)
+    for k in range(SPEC.num_levels):
+        with ns.use_level(m, k), torch.no_grad():
+            torch.testing.assert_close(rt(x, level=k), m(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (1, 1000), (9, 8), (300, 517), (517, 3), (64, 2880)])
+def test_parallel_transpose_kernel_any_split(shape):
+    K.transpose(np.zeros((2, 2), np.float32))  # build the kernels
+    a = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    for parts in (1, 2, 3, 7, 1000):
+        o = np.full(shape[::-1], np.nan, np.float32)
+        K._kernel("transpose_par")(a, o, parts)
+        np.testing.assert_array_equal(o, a.T)

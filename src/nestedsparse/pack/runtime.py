@@ -54,28 +54,32 @@ class _ModeDict(dict):
     def __setitem__(self, key, value) -> None:
         if value not in ("sparse", "dense"):
             raise ValueError(f"mode must be 'sparse' or 'dense', got {value!r}")
-        _MODE_EPOCH[0] += 1
         super().__setitem__(key, value)
+        _MODE_EPOCH[0] += 1  # after the write: a sequence compiled meanwhile sees the new choice or a stale epoch
 
     def __delitem__(self, key) -> None:
-        _MODE_EPOCH[0] += 1
         super().__delitem__(key)
+        _MODE_EPOCH[0] += 1
 
     def clear(self) -> None:
-        _MODE_EPOCH[0] += 1
         super().clear()
+        _MODE_EPOCH[0] += 1
 
     def update(self, *args, **kwargs) -> None:
         for k, v in dict(*args, **kwargs).items():
             self[k] = v
 
     def pop(self, *args):
-        _MODE_EPOCH[0] += 1
-        return super().pop(*args)
+        try:
+            return super().pop(*args)
+        finally:
+            _MODE_EPOCH[0] += 1
 
     def popitem(self):
-        _MODE_EPOCH[0] += 1
-        return super().popitem()
+        try:
+            return super().popitem()
+        finally:
+            _MODE_EPOCH[0] += 1
 
     def setdefault(self, key, default=None):
         if key not in self:
@@ -295,6 +299,7 @@ class FeatureMajorChain(nn.Module):
         self.kinds = ["linear" if self._parts(u)[0].pl.kind == "linear" else "conv" for u in units]
         self._linear_bn = any(k == "linear" and self._parts(u)[1] is not None for u, k in zip(units, self.kinds))
         self.flatten_input = False
+        self._unit_only: set[tuple] = set()  # (levels, batch, force) where tune() found layer by layer faster
         self._act_bufs: dict[tuple, list[np.ndarray]] = {}
         self._shapes: dict[tuple, list[tuple]] = {}
         self._epi_cache: dict[tuple, tuple] = {}
@@ -386,7 +391,7 @@ class FeatureMajorChain(nn.Module):
         if state is False:
             if len(self._progs) > 256:  # stale epochs / many level maps: start over
                 self._progs.clear()
-            state = self._progs[key] = self._state(x.shape[0], tuple(x.shape[1:]), force)
+            state = self._progs[key] = self._state(x.shape[0], tuple(x.shape[1:]), force, levels)
         if state is None:  # the input does not fit, or a conv runs dense at this level: layer by layer
             return self._unit_path(x, force)
         prog, bufs, shape0, out_dims = state
@@ -400,15 +405,18 @@ class FeatureMajorChain(nn.Module):
             y = torch.from_numpy(kernels.transpose(bufs[-1]))
         return y.reshape(B, *out_dims)
 
-    def _state(self, B: int, in_shape: tuple, force: str | None):
-        """``(compiled layer sequence, buffers, first layer's shape plan, output dims)`` or None."""
+    def _state(self, B: int, in_shape: tuple, force: str | None, levels=None):
+        """``(compiled layer sequence, buffers, first layer's shape plan, output dims)`` or None
+        (the call goes layer by layer). The sequence is bound to exactly the buffers returned
+        with it: one lookup, so another thread clearing the buffer cache cannot split them."""
         shapes = self._plan_shapes(in_shape)
-        if shapes is None:
+        if shapes is None or (levels, B, force) in self._unit_only:
             return None
-        prog = self._compile(B, in_shape, force)
+        bufs = self._act_buffers(B, in_shape)
+        prog = self._compile(B, in_shape, force, bufs)
         if prog is None:
             return None
-        return prog, self._act_buffers(B, in_shape), shapes[0], shapes[-1][2]
+        return prog, bufs, shapes[0], shapes[-1][2]
 
     @staticmethod
     def _load_input(x: torch.Tensor, buf: np.ndarray, shape: tuple) -> None:
@@ -431,10 +439,10 @@ class FeatureMajorChain(nn.Module):
             layer, bn, _ = self._parts(u)
             yield _level_for(layer.name, layer.top), (-1 if bn is None else _level_for(bn.name, bn.top))
 
-    def _compile(self, B: int, in_shape: tuple, force: str | None) -> list[Callable[[], object]] | None:
+    def _compile(self, B: int, in_shape: tuple, force: str | None,
+                 bufs: list[np.ndarray]) -> list[Callable[[], object]] | None:
         """The call's layer sequence with every choice, level and buffer resolved; None if a conv
         is to run dense (that level goes layer by layer)."""
-        bufs = self._act_buffers(B, in_shape)
         shapes = self._plan_shapes(in_shape)
         prog = []
         for i, (u, kind) in enumerate(zip(self.units, self.kinds)):
@@ -476,7 +484,7 @@ class FeatureMajorChain(nn.Module):
             return lambda: torch.addmm(b, w, X, out=Y).relu_()
         return lambda: torch.addmm(b, w, X, out=Y)
 
-    def tune_level(self, args: tuple, level: int, repeats: int) -> dict:
+    def tune_level(self, args: tuple, level: int, repeats: int, keys: set | None = None) -> dict:
         """Time each layer sparse vs dense at ``level`` on what will run; keep the faster.
 
         First layer by layer on its own input (the path a dense-chosen conv sends the call
@@ -489,17 +497,19 @@ class FeatureMajorChain(nn.Module):
             x = x.flatten(1)
         if self.kinds[0] == "linear" and x.dim() > 2 and not self._linear_bn:
             x = x.reshape(-1, x.shape[-1])  # as forward runs it
-        x0, out, prev, dense_ms = x, {}, None, []
+        x0, out, prev, unit_ms = x, {}, None, []
         for u, kind in zip(self.units, self.kinds):
             if kind == "linear" and prev == "conv":
                 x = x.flatten(1)
             prev = kind
             layer = self._parts(u)[0]
             t = _median_times({w: (lambda w=w, x=x: u(x, force=w)) for w in ("sparse", "dense")}, repeats)
-            dense_ms.append(t["dense"])
             k = _level_for(layer.name, layer.top)
             layer.mode[(k, x.shape[0])] = out[(layer.name, k)] = (
                 "sparse" if t["sparse"] < 0.95 * t["dense"] else "dense")
+            unit_ms.append(t[layer.mode[(k, x.shape[0])]])
+            if keys is not None:
+                keys.add((layer, x.shape[0]))
             x = u(x)
         fits = (x0.dtype == torch.float32 and x0.device.type == "cpu"
                 and x0.dim() == (4 if self.kinds[0] == "conv" else 2))
@@ -507,20 +517,22 @@ class FeatureMajorChain(nn.Module):
         if not fits or self._plan_shapes(in_shape) is None:
             return out
         B = x0.shape[0]
-        prog = self._compile(B, in_shape, None)
+        arg = _LEVEL.get()
+        levels = arg if isinstance(arg, int) else tuple(self._levels())
+        self._unit_only.discard((levels, B, None))
+        bufs = self._act_buffers(B, in_shape)
+        prog = self._compile(B, in_shape, None, bufs)
         if prog is None:  # a conv runs dense: the call goes layer by layer, as timed above
             return out
-        bufs = self._act_buffers(B, in_shape)
         self._load_input(x0, bufs[0], self._plan_shapes(in_shape)[0])
         for i, (u, kind) in enumerate(zip(self.units, self.kinds)):
             if kind == "conv":
-                # the chain runs the feature-major kernel, not the one timed above: against the
-                # layer's dense time, it must win too, or the level goes layer by layer
+                # the chain runs the feature-major kernel, not the one timed above: it must beat
+                # the layer-by-layer pick too, or this level and batch go layer by layer (each
+                # layer keeping the choice timed above)
                 t_fm = _median_times({"fm": prog[i]}, repeats)["fm"]
-                if t_fm >= 0.95 * dense_ms[i]:
-                    layer = self._parts(u)[0]
-                    k = _level_for(layer.name, layer.top)
-                    layer.mode[(k, B)] = out[(layer.name, k)] = "dense"
+                if t_fm >= 0.95 * unit_ms[i]:
+                    self._unit_only.add((levels, B, None))
                     return out
                 prog[i]()
                 continue
@@ -528,6 +540,8 @@ class FeatureMajorChain(nn.Module):
             t = _median_times({w: self._bind(i, u, bufs[i], bufs[i + 1], w) for w in ("sparse", "dense")}, repeats)
             k = _level_for(layer.name, layer.top)
             layer.mode[(k, B)] = out[(layer.name, k)] = "sparse" if t["sparse"] < 0.95 * t["dense"] else "dense"
+            if keys is not None:
+                keys.add((layer, B))
             self._bind(i, u, bufs[i], bufs[i + 1], None)()  # the next layer's input, by the chosen path
         return out
 
@@ -622,13 +636,14 @@ class PackedRuntime(nn.Module):
                 inputs.clear()
                 self(example, level=k)  # record each layer's input at this level
                 token = _LEVEL.set(k)
+                keys: set[tuple] = set()  # (layer, batch key) this level's tuning set
                 try:
                     for m in units:
                         if id(m) not in inputs:
                             continue
                         args = inputs[id(m)]
                         if isinstance(m, FeatureMajorChain):
-                            out.update(m.tune_level(args, k, repeats))
+                            out.update(m.tune_level(args, k, repeats, keys))
                             continue
                         layer = m.layer if isinstance(m, FusedSparse) else m
                         t = _median_times({w: (lambda w=w: m(*args, force=w)) for w in ("sparse", "dense")},
@@ -636,26 +651,28 @@ class PackedRuntime(nn.Module):
                         # sparse must win clearly: a near-tie on a noisy machine keeps the dense path
                         layer.mode[(k, args[0].shape[0])] = out[(layer.name, k)] = (
                             "sparse" if t["sparse"] < 0.95 * t["dense"] else "dense")
+                        keys.add((layer, args[0].shape[0]))
                 finally:
                     _LEVEL.reset(token)
-                self._guard_level(example, k, out, repeats)
+                self._guard_level(example, k, out, repeats, keys)
         finally:
             for h in hooks:
                 h.remove()
         return out
 
 
-    def _guard_level(self, example: torch.Tensor, k: int, out: dict, repeats: int) -> None:
+    def _guard_level(self, example: torch.Tensor, k: int, out: dict, repeats: int, keys: set) -> None:
         """Whole-model check of level ``k``'s per-layer picks: if running every layer dense is
-        faster (per-layer wins need not add up: caches, thread hand-offs), keep all dense."""
-        batch = example.shape[0]
-        layers = [m for m in self.sparse_layers() if m.mode.get((k, batch)) == "sparse"]
+        faster (per-layer wins need not add up: caches, thread hand-offs), keep all dense.
+        ``keys``: the (layer, batch key) pairs this level's tuning set (a layer fed a reshaped
+        ``[N*T, K]`` input is keyed by ``N*T``, not the example's batch)."""
+        layers = [(m, b) for m, b in keys if m.mode.get((k, b)) == "sparse"]
         if not layers:
             return
 
         def set_all(way: str) -> None:
-            for m in layers:
-                m.mode[(k, batch)] = way
+            for m, b in layers:
+                m.mode[(k, b)] = way
 
         times = {}
         for way in ("sparse", "dense"):
@@ -663,7 +680,7 @@ class PackedRuntime(nn.Module):
             times[way] = _median_times({way: lambda: self(example, level=k)}, repeats)[way]
         set_all("sparse" if times["sparse"] <= times["dense"] else "dense")
         if times["sparse"] > times["dense"]:
-            out.update({(m.name, k): "dense" for m in layers})
+            out.update({(m.name, k): "dense" for m, _ in layers})
 
 
 class _LeafTracer(torch.fx.Tracer):
