@@ -47,6 +47,7 @@ if "--default-omp" not in sys.argv and not ({"GOMP_SPINCOUNT", "OMP_WAIT_POLICY"
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from nestedsparse.levels import level_map_from_scores  # noqa: E402
 from nestedsparse.pack import kernels as K  # noqa: E402
 from nestedsparse.pack.csr import from_dense, to_dense  # noqa: E402
 
@@ -91,15 +92,9 @@ def _nested_layer(rng: np.random.Generator, densities: tuple[float, ...], rows: 
                   cols: int) -> tuple[np.ndarray, np.ndarray]:
     """Weight and a level map whose level k keeps the top densities[k] fraction of random scores."""
     w = (rng.standard_normal((rows, cols)) / np.sqrt(cols)).astype(np.float32)
-    scores = rng.random((rows, cols))
-    order = np.argsort(-scores, axis=None)
-    lm = np.full(rows * cols, len(densities), dtype=np.uint8)
-    prev = 0
-    for k, d in enumerate(densities):
-        n = int(round(d * rows * cols))
-        lm[order[prev:n]] = k
-        prev = n
-    return w, lm.reshape(rows, cols)
+    scores = torch.from_numpy(rng.random((rows, cols)))
+    counts = [int(round(d * rows * cols)) for d in densities]
+    return w, level_map_from_scores(scores, counts, len(densities)).numpy()
 
 
 def _crossover(dens: list[float], sparse_us: list[float], dense_us: float) -> float | None:

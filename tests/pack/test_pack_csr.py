@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from nestedsparse.levels import level_map_from_scores
 from nestedsparse.pack.csr import (
     NestedCSR,
     NestedCSRError,
@@ -30,14 +31,9 @@ def _score_levels(rows: int, cols: int, densities, seed: int = 0):
     """Level map keeping the top densities[k] fraction of random scores at level k."""
     rng = np.random.default_rng(seed)
     w = rng.standard_normal((rows, cols)).astype(np.float32)
-    order = np.argsort(-rng.random(rows * cols))
-    lm = np.full(rows * cols, len(densities), dtype=np.uint8)
-    prev = 0
-    for k, d in enumerate(densities):
-        n = int(round(d * rows * cols))
-        lm[order[prev:n]] = k
-        prev = n
-    return w, lm.reshape(rows, cols)
+    scores = torch.from_numpy(rng.random((rows, cols)))
+    counts = [int(round(d * rows * cols)) for d in densities]
+    return w, level_map_from_scores(scores, counts, len(densities)).numpy()
 
 
 SHAPES = [(7, 5), (13, 29), (1, 1), (4, 300)]

@@ -1,7 +1,6 @@
 """Packed file and runtime: every level equals the masked dense model; bad files are refused."""
 import json
 import struct
-import threading
 
 import pytest
 import torch
@@ -101,25 +100,10 @@ def test_per_layer_levels_reroute(packed_file):
         rt(x, level=4)
 
 
-def test_threads_run_different_levels_at_once(packed_file):
+def test_threads_run_different_levels_at_once(packed_file, mismatches_under_threads):
     m, path = packed_file
     rt = load_packed(path, Net)
-    x = torch.randn(3, 3, 8, 8)
-    refs = [rt(x, level=k) for k in range(SPEC.num_levels)]
-    errors, barrier = [], threading.Barrier(4)
-
-    def worker(k):
-        barrier.wait()
-        for _ in range(30):
-            if not torch.equal(rt(x, level=k), refs[k]):
-                errors.append(k)
-
-    threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors
+    assert not mismatches_under_threads(rt, torch.randn(3, 3, 8, 8), calls=30)
 
 
 def test_switching_level_on_sparse_path_copies_no_weights(packed_file):

@@ -1,6 +1,5 @@
 """Packed runtime graph fusion: BatchNorm / residual / ReLU / max-pool epilogues and Linear chains
 give exactly the nested model's outputs at every level, sparse or dense, fused or not."""
-import threading
 
 import numpy as np
 import pytest
@@ -15,6 +14,15 @@ from nestedsparse.pack.csr import from_dense
 from nestedsparse.pack.runtime import FeatureMajorChain, FusedSparse
 
 SPEC = ns.LevelSpec((0.1, 0.4, 1.0))
+
+
+def _assert_every_level(rt, m, x, rtol=1e-4, atol=1e-5, calls=1):
+    """``rt(x, level=k)`` equals the nested model at every level (``calls`` times each)."""
+    for k in range(SPEC.num_levels):
+        with ns.use_level(m, k), torch.no_grad():
+            ref = m(x)
+        for _ in range(calls):
+            torch.testing.assert_close(rt(x, level=k), ref, rtol=rtol, atol=atol)
 
 
 class Block(nn.Module):
@@ -97,13 +105,10 @@ def test_fused_equals_nested_model_every_level(packed, batch, way):
     for layer in rt.sparse_layers():
         for k in range(SPEC.num_levels):
             layer.mode[(k, batch)] = way
-    for k in range(SPEC.num_levels):
-        with ns.use_level(m, k), torch.no_grad():
-            ref = m(x)
-        torch.testing.assert_close(rt(x, level=k), ref, rtol=1e-4, atol=1e-5)
-        graph, rt.graph = rt.graph, None  # the unfused module tree gives the same
-        torch.testing.assert_close(rt(x, level=k), ref, rtol=1e-4, atol=1e-5)
-        rt.graph = graph
+    _assert_every_level(rt, m, x)
+    graph, rt.graph = rt.graph, None  # the unfused module tree gives the same
+    _assert_every_level(rt, m, x)
+    rt.graph = graph
 
 
 def test_per_layer_levels_reach_fused_batchnorm(packed):
@@ -137,12 +142,10 @@ def test_untraceable_model_runs_unfused(tmp_path):
     rt = load_packed(tmp_path / "b.nsp", Branchy)
     assert rt.graph is None
     x = torch.randn(4, 6)
-    for k in range(SPEC.num_levels):
-        with ns.use_level(m, k), torch.no_grad():
-            torch.testing.assert_close(rt(x, level=k), m(x), rtol=1e-4, atol=1e-5)
+    _assert_every_level(rt, m, x)
 
 
-def test_chain_reuses_its_buffers_and_threads_do_not_share_them(packed):
+def test_chain_reuses_its_buffers_and_threads_do_not_share_them(packed, mismatches_under_threads):
     _, path = packed
     rt = load_packed(path, Net)
     chain = next(u for u in rt.units() if isinstance(u, FeatureMajorChain))
@@ -154,21 +157,7 @@ def test_chain_reuses_its_buffers_and_threads_do_not_share_them(packed):
     bufs = [b.ctypes.data for b in chain._act_buffers(5, shape)]
     rt(x, level=1)
     assert [b.ctypes.data for b in chain._act_buffers(5, shape)] == bufs  # no new activation buffers
-    refs = [rt(x, level=k) for k in range(SPEC.num_levels)]
-    errors, barrier = [], threading.Barrier(3)
-
-    def worker(k):
-        barrier.wait()
-        for _ in range(20):
-            if not torch.equal(rt(x, level=k), refs[k]):
-                errors.append(k)
-
-    ts = [threading.Thread(target=worker, args=(k,)) for k in range(3)]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join()
-    assert not errors
+    assert not mismatches_under_threads(rt, x, calls=20)
 
 
 def test_tune_covers_chained_and_fused_layers(packed):
@@ -336,10 +325,7 @@ def test_linears_on_3d_inputs_and_batchnorm_over_dim1(tmp_path, way):
         x = torch.randn(batch, 8, 8)  # L == C == 8: a wrong-axis BatchNorm fold would go unnoticed by shapes
         for layer in rt.sparse_layers():
             layer.mode.update({(k, b): way for k in range(SPEC.num_levels) for b in (batch, batch * 8)})
-        for k in range(SPEC.num_levels):
-            with ns.use_level(m, k), torch.no_grad():
-                ref = m(x)
-            torch.testing.assert_close(rt(x, level=k), ref, rtol=1e-4, atol=1e-5)
+        _assert_every_level(rt, m, x)
 
 
 def test_inplace_add_into_another_tensor_is_not_fused(tmp_path):
@@ -361,9 +347,7 @@ def test_inplace_add_into_another_tensor_is_not_fused(tmp_path):
     rt = load_packed(tmp_path / "a.nsp", AddInto)
     assert not any(isinstance(u, FusedSparse) and u.name == "a" for u in rt.units())
     x = torch.randn(3, 6)
-    for k in range(SPEC.num_levels):
-        with ns.use_level(m, k), torch.no_grad():
-            torch.testing.assert_close(rt(x, level=k), m(x), rtol=1e-4, atol=1e-5)
+    _assert_every_level(rt, m, x)
 
 
 def test_low_level_entries_refuse_wrong_buffers():
@@ -415,9 +399,7 @@ def test_leading_flatten_is_absorbed_into_a_linear_chain(tmp_path):
     assert not any(n.op == "call_module" and n.target == "body.0" for n in rt.graph.graph.nodes)
     for batch in (1, 3):
         x = torch.randn(batch, 3, 2, 2)
-        for k in range(SPEC.num_levels):
-            with ns.use_level(m, k), torch.no_grad():
-                torch.testing.assert_close(rt(x, level=k), m(x), rtol=1e-4, atol=1e-5)
+        _assert_every_level(rt, m, x)
 
 
 @pytest.mark.parametrize("name, kwargs, shape", [
@@ -446,10 +428,7 @@ def test_registry_models_packed_equal_nested(tmp_path, name, kwargs, shape):
     for way in ("sparse", "dense"):
         for layer in rt.sparse_layers():
             layer.mode.update({(k, 3): way for k in range(SPEC.num_levels)})
-        for k in range(SPEC.num_levels):
-            with ns.use_level(m, k), torch.no_grad():
-                ref = m(x)
-            torch.testing.assert_close(rt(x, level=k), ref, rtol=1e-3, atol=1e-4)
+        _assert_every_level(rt, m, x, rtol=1e-3, atol=1e-4)
 
 
 def test_chain_state_keeps_the_buffers_its_program_is_bound_to(packed):
@@ -469,11 +448,7 @@ def test_chain_state_keeps_the_buffers_its_program_is_bound_to(packed):
 
     chain._compile = compile_then_clear
     x = torch.randn(2, 3, 24, 24)
-    for k in range(SPEC.num_levels):
-        with ns.use_level(m, k), torch.no_grad():
-            ref = m(x)
-        for _ in range(2):  # the first call builds the state, the second replays it
-            torch.testing.assert_close(rt(x, level=k), ref, rtol=1e-4, atol=1e-5)
+    _assert_every_level(rt, m, x, calls=2)  # the first call builds the state, the second replays it
 
 
 def test_tuned_runtime_still_equals_nested_model(packed):
@@ -482,9 +457,7 @@ def test_tuned_runtime_still_equals_nested_model(packed):
     for batch in (1, 4):
         x = torch.randn(batch, 3, 24, 24)
         rt.tune(x, repeats=2)
-        for k in range(SPEC.num_levels):
-            with ns.use_level(m, k), torch.no_grad():
-                torch.testing.assert_close(rt(x, level=k), m(x), rtol=1e-4, atol=1e-5)
+        _assert_every_level(rt, m, x)
 
 
 def test_flatten_over_other_dims_is_not_absorbed(tmp_path):
@@ -506,9 +479,7 @@ def test_flatten_over_other_dims_is_not_absorbed(tmp_path):
     chain = next(u for u in rt.units() if isinstance(u, FeatureMajorChain))
     assert not chain.flatten_input
     x = torch.randn(2, 5, 2, 2)
-    for k in range(SPEC.num_levels):
-        with ns.use_level(m, k), torch.no_grad():
-            torch.testing.assert_close(rt(x, level=k), m(x), rtol=1e-4, atol=1e-5)
+    _assert_every_level(rt, m, x)
 
 
 @pytest.mark.parametrize("shape", [(1, 1), (1, 1000), (9, 8), (300, 517), (517, 3), (64, 2880)])
