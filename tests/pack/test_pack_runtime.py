@@ -59,16 +59,34 @@ class Net(nn.Module):
         return self.fc3(F.relu(self.fc2(h)))
 
 
-def _model(seed=0):
+def _nested(cls, seed=0, calibrate=None):
+    """``cls()`` nestified with ``SPEC``, in eval mode; ``calibrate(m)`` first runs in train mode
+    (to give the BatchNorms statistics)."""
     torch.manual_seed(seed)
-    m = Net()
+    m = cls()
     ns.nestify_(m, SPEC)
-    m.train()
+    if calibrate is not None:
+        m.train()
+        calibrate(m)
+    m.eval()
+    return m
+
+
+def _packed(m, cls, tmp_path):
+    """``m`` packed to a file under ``tmp_path`` and loaded back as a runtime built from ``cls``."""
+    path = tmp_path / f"{cls.__name__}.nsp"
+    pack(m).save(path)
+    return load_packed(path, cls)
+
+
+def _per_level_bn_stats(m):
     for k in range(SPEC.num_levels):  # distinct BN statistics per level
         with ns.use_level(m, k):
             m(torch.randn(6, 3, 24, 24) * (k + 1))
-    m.eval()
-    return m
+
+
+def _model(seed=0):
+    return _nested(Net, seed, _per_level_bn_stats)
 
 
 @pytest.fixture(scope="module")
@@ -134,12 +152,8 @@ def test_untraceable_model_runs_unfused(tmp_path):
                 h = h * 2
             return self.b(h)
 
-    torch.manual_seed(0)
-    m = Branchy()
-    ns.nestify_(m, SPEC)
-    m.eval()
-    pack(m).save(tmp_path / "b.nsp")
-    rt = load_packed(tmp_path / "b.nsp", Branchy)
+    m = _nested(Branchy, seed=0)
+    rt = _packed(m, Branchy, tmp_path)
     assert rt.graph is None
     x = torch.randn(4, 6)
     _assert_every_level(rt, m, x)
@@ -312,14 +326,8 @@ class TokenMLP(nn.Module):
 
 @pytest.mark.parametrize("way", ["sparse", "dense"])
 def test_linears_on_3d_inputs_and_batchnorm_over_dim1(tmp_path, way):
-    torch.manual_seed(0)
-    m = TokenMLP()
-    ns.nestify_(m, SPEC)
-    m.train()
-    m(torch.randn(6, 8, 8))
-    m.eval()
-    pack(m).save(tmp_path / "t.nsp")
-    rt = load_packed(tmp_path / "t.nsp", TokenMLP)
+    m = _nested(TokenMLP, calibrate=lambda m: m(torch.randn(6, 8, 8)))
+    rt = _packed(m, TokenMLP, tmp_path)
     assert any(isinstance(u, FeatureMajorChain) for u in rt.units())
     for batch in (1, 4):
         x = torch.randn(batch, 8, 8)  # L == C == 8: a wrong-axis BatchNorm fold would go unnoticed by shapes
@@ -339,12 +347,8 @@ def test_inplace_add_into_another_tensor_is_not_fused(tmp_path):
             s.add_(self.a(x))  # in place, the packed output on the right: s itself changes
             return s + self.b(s)  # (fx records ``+=`` as a plain add; ``add_`` stays in place)
 
-    torch.manual_seed(1)
-    m = AddInto()
-    ns.nestify_(m, SPEC)
-    m.eval()
-    pack(m).save(tmp_path / "a.nsp")
-    rt = load_packed(tmp_path / "a.nsp", AddInto)
+    m = _nested(AddInto, seed=1)
+    rt = _packed(m, AddInto, tmp_path)
     assert not any(isinstance(u, FusedSparse) and u.name == "a" for u in rt.units())
     x = torch.randn(3, 6)
     _assert_every_level(rt, m, x)
@@ -388,12 +392,8 @@ def test_leading_flatten_is_absorbed_into_a_linear_chain(tmp_path):
         def forward(self, x):
             return self.body(x)
 
-    torch.manual_seed(2)
-    m = Flat()
-    ns.nestify_(m, SPEC)
-    m.eval()
-    pack(m).save(tmp_path / "f.nsp")
-    rt = load_packed(tmp_path / "f.nsp", Flat)
+    m = _nested(Flat, seed=2)
+    rt = _packed(m, Flat, tmp_path)
     chain = next(u for u in rt.units() if isinstance(u, FeatureMajorChain))
     assert chain.flatten_input
     assert not any(n.op == "call_module" and n.target == "body.0" for n in rt.graph.graph.nodes)
@@ -470,12 +470,8 @@ def test_flatten_over_other_dims_is_not_absorbed(tmp_path):
         def forward(self, x):
             return self.fc2(torch.relu(self.fc1(self.flat(x))))  # Linear over [N, C, H*W]
 
-    torch.manual_seed(3)
-    m = Flat2()
-    ns.nestify_(m, SPEC)
-    m.eval()
-    pack(m).save(tmp_path / "f2.nsp")
-    rt = load_packed(tmp_path / "f2.nsp", Flat2)
+    m = _nested(Flat2, seed=3)
+    rt = _packed(m, Flat2, tmp_path)
     chain = next(u for u in rt.units() if isinstance(u, FeatureMajorChain))
     assert not chain.flatten_input
     x = torch.randn(2, 5, 2, 2)
