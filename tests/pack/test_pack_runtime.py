@@ -11,7 +11,7 @@ import nestedsparse as ns
 from nestedsparse.pack import kernels as K
 from nestedsparse.pack import load_packed, pack
 from nestedsparse.pack.csr import from_dense
-from nestedsparse.pack.runtime import FeatureMajorChain, FusedSparse
+from nestedsparse.pack.runtime import FeatureMajorChain, FusedSparse, PackedRuntime
 
 SPEC = ns.LevelSpec((0.1, 0.4, 1.0))
 
@@ -99,7 +99,7 @@ def packed(tmp_path_factory):
 
 def test_fusion_finds_every_pattern(packed):
     _, path = packed
-    rt = load_packed(path, Net)
+    rt = PackedRuntime(load_packed(path, Net).model, SPEC, programs=False)  # chains only: see test_pack_program
     assert rt.graph is not None
     fused = {u.name: u for u in rt.units() if isinstance(u, FusedSparse)}
     assert fused["stem"].relu and fused["stem"].pool == 2
@@ -243,7 +243,7 @@ def test_run_conv_checks_out_shape_and_exclusive_epilogues():
 def test_changing_a_choice_reaches_compiled_chain(packed):
     """The chain replays compiled layer sequences; a new sparse/dense choice must not be ignored."""
     _, path = packed
-    rt = load_packed(path, Net)
+    rt = PackedRuntime(load_packed(path, Net).model, SPEC, programs=False)
     chain = next(u for u in rt.units() if isinstance(u, FeatureMajorChain))
     fc2 = chain.units[2].layer
     x = torch.randn(2, 3, 24, 24)

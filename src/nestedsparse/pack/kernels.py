@@ -199,7 +199,7 @@ def _make_intrinsics(nb: Any) -> dict[str, Any]:
     cols_t = [(ir.IntType(8), False, 1), (ir.IntType(16), False, 2), (ir.IntType(32), True, 4)]
     vals_t = [(f32, 4), (ir.IntType(8), 1)]
 
-    def _make_tile(W: int, masked: bool = False) -> Any:
+    def _make_tile(W: int, masked: bool = False, prefetch: bool = True) -> Any:
         """``_tileW(cols_b, vals_b, code, s, e, xn, xoff, b0, yr, sc, bb, lo[, nv])``:
         ``yr[b0:b0+W] = max(sc * sum_{j in [s, e)} vals[j] * xn[xoff + cols[j], b0:b0+W] + bb, lo)``
         (the max propagates NaN from the sum).  ``masked`` (W = 8): only the first
@@ -347,7 +347,7 @@ def _make_intrinsics(nb: Any) -> dict[str, Any]:
                         builder.cbranch(builder.icmp_signed("<", j2, e_v), b2, x2)
                         builder.position_at_end(b2)
                         row, vs = entry(j2)
-                        if W == 64 and not masked:  # prefetch the x row of a later entry (random rows in L2)
+                        if W == 64 and not masked and prefetch:  # prefetch the x row of a later entry (random rows in L2)
                             ahead = builder.add(j2, i64(PREFETCH_AHEAD))
                             ahead = builder.select(builder.icmp_signed("<", ahead, e_v), ahead, j2)
                             prow, _ = entry(ahead)
@@ -446,6 +446,7 @@ def _make_intrinsics(nb: Any) -> dict[str, Any]:
 
     out = {f"_tile{w}": _make_tile(w) for w in (64, 32, 16, 8, 1)}
     out["_tile8m"] = _make_tile(8, masked=True)
+    out["_tile64np"] = _make_tile(64, prefetch=False)
     out["_tr8x8"] = tr8x8
 
     def _flat_ptr(context: Any, builder: Any, aty: Any, arr: Any, off: Any, offty: Any) -> Any:
@@ -716,7 +717,7 @@ def _conv_rows(r0, r1, starts, ends, offs_b, vals_b, code, scales, bias, lo, xq,
         sc = scales[r]
         bb = bias[r]
         base = img_base + (r // rows_per_group) * group_stride
-        _tile_span(offs_b, vals_b, code, s, e, xq, base, 0, L, wide, sc, bb, tlo)
+        _tile_span_np(offs_b, vals_b, code, s, e, xq, base, 0, L, wide, sc, bb, tlo)
         yr = yn[r]
         if pool > 1:  # NaN propagates, as in torch
             PW = OW // pool
@@ -907,15 +908,222 @@ def _convt_par(bounds, starts, ends, offs_b, vals_b, code, scales, bias, lo, xt,
                         yflat[yo + np.uint64(b)] = v if (v > m) | (v != v) else m
 
 
+
+# Per-image program steps (rows of an int64 table; see _prog_image and pack/program.py).
+PROG_COPY_IN, PROG_SPLIT, PROG_CONV_DIRECT, PROG_CONV_WIDE, PROG_GAP, PROG_COPY_OUT = range(6)
+PROG_FIELDS = 20  # columns of the step table
+
+
+def _prog_image(xf, n, of, arena, arena2, base, steps, offs_b, vals_b, code, starts, ends, scales, bias):  # type: ignore
+    """Run every step of a per-image program on image ``n`` (see :func:`_prog_par`).
+
+    Activations live in ``arena`` (this task's region starts at ``base``) as zero-bordered planes
+    ``[C, H + 2*bh, W + 2*bw]``; a step's offsets are relative to ``base``.  Steps:
+
+    * ``COPY_IN dst C H W pitch plane``: image ``n`` of ``xf`` (flat NCHW) into a plane interior
+      (``dst`` points at the interior's first element).
+    * ``SPLIT src dst C Hp Wp sh sw Hq Wq``: stride-phase split of a whole bordered plane,
+      ``dst[(c*sh + a)*sw + b, i, j] = src[c, i*sh + a, j*sw + b]`` (0 outside).
+    * ``CONV_DIRECT src dst row0 O rpg gstride L Wq OH OW dplane res relu``: a stride-1 conv whose
+      output pitch equals its input pitch ``Wq``: tiles of 64 output positions (outer) x output
+      channels (inner, so the input window stays in L1) store straight into the output plane
+      (``dst`` = interior start); the columns past ``OW`` land on the border and are zeroed
+      after; ``res >= 0``: a residual plane of the same layout is added before the clamp.
+    * ``CONV_WIDE src dst row0 O rpg gstride L Wq OH OW dplane res relu dpitch wide pool rpitch
+      rplane``: any other conv: each channel's ``OH x Wq`` wide result goes to the ``wide``
+      scratch, then its ``OW`` valid columns (+ residual, clamp; or the ``pool x pool`` max-pool)
+      into the output plane (pitch ``dpitch``).
+    * ``GAP src C H W pitch plane``: global average pool of a plane interior into ``of``.
+    * ``COPY_OUT src C H W pitch plane``: a plane interior into ``of`` (NCHW).
+
+    Row ``r`` of conv rows ``[row0, row0 + O)`` (global numbering) reads entries
+    ``[starts[r], ends[r])``; an entry's column is the flat offset of its tap in the input view
+    of its group (``src + g*gstride``)."""
+    for si in range(steps.shape[0]):
+        kind = steps[si, 0]
+        if kind == 0:  # COPY_IN
+            dst = base + steps[si, 1]
+            C = steps[si, 2]
+            H = steps[si, 3]
+            W = steps[si, 4]
+            pitch = steps[si, 5]
+            plane = steps[si, 6]
+            src0 = n * C * H * W
+            for c in range(C):
+                for i in range(H):
+                    _vcopy(arena, dst + c * plane + i * pitch, xf, src0 + (c * H + i) * W, W)
+        elif kind == 1:  # SPLIT
+            src = base + steps[si, 1]
+            dst = base + steps[si, 2]
+            C = steps[si, 3]
+            Hp = steps[si, 4]
+            Wp = steps[si, 5]
+            sh = steps[si, 6]
+            sw = steps[si, 7]
+            Hq = steps[si, 8]
+            Wq = steps[si, 9]
+            if sw == 2:  # the usual stride: both column phases of a row in one pass
+                h0 = (Wp + 1) // 2  # columns 0, 2, 4, ... -> phase 0; 1, 3, ... -> phase 1
+                h1 = Wp // 2
+                for c in range(C):
+                    for a in range(sh):
+                        p0 = dst + ((c * sh + a) * 2) * Hq * Wq
+                        for i in range(Hq):
+                            r = i * sh + a
+                            o0 = np.uint64(p0 + i * Wq)
+                            o1 = o0 + np.uint64(Hq * Wq)
+                            if r >= Hp:
+                                _zero_f32(arena, o0, Wq)
+                                _zero_f32(arena, o1, Wq)
+                                continue
+                            s0 = np.uint64(src + (c * Hp + r) * Wp)
+                            for j in range(h1):
+                                arena[o0 + np.uint64(j)] = arena[s0 + np.uint64(2 * j)]
+                                arena[o1 + np.uint64(j)] = arena[s0 + np.uint64(2 * j + 1)]
+                            if h0 > h1:
+                                arena[o0 + np.uint64(h1)] = arena[s0 + np.uint64(2 * h1)]
+                            for j in range(h0, Wq):
+                                arena[o0 + np.uint64(j)] = np.float32(0.0)
+                            for j in range(h1, Wq):
+                                arena[o1 + np.uint64(j)] = np.float32(0.0)
+                continue
+            for c in range(C):
+                for a in range(sh):
+                    for b in range(sw):
+                        pbase = dst + ((c * sh + a) * sw + b) * Hq * Wq
+                        j1 = min((Wp - b + sw - 1) // sw, Wq)
+                        for i in range(Hq):
+                            r = i * sh + a
+                            o = pbase + i * Wq
+                            if r >= Hp:
+                                _zero_f32(arena, o, Wq)
+                                continue
+                            s0 = src + (c * Hp + r) * Wp + b
+                            if sw == 1:
+                                _vcopy(arena, o, arena, s0, j1)
+                            else:
+                                _gather_f32(arena, o, arena, s0, j1, sw)
+                            if j1 < Wq:
+                                _zero_f32(arena, o + j1, Wq - j1)
+        elif kind == 2 or kind == 3:  # CONV
+            src = base + steps[si, 1]
+            dst = base + steps[si, 2]
+            row0 = steps[si, 3]
+            O = steps[si, 4]
+            rpg = steps[si, 5]
+            gstride = steps[si, 6]
+            L = steps[si, 7]
+            Wq = steps[si, 8]
+            OH = steps[si, 9]
+            OW = steps[si, 10]
+            dplane = steps[si, 11]
+            res = steps[si, 12]
+            lo = np.float32(0.0) if steps[si, 13] else np.float32(-np.inf)
+            tlo = np.float32(-np.inf) if res >= 0 else lo
+            if kind == 2:
+                for rr in range(O):  # row by row: a row's tiles share its loop lengths (predicted)
+                    r = row0 + rr
+                    yb = dst + rr * dplane
+                    xb = src + (rr // rpg) * gstride
+                    _tile_span_np(offs_b, vals_b, code, starts[r], ends[r], arena2, xb - yb, yb, L, arena,
+                                  scales[r], bias[r], tlo)
+                gap = Wq - OW
+                for rr in range(O):
+                    yb = np.uint64(dst + rr * dplane)
+                    if res >= 0:
+                        rb = np.uint64(base + res + rr * dplane)
+                        for q in range(L):
+                            v = arena[yb + np.uint64(q)] + arena[rb + np.uint64(q)]
+                            arena[yb + np.uint64(q)] = lo if v < lo else v
+                    for oy in range(OH):
+                        g0 = yb + np.uint64(oy * Wq + OW)
+                        for j in range(gap):
+                            arena[g0 + np.uint64(j)] = np.float32(0.0)
+            else:
+                dpitch = steps[si, 14]
+                wb = base + steps[si, 15]
+                pool = steps[si, 16]
+                rpitch = steps[si, 17]
+                rplane = steps[si, 18]
+                for rr in range(O):
+                    r = row0 + rr
+                    xb = src + (rr // rpg) * gstride
+                    _tile_span_np(offs_b, vals_b, code, starts[r], ends[r], arena2, xb - wb, wb, L, arena,
+                                  scales[r], bias[r], tlo)
+                    yb = dst + rr * dplane
+                    if pool == 2:  # the common case, straight-line; NaN propagates, as in torch
+                        for py in range(OH // 2):
+                            a = np.uint64(wb + py * 2 * Wq)
+                            o = np.uint64(yb + py * dpitch)
+                            for px in range(OW // 2):
+                                i0 = a + np.uint64(2 * px)
+                                v0 = arena[i0]
+                                v1 = arena[i0 + np.uint64(1)]
+                                v2 = arena[i0 + np.uint64(Wq)]
+                                v3 = arena[i0 + np.uint64(Wq + 1)]
+                                m0 = v1 if (v1 > v0) | (v1 != v1) else v0
+                                m1 = v3 if (v3 > v2) | (v3 != v3) else v2
+                                arena[o + np.uint64(px)] = m1 if (m1 > m0) | (m1 != m1) else m0
+                    elif pool > 1:
+                        for py in range(OH // pool):
+                            _pool_rows(arena, yb + py * dpitch, arena, wb + py * pool * Wq, OW // pool, pool, pool, Wq)
+                    elif res >= 0:
+                        rb = base + res + rr * rplane
+                        for oy in range(OH):
+                            for ox in range(OW):
+                                v = arena[wb + oy * Wq + ox] + arena[rb + oy * rpitch + ox]
+                                arena[yb + oy * dpitch + ox] = lo if v < lo else v
+                    else:
+                        for oy in range(OH):
+                            _vcopy(arena, yb + oy * dpitch, arena, wb + oy * Wq, OW)
+        elif kind == 4:  # GAP
+            src = base + steps[si, 1]
+            C = steps[si, 2]
+            H = steps[si, 3]
+            W = steps[si, 4]
+            pitch = steps[si, 5]
+            plane = steps[si, 6]
+            inv = np.float32(1.0) / np.float32(H * W)
+            for c in range(C):
+                acc = np.float32(0.0)
+                for i in range(H):
+                    o = np.uint64(src + c * plane + i * pitch)
+                    for j in range(W):
+                        acc += arena[o + np.uint64(j)]
+                of[n * C + c] = acc * inv
+        else:  # COPY_OUT
+            src = base + steps[si, 1]
+            C = steps[si, 2]
+            H = steps[si, 3]
+            W = steps[si, 4]
+            pitch = steps[si, 5]
+            plane = steps[si, 6]
+            o0 = n * C * H * W
+            for c in range(C):
+                for i in range(H):
+                    _vcopy(of, o0 + (c * H + i) * W, arena, src + c * plane + i * pitch, W)
+
+
+def _prog_par(xf, of, arena, A, T, N, steps, offs_b, vals_b, code, starts, ends, scales, bias):  # type: ignore
+    """A per-image program (:func:`_prog_image`) over images ``[0, N)``: ``T`` tasks, each a
+    contiguous run of images in its own arena region ``[t*A, (t+1)*A)``, the whole program per
+    image, so an image's activations stay in that core's cache from the first layer to the last."""
+    arena2 = arena.reshape(arena.shape[0], 1)
+    for t in prange(T):
+        n0 = (t * N) // T
+        n1 = ((t + 1) * N) // T
+        for n in range(n0, n1):
+            _prog_image(xf, n, of, arena, arena2, t * A, steps, offs_b, vals_b, code, starts, ends, scales, bias)
+
 # Kernels whose source goes into the generated module, callees first.  Each
 # ``*_par`` function also gets a serial twin ``*_ser``: the same source with
 # ``prange`` -> ``range`` (no fork/join for small problems; separate cache entry).
 #: Helpers inlined into their callers at numba's IR level: ``_tile_span`` is the tile dispatch of
 #: every kernel's inner loop, and as a call it measured 4-7% slower (spmm_t, direct conv).
-_INLINE = frozenset({"_tile_span"})
+_INLINE = frozenset({"_tile_span", "_tile_span_np"})
 _KERNEL_FUNCS: tuple[Callable[..., Any], ...] = (
     _tile_span, _spmv_par, _transpose_region, _transpose_par, _spmm_par, _conv_rows, _split_image,
-    _phase_split_par, _conv_par, _batch_tiles, _convt_par)
+    _phase_split_par, _conv_par, _batch_tiles, _convt_par, _prog_image, _prog_par)
 
 
 def _module_source() -> str:
@@ -927,6 +1135,8 @@ def _module_source() -> str:
     for f in _KERNEL_FUNCS:
         src = inspect.getsource(f)
         parts.append(src)
+        if f is _tile_span:  # its twin for the plane convolutions: the 64-wide tile without prefetch
+            parts.append(src.replace("def _tile_span(", "def _tile_span_np(", 1).replace("_tile64(", "_tile64np("))
         if f.__name__.endswith("_par"):
             ser = src.replace(f"def {f.__name__}(", f"def {f.__name__[:-4]}_ser(", 1).replace("prange(", "range(")
             parts.append(ser)
@@ -999,6 +1209,8 @@ def _build_kernels() -> None:
     names = []
     for f in _KERNEL_FUNCS:
         names.append(f.__name__)
+        if f is _tile_span:
+            names.append("_tile_span_np")
         if f.__name__.endswith("_par"):
             names.append(f.__name__[:-4] + "_ser")
     for name in names:

@@ -1,0 +1,529 @@
+"""Depth-first conv regions: each image runs through a whole region of packed convolutions on one core.
+
+The layer-by-layer runtime runs a conv over the whole batch, writes the result through memory and
+starts the next layer: for a 32x32 ResNet at batch 64 every activation is 4 MiB, so every layer
+streams the batch in and out of L3, re-pads its input, pays a parallel fork/join and a Python
+call. A :class:`PlaneProgram` replaces a region of the traced graph -- packed Conv2d units (with
+their fused BatchNorm, residual add, ReLU, max-pool), identities, and a closing global average
+pool -- with one compiled call: each core takes a run of images and runs the *whole region* on
+one image before the next (``kernels._prog_par``). An image's activations (74 KiB for 16x32x32)
+stay in that core's L2 from the first layer to the last, kept as zero-bordered planes so a
+stride-1 conv writes straight into the next conv's padded input (no copy, no re-padding); the
+output tiles of 64 positions run outer and output channels inner, so each tile's input window
+stays in L1. Batch 1 runs the same program on the calling thread with no fork/join at all.
+
+The program is compiled per input shape (steps, tap offsets, activation slots reused by liveness)
+and its per-level arrays per level map; per thread it keeps one arena (zeroed once: borders stay
+zero). It runs when every conv in it is on the sparse path for the call's level and batch; else
+the region runs unit by unit, exactly as before. ``PackedRuntime.tune`` times the program against
+the unit path and keeps the faster.
+"""
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import kernels
+from .kernels import (PROG_CONV_DIRECT, PROG_CONV_WIDE, PROG_COPY_IN, PROG_COPY_OUT, PROG_FIELDS, PROG_GAP,
+                      PROG_SPLIT)
+from .runtime import (_LEVEL, _MODE_EPOCH, _PASS_THROUGH, FusedSparse, SparseConv, _level_for, _median_times,
+                      _position)
+
+__all__ = ["PlaneProgram", "plane_programs"]
+
+#: (kind, unit index or -1, source value, residual value or -1); value 0 is the region's input,
+#: op ``i`` produces value ``i + 1``
+Op = tuple[str, int, int, int]
+
+
+def _parts(u: nn.Module):
+    """``(layer, bn, relu, pool, residual)`` of a conv unit."""
+    if isinstance(u, FusedSparse):
+        return u.layer, u.bn, u.relu, u.pool, u.residual
+    return u, None, False, 1, False
+
+
+def _round16(n: int) -> int:
+    return (n + 15) // 16 * 16
+
+
+class _Geometry:
+    """A program compiled for one input shape: step table, tap offsets, arena size, output dims."""
+
+    __slots__ = ("steps", "offs_b", "arena", "out_dims", "out_size")
+
+    def __init__(self, steps: np.ndarray, offs: np.ndarray, arena: int, out_dims: tuple) -> None:
+        self.steps = steps
+        self.offs_b = offs.view(np.uint8)
+        self.arena = arena
+        self.out_dims = out_dims
+        self.out_size = int(np.prod(out_dims))
+
+
+class PlaneProgram(nn.Module):
+    """A region of packed convs run depth-first per image (see the module docstring).
+
+    ``ops``: the region in order -- ``("conv", unit, src, res)``, ``("identity", -1, src, -1)``,
+    ``("gap", -1, src, -1)`` (global average pool, last), ``("flatten", -1, src, -1)`` (after it).
+    """
+
+    def __init__(self, ops: list[Op], units: list[nn.Module]) -> None:
+        super().__init__()
+        self.units = nn.ModuleList(units)
+        self.ops = list(ops)
+        self.name = _parts(units[0])[0].name
+        dtypes = {_parts(u)[0].csr.values.dtype for u in units}
+        self._vals = None
+        if len(dtypes) == 1:  # one value dtype for the whole region (the kernel takes one code)
+            vals = np.concatenate([np.ascontiguousarray(_parts(u)[0].csr.values).reshape(-1) for u in units])
+            self._vals = np.ascontiguousarray(vals)
+            self._code = 2 * 2 + (1 if vals.dtype == np.int8 else 0)  # int32 offsets
+        self._entry0 = np.cumsum([0] + [_parts(u)[0].csr.col_indices.shape[0] for u in units]).tolist()
+        self._row0 = np.cumsum([0] + [_parts(u)[0].csr.shape[0] for u in units]).tolist()
+        self._geos: dict[tuple, _Geometry | None] = {}
+        self._level_arrays: dict[tuple, tuple] = {}
+        self._arenas: dict[tuple, np.ndarray] = {}
+        self._states: dict[tuple, object] = {}
+        self._unit_only: set[tuple] = set()  # (levels, batch, force) where tune() found unit by unit faster
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ unit path
+    def _unit_path(self, x: torch.Tensor, force: str | None = None) -> torch.Tensor:
+        vals = [x]
+        for kind, ui, src, res in self.ops:
+            v = vals[src]
+            if kind == "conv":
+                u = self.units[ui]
+                if isinstance(u, FusedSparse):
+                    v = u(v, vals[res] if res >= 0 else None, force=force)
+                else:
+                    v = u(v, force=force)
+            elif kind == "gap":
+                v = F.adaptive_avg_pool2d(v, 1)
+            elif kind == "flatten":
+                v = v.flatten(1)
+            vals.append(v)
+        return vals[-1]
+
+    # ------------------------------------------------------------------ compiled path
+    def _levels(self):
+        for u in self.units:
+            layer, bn = _parts(u)[:2]
+            yield _level_for(layer.name, layer.top), (-1 if bn is None else _level_for(bn.name, bn.top))
+
+    def forward(self, x: torch.Tensor, force: str | None = None) -> torch.Tensor:
+        if (self._vals is None or force == "dense" or x.dtype != torch.float32 or x.device.type != "cpu"
+                or x.dim() != 4 or x.shape[0] == 0 or x.requires_grad):
+            return self._unit_path(x, force)
+        arg = _LEVEL.get()
+        levels = arg if isinstance(arg, int) else tuple(self._levels())
+        N = x.shape[0]
+        key = (tuple(x.shape), force, levels, _MODE_EPOCH[0])
+        st = self._states.get(key, False)
+        if st is False:
+            if len(self._states) > 256:  # stale epochs / many level maps: start over
+                self._states.clear()
+            st = self._states[key] = self._state(N, tuple(x.shape[1:]), force, levels)
+        if st is None:
+            return self._unit_path(x, force)
+        geo, (starts, ends, scales, bias) = st
+        T = max(1, min(kernels._threads(), N))
+        arena = self._arena(geo, T, tuple(x.shape[1:]))
+        xa = x.detach().contiguous().numpy().reshape(-1)
+        out = torch.empty((N, *geo.out_dims))
+        kern = kernels._kernel("prog_par" if T > 1 else "prog_ser")
+        kern(xa, out.numpy().reshape(-1), arena, geo.arena, T, N, geo.steps, geo.offs_b, self._vals.view(np.uint8),
+             self._code, starts, ends, scales, bias)
+        return out
+
+    def _state(self, N: int, in_shape: tuple, force: str | None, levels):
+        """``(geometry, level arrays)``, or None when the call goes unit by unit."""
+        if (levels, N, force) in self._unit_only:
+            return None
+        for u in self.units:
+            layer = _parts(u)[0]
+            if (force or layer.choice(_level_for(layer.name, layer.top), N)) != "sparse":
+                return None
+        geo = self._geometry(in_shape)
+        if geo is None:
+            return None
+        return geo, self._arrays(levels)
+
+    def _arena(self, geo: _Geometry, T: int, in_shape: tuple) -> np.ndarray:
+        key = (threading.get_ident(), in_shape, T)
+        got = self._arenas.get(key)
+        if got is None:
+            with self._lock:
+                if len(self._arenas) >= 32:  # many threads / shapes: drop the old arenas
+                    self._arenas.clear()
+            got = kernels.aligned_empty((T * geo.arena,))
+            got.fill(0.0)  # plane borders are zero from here on: steps write interiors only
+            self._arenas[key] = got
+        return got
+
+    def _arrays(self, levels) -> tuple:
+        """Per-row ``(starts, ends, scales, bias)`` over all the region's convs at ``levels``."""
+        got = self._level_arrays.get(levels)
+        if got is not None:
+            return got
+        starts, ends, scales, bias = [], [], [], []
+        for i, u in enumerate(self.units):
+            layer, bn = _parts(u)[:2]
+            k = _level_for(layer.name, layer.top)
+            kb = -1 if bn is None else _level_for(bn.name, bn.top)
+            plan = kernels.plan_for(layer.csr, k)
+            starts.append(plan.starts + self._entry0[i])
+            ends.append(plan.ends + self._entry0[i])
+            sc, bb = layer._epilogue(k, bn, kb)
+            scales.append(sc)
+            bias.append(bb)
+        got = (np.ascontiguousarray(np.concatenate(starts), dtype=np.int64),
+               np.ascontiguousarray(np.concatenate(ends), dtype=np.int64),
+               np.ascontiguousarray(np.concatenate(scales), dtype=np.float32),
+               np.ascontiguousarray(np.concatenate(bias), dtype=np.float32))
+        if len(self._level_arrays) > 64:
+            self._level_arrays.clear()
+        self._level_arrays[levels] = got
+        return got
+
+    def _geometry(self, in_shape: tuple) -> _Geometry | None:
+        got = self._geos.get(in_shape, False)
+        if got is False:
+            got = self._geos[in_shape] = self._compile(in_shape)
+        return got
+
+    def _compile(self, in_shape: tuple) -> _Geometry | None:  # noqa: C901 - one linear pass per stage
+        """Shapes, borders, liveness-reused slots, steps and tap offsets for one input shape;
+        None if the input does not fit the region (the unit path then raises the usual error)."""
+        if len(in_shape) != 3:
+            return None
+        # -- shapes (values: 0 the input, i + 1 op i's output; identities alias their source)
+        alias, shape = {0: 0}, {0: tuple(int(v) for v in in_shape)}
+        for i, (kind, ui, src, res) in enumerate(self.ops):
+            v, s = i + 1, alias[src]
+            if kind in ("identity", "flatten"):
+                alias[v] = s
+                continue
+            alias[v] = v
+            C, H, W = shape[s]
+            if kind == "gap":
+                shape[v] = (C, 1, 1)
+                continue
+            layer, _, _, pool, _ = _parts(self.units[ui])
+            geo = layer.geo
+            if C != geo.wshape[1] * geo.groups:
+                return None
+            oh, ow = geo.out_hw(H, W)
+            if oh // pool <= 0 or ow // pool <= 0:
+                return None
+            shape[v] = (geo.wshape[0], oh // pool, ow // pool)
+            if res >= 0 and (shape[alias[res]] != shape[v] or pool != 1):
+                return None
+        last_op = max(i for i, op in enumerate(self.ops) if op[0] not in ("identity", "flatten"))
+        out_val = alias[len(self.ops)]
+        gap = self.ops[last_op][0] == "gap"
+        # -- borders: the largest padding any conv reading the value needs
+        border = {v: (0, 0) for v in shape}
+        uses: dict[int, int] = {}  # value -> index of its last reading op
+        for i, (kind, ui, src, res) in enumerate(self.ops):
+            if kind in ("identity", "flatten"):
+                continue
+            s = alias[src]
+            uses[s] = i
+            if res >= 0:
+                uses[alias[res]] = i
+            if kind == "conv":
+                ph, pw = _parts(self.units[ui])[0].geo.padding
+                border[s] = (max(border[s][0], ph), max(border[s][1], pw))
+        uses[out_val] = len(self.ops)  # the output is read at the end
+        for _ in range(len(self.ops)):  # a residual and its sum share a border: the add then runs in place, in one pass
+            changed = False
+            for i, (kind, ui, src, res) in enumerate(self.ops):
+                if kind == "conv" and res >= 0:
+                    r, v = alias[res], i + 1
+                    b = (max(border[r][0], border[v][0]), max(border[r][1], border[v][1]))
+                    changed |= b != border[r] or b != border[v]
+                    border[r] = border[v] = b
+            if not changed:
+                break
+        # -- slots (offsets in one image's arena), reused once their value is dead
+        free: dict[tuple, list[int]] = {}
+        top = [0]
+        slot: dict = {}
+
+        def alloc(key: tuple, size: int) -> int:
+            lst = free.get(key)
+            if lst:
+                return lst.pop()
+            off = top[0]
+            top[0] += _round16(size) + 16
+            return off
+
+        def layout(v: int) -> tuple[int, int, int, int, int, int]:
+            """(C, H, W, pitch, plane, interior offset) of value v's plane."""
+            C, H, W = shape[v]
+            bh, bw = border[v]
+            pitch = W + 2 * bw
+            return C, H, W, pitch, (H + 2 * bh) * pitch, bh * pitch + bw
+
+        def plane_key(v: int) -> tuple:
+            return ("plane", *shape[v], *border[v])
+
+        steps: list[list[int]] = []
+        offs_parts: list[np.ndarray] = []
+        max_read = 0
+        max_wide = 0
+        wide_steps: list[int] = []
+        C, H, W, pitch, plane, inner = layout(0)
+        slot[0] = alloc(plane_key(0), C * plane)
+        steps.append([PROG_COPY_IN, slot[0] + inner, C, H, W, pitch, plane])
+        splits: dict[tuple, tuple] = {}
+        split_last: dict[tuple, int] = {}
+        for i, (kind, ui, src, res) in enumerate(self.ops):
+            if kind == "conv":
+                geo = _parts(self.units[ui])[0].geo
+                if geo.stride != (1, 1):
+                    k = (alias[src], *geo.stride)
+                    split_last[k] = i
+        for i, (kind, ui, src, res) in enumerate(self.ops):
+            v, s = i + 1, alias[src]
+            if kind in ("identity", "flatten"):
+                continue
+            Cs, Hs, Ws, ps, pls, ins = layout(s)
+            if kind == "gap":
+                steps.append([PROG_GAP, slot[s] + ins, Cs, Hs, Ws, ps, pls])
+            else:
+                layer, _, relu, pool, _ = _parts(self.units[ui])
+                geo = layer.geo
+                O, Cg, kh, kw = geo.wshape
+                (sh, sw), (ph, pw), (dh, dw) = geo.stride, geo.padding, geo.dilation
+                bh, bw = border[s]
+                Hp = Hs + 2 * bh
+                if (sh, sw) == (1, 1):
+                    view, Hq, Wq = slot[s], Hp, ps
+                else:
+                    k = (s, sh, sw)
+                    if k not in splits:
+                        Hq, Wq = -(-Hp // sh), -(-ps // sw)
+                        off = alloc(("split", Cs, Hq, Wq, sh, sw), Cs * sh * sw * Hq * Wq)
+                        splits[k] = (off, Hq, Wq)
+                        steps.append([PROG_SPLIT, slot[s], off, Cs, Hp, ps, sh, sw, Hq, Wq])
+                    view, Hq, Wq = splits[k]
+                col = layer.csr.col_indices.astype(np.int64)
+                c, tap = np.divmod(col, kh * kw)
+                ky, kx = np.divmod(tap, kw)
+                qy, ay = np.divmod(ky * dh + bh - ph, sh)
+                qx, ax = np.divmod(kx * dw + bw - pw, sw)
+                offs = (((c * sh + ay) * sw + ax) * Hq + qy) * Wq + qx
+                gstride = Cg * sh * sw * Hq * Wq
+                if gstride * geo.groups >= 2**31:
+                    return None
+                offs_parts.append(offs.astype(np.int32))
+                OH, OW = geo.out_hw(Hs, Ws)
+                L = OH * Wq
+                if offs.size:
+                    max_read = max(max_read, view + (geo.groups - 1) * gstride + int(offs.max()) + L)
+                Co, Ho, Wo, po, plo, ino = layout(v)
+                slot[v] = alloc(plane_key(v), Co * plo)
+                r = alias[res] if res >= 0 else -1
+                direct = (sh, sw) == (1, 1) and pool == 1 and Wq == po and (r < 0 or border[r] == border[v])
+                row = [0] * PROG_FIELDS
+                row[:14] = [PROG_CONV_DIRECT if direct else PROG_CONV_WIDE, view, slot[v] + ino,
+                            self._row0[ui], O, O // geo.groups, gstride, L, Wq, OH, OW, plo, -1, int(relu)]
+                if r >= 0:
+                    rC, rH, rW, rp, rpl, rin = layout(r)
+                    row[12] = slot[r] + rin
+                    row[17], row[18] = rp, rpl
+                if not direct:
+                    row[14], row[16] = po, pool
+                    max_wide = max(max_wide, L)
+                    wide_steps.append(len(steps))
+                steps.append(row)
+            # free what this op read for the last time (after its output took a slot)
+            for val in {s, alias[res] if res >= 0 else s}:
+                if uses.get(val) == i and val != out_val:
+                    free.setdefault(plane_key(val), []).append(slot[val])
+            for k, last in split_last.items():
+                if last == i and k in splits:
+                    off, Hq, Wq = splits.pop(k)
+                    free.setdefault(("split", shape[k[0]][0], Hq, Wq, k[1], k[2]), []).append(off)
+        Co, Ho, Wo, po, plo, ino = layout(out_val)
+        if not gap:
+            steps.append([PROG_COPY_OUT, slot[out_val] + ino, Co, Ho, Wo, po, plo])
+        wide = top[0]
+        for si in wide_steps:
+            steps[si][15] = wide
+        A = _round16(max(wide + max_wide + 64, max_read + 64))
+        table = np.zeros((len(steps), PROG_FIELDS), dtype=np.int64)
+        for si, st in enumerate(steps):
+            table[si, :len(st)] = st
+        if self.ops[-1][0] == "flatten":
+            out_dims = (Co,)
+        else:
+            out_dims = (Co, Ho, Wo)
+        offs = np.ascontiguousarray(np.concatenate(offs_parts)) if offs_parts else np.zeros(0, np.int32)
+        return _Geometry(table, offs, A, out_dims)
+
+    # ------------------------------------------------------------------ tuning
+    def tune_level(self, args: tuple, level: int, repeats: int, keys: set | None = None) -> dict:
+        """Time each conv sparse vs dense on its own input (the unit path), then the whole
+        program against the unit path; the program runs for this level and batch only when it
+        is at least 5% faster (its convs are then all on the sparse path)."""
+        x = args[0]
+        N = x.shape[0]
+        out: dict = {}
+        vals = [x]
+        for kind, ui, src, res in self.ops:
+            v = vals[src]
+            if kind == "conv":
+                u = self.units[ui]
+                layer = _parts(u)[0]
+                r = vals[res] if res >= 0 else None
+                call = (lambda w, u=u, v=v, r=r: u(v, r, force=w)) if isinstance(u, FusedSparse) else (
+                    lambda w, u=u, v=v: u(v, force=w))
+                t = _median_times({w: (lambda w=w: call(w)) for w in ("sparse", "dense")}, repeats)
+                k = _level_for(layer.name, layer.top)
+                layer.mode[(k, N)] = out[(layer.name, k)] = "sparse" if t["sparse"] < 0.95 * t["dense"] else "dense"
+                if keys is not None:
+                    keys.add((layer, N))
+                v = call(None)
+            elif kind == "gap":
+                v = F.adaptive_avg_pool2d(v, 1)
+            elif kind == "flatten":
+                v = v.flatten(1)
+            vals.append(v)
+        fits = (self._vals is not None and x.dtype == torch.float32 and x.device.type == "cpu" and x.dim() == 4
+                and self._geometry(tuple(x.shape[1:])) is not None)
+        if not fits:
+            return out
+        arg = _LEVEL.get()
+        levels = arg if isinstance(arg, int) else tuple(self._levels())
+        self._unit_only.discard((levels, N, None))
+        t = _median_times({"program": lambda: self.forward(x, force="sparse"), "units": lambda: self._unit_path(x)},
+                          repeats)
+        if t["program"] < 0.95 * t["units"]:
+            for u in self.units:
+                layer = _parts(u)[0]
+                k = _level_for(layer.name, layer.top)
+                layer.mode[(k, N)] = out[(layer.name, k)] = "sparse"
+        else:
+            self._unit_only.add((levels, N, None))
+        return out
+
+    def extra_repr(self) -> str:
+        n = sum(op[0] == "conv" for op in self.ops)
+        return f"convs={n}, ops={len(self.ops)}"
+
+
+# ====================================================================== graph pass
+def _conv_unit(node: torch.fx.Node, modules: dict) -> nn.Module | None:
+    if node.op != "call_module" or node.kwargs:
+        return None
+    m = modules.get(node.target)
+    if isinstance(m, FusedSparse):
+        layer = m.layer
+        if not (isinstance(layer, SparseConv) and layer.pl.kind == "conv2d"):
+            return None
+        return m if len(node.args) == (2 if m.residual else 1) else None
+    if isinstance(m, SparseConv) and m.pl.kind == "conv2d" and len(node.args) == 1:
+        return m
+    return None
+
+
+def _is_gap(node: torch.fx.Node, modules: dict) -> bool:
+    if node.op == "call_module" and type(modules.get(node.target)) is nn.AdaptiveAvgPool2d:
+        return len(node.args) == 1 and not node.kwargs and modules[node.target].output_size in (1, (1, 1))
+    if node.op == "call_function" and node.target is F.adaptive_avg_pool2d:
+        size = node.args[1] if len(node.args) > 1 else node.kwargs.get("output_size")
+        return len(node.args) + len(node.kwargs) == 2 and size in (1, (1, 1))
+    return False
+
+
+def _is_flatten1(node: torch.fx.Node, modules: dict) -> bool:
+    if node.op == "call_module":
+        m = modules.get(node.target)
+        return type(m) is nn.Flatten and m.start_dim == 1 and m.end_dim == -1 and len(node.args) == 1
+    if node.op in ("call_function", "call_method") and node.target in (torch.flatten, "flatten"):
+        rest = dict(zip(("start_dim", "end_dim"), node.args[1:]), **node.kwargs)
+        return rest.get("start_dim", 0) == 1 and rest.get("end_dim", -1) == -1 and set(rest) <= {"start_dim", "end_dim"}
+    return False
+
+
+def plane_programs(graph: torch.fx.Graph, modules: dict[str, nn.Module], min_convs: int = 2) -> bool:
+    """Replace each maximal region of conv units (+ identities, residual adds already fused,
+    a closing global average pool and flatten) that reads one outside value and is read only
+    through its last node by a :class:`PlaneProgram`. Returns True if any was made."""
+    made = False
+    nodes = list(graph.nodes)
+    i = 0
+    while i < len(nodes):
+        first = nodes[i]
+        if _conv_unit(first, modules) is None or not isinstance(first.args[0], torch.fx.Node):
+            i += 1
+            continue
+        x = first.args[0]
+        region: list[torch.fx.Node] = []
+        inside: set = set()
+        for n in nodes[i:]:
+            deps = [a for a in n.args if isinstance(a, torch.fx.Node)]
+            if not n.args or not all(d is x or d in inside for d in deps):
+                break
+            after_gap = bool(region) and _is_gap(region[-1], modules)
+            gap_flatten = after_gap and n.args[0] is region[-1] and _is_flatten1(n, modules)
+            if after_gap and not gap_flatten:
+                break  # a global pool (and its flatten) closes the region
+            ok = gap_flatten or _is_gap(n, modules) or (len(deps) == len(n.args) and (
+                _conv_unit(n, modules) is not None or (
+                    n.op == "call_module" and isinstance(modules.get(n.target), _PASS_THROUGH)
+                    and len(n.args) == 1 and not n.kwargs)))
+            if not ok:
+                break
+            region.append(n)
+            inside.add(n)
+            if gap_flatten:
+                break
+        # trim until only the last node is read from outside the region
+        while region:
+            members = set(region)
+            escaping = [n for n in region if any(u not in members for u in n.users)]
+            if escaping == [region[-1]]:
+                break
+            region.pop()
+        convs = [n for n in region if _conv_unit(n, modules) is not None]
+        if len(convs) < min_convs:
+            i += 1
+            continue
+        ids = {x: 0}
+        ops: list[Op] = []
+        units: list[nn.Module] = []
+        for n in region:
+            unit = _conv_unit(n, modules)
+            src = ids[n.args[0]]
+            if unit is not None:
+                res = ids[n.args[1]] if len(n.args) == 2 else -1
+                ops.append(("conv", len(units), src, res))
+                units.append(unit)
+            elif _is_gap(n, modules):
+                ops.append(("gap", -1, src, -1))
+            elif _is_flatten1(n, modules):
+                ops.append(("flatten", -1, src, -1))
+            else:
+                ops.append(("identity", -1, src, -1))
+            ids[n] = len(ops)
+        name = f"_program{len(modules)}_{first.target.replace('.', '_')}"
+        modules[name] = PlaneProgram(ops, units)
+        last = region[-1]
+        with graph.inserting_before(last):
+            new = graph.call_module(name, (x,))
+        last.replace_all_uses_with(new)
+        for n in sorted(region, key=lambda n: -_position(graph, n)):
+            graph.erase_node(n)
+        made = True
+        nodes = list(graph.nodes)
+        i = nodes.index(new) + 1
+    return made

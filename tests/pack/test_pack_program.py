@@ -1,0 +1,227 @@
+"""Depth-first conv programs (pack/program.py): the region a program takes, and that it computes
+exactly what the unit-by-unit runtime and the nested model compute."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import nestedsparse as ns
+from nestedsparse import models
+from nestedsparse.pack import load_packed, pack
+from nestedsparse.pack.program import PlaneProgram
+from nestedsparse.pack.runtime import FeatureMajorChain, PackedRuntime
+
+SPEC = ns.LevelSpec((0.1, 0.4, 1.0))
+
+
+def _calibrated(m, shape):
+    ns.nestify_(m, SPEC)
+    m.train()
+    for k in range(SPEC.num_levels):  # per-level BatchNorm statistics that differ
+        with ns.use_level(m, k), torch.no_grad():
+            m(torch.randn(4, *shape) * (1 + k))
+    return m.eval()
+
+
+def _registry(tmp_path, name, kwargs, shape, dtype="float32"):
+    torch.manual_seed(0)
+    m = _calibrated(models.create(name, **kwargs), shape)
+    pack(m, dtype=dtype, model_name=name, model_kwargs=kwargs).save(tmp_path / "m.nsp")
+    return m, load_packed(tmp_path / "m.nsp")
+
+
+def _programs(rt):
+    return [u for u in rt.units() if isinstance(u, PlaneProgram)]
+
+
+def _all_sparse(rt, batch):
+    for layer in rt.sparse_layers():
+        layer.mode.update({(k, batch): "sparse" for k in range(SPEC.num_levels)})
+
+
+def _ran(prog):
+    """True when the program's compiled path served a call (not the unit-by-unit fallback)."""
+    return any(v is not None for v in prog._states.values())
+
+
+@pytest.mark.parametrize("name, kwargs, shape, convs", [
+    ("resnet20", {"shortcut": "B"}, (3, 16, 16), 21),
+    ("resnet20", {"shortcut": "A"}, (3, 16, 16), None),  # its pad shortcut splits the regions
+    ("wrn", {"depth": 10, "width": 1}, (3, 16, 16), None),
+    ("mobilenet_v1", {"width_mult": 0.25}, (3, 32, 32), None),
+    ("lenet5", {}, (1, 28, 28), 2),
+])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_program_equals_nested_model_every_level(tmp_path, name, kwargs, shape, convs, batch):
+    m, rt = _registry(tmp_path, name, kwargs, shape)
+    progs = _programs(rt)
+    assert progs, "no conv region became a program"
+    if convs is not None:
+        assert sum(op[0] == "conv" for p in progs for op in p.ops) == convs
+    _all_sparse(rt, batch)
+    x = torch.randn(batch, *shape)
+    for k in range(SPEC.num_levels):
+        with ns.use_level(m, k), torch.no_grad():
+            ref = m(x)
+        torch.testing.assert_close(rt(x, level=k), ref, rtol=1e-3, atol=1e-4)
+    assert all(_ran(p) for p in progs)
+
+
+def test_resnet_region_ends_with_the_global_pool(tmp_path):
+    """ResNet: one program from the stem to the pooled, flattened features; only the classifier
+    stays outside."""
+    _, rt = _registry(tmp_path, "resnet20", {"shortcut": "B"}, (3, 16, 16))
+    (prog,) = _programs(rt)
+    assert [op[0] for op in prog.ops[-2:]] == ["gap", "flatten"]
+    calls = [n.target for n in rt.graph.graph.nodes if n.op == "call_module"]
+    assert len(calls) == 2 and calls[1] == "classifier"
+
+
+def test_int8_program_equals_unit_path(tmp_path):
+    m, rt = _registry(tmp_path, "resnet20", {"shortcut": "B"}, (3, 16, 16), dtype="int8")
+    units = PackedRuntime(rt.model, rt.spec, programs=False)
+    _all_sparse(rt, 2)
+    x = torch.randn(2, 3, 16, 16)
+    for k in range(SPEC.num_levels):
+        torch.testing.assert_close(rt(x, level=k), units(x, level=k), rtol=1e-4, atol=1e-5)
+    assert _ran(_programs(rt)[0])
+
+
+def test_program_per_layer_levels_and_input_sizes(tmp_path):
+    """A level map reroutes part-way through the program (convs and BatchNorms on different
+    levels); a new input size compiles a new geometry."""
+    m, rt = _registry(tmp_path, "resnet20", {"shortcut": "B"}, (3, 16, 16))
+    _all_sparse(rt, 2)
+    route = {"": 0, "layer2": 1, "layer3.0.conv1": 2, "layer3.0.bn1": 0, "classifier": 1}
+    for size in (16, 12, 9):
+        x = torch.randn(2, 3, size, size)
+        with ns.use_level(m, route), torch.no_grad():
+            ref = m(x)
+        torch.testing.assert_close(rt(x, level=route), ref, rtol=1e-3, atol=1e-4)
+    prog = _programs(rt)[0]
+    assert len(prog._geos) == 3 and all(g is not None for g in prog._geos.values())
+
+
+def test_program_threads_run_different_levels(tmp_path, mismatches_under_threads):
+    _, rt = _registry(tmp_path, "resnet20", {"shortcut": "B"}, (3, 16, 16))
+    _all_sparse(rt, 4)
+    assert mismatches_under_threads(rt, torch.randn(4, 3, 16, 16), calls=8) == []
+
+
+def test_program_nan_and_inf_propagate_like_torch(tmp_path):
+    m, rt = _registry(tmp_path, "resnet20", {"shortcut": "B"}, (3, 16, 16))
+    _all_sparse(rt, 2)
+    x = torch.randn(2, 3, 16, 16)
+    x[0, 1, 5, 7] = float("nan")
+    x[1, 0, 2, 2] = float("inf")
+    for k in range(SPEC.num_levels):
+        with ns.use_level(m, k), torch.no_grad():
+            ref = m(x)
+        torch.testing.assert_close(rt(x, level=k), ref, rtol=1e-3, atol=1e-4, equal_nan=True)
+
+
+def test_program_falls_back_and_keeps_the_errors(tmp_path):
+    """Dense-chosen convs, float64 input and a wrong input all take the unit path, with its
+    results and its errors."""
+    m, rt = _registry(tmp_path, "resnet20", {"shortcut": "B"}, (3, 16, 16))
+    units = PackedRuntime(rt.model, rt.spec, programs=False)
+    prog = _programs(rt)[0]
+    x = torch.randn(2, 3, 16, 16)
+    for layer in rt.sparse_layers():  # one dense conv: the level runs unit by unit
+        layer.mode.update({(k, 2): "sparse" for k in range(SPEC.num_levels)})
+    rt.sparse_layers()[3].mode[(0, 2)] = "dense"
+    torch.testing.assert_close(rt(x, level=0), units(x, level=0), rtol=1e-4, atol=1e-5)
+    assert not _ran(prog)
+    torch.testing.assert_close(rt(x.double(), level=1).float(), units(x, level=1), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="does not fit weight"):
+        rt(torch.randn(2, 4, 16, 16), level=1)
+
+
+class Branchy(nn.Module):
+    """A conv region whose middle value is also read outside it (by a sigmoid gate)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.c2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.c3 = nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=2)
+        self.c4 = nn.Conv2d(8, 8, 1)
+
+    def forward(self, x):
+        a = F.relu(self.c1(x))
+        b = F.relu(self.c2(a))
+        gate = torch.sigmoid(b)  # not a program op: the region must end at b
+        c = self.c4(F.relu(self.c3(b * gate)))
+        return c.mean((2, 3))
+
+
+def test_region_trimmed_where_a_value_escapes(tmp_path):
+    torch.manual_seed(0)
+    m = Branchy()
+    ns.nestify_(m, SPEC)
+    m.eval()
+    pack(m).save(tmp_path / "b.nsp")
+    rt = load_packed(tmp_path / "b.nsp", Branchy)
+    progs = _programs(rt)
+    assert [len(p.units) for p in progs] == [2, 2]  # (c1, c2) | gate | (c3, c4)
+    _all_sparse(rt, 3)
+    x = torch.randn(3, 3, 11, 11)
+    for k in range(SPEC.num_levels):
+        with ns.use_level(m, k), torch.no_grad():
+            ref = m(x)
+        torch.testing.assert_close(rt(x, level=k), ref, rtol=1e-4, atol=1e-5)
+    assert all(_ran(p) for p in progs)
+
+
+def test_tuned_program_runtime_equals_nested_model(tmp_path):
+    m, rt = _registry(tmp_path, "resnet20", {"shortcut": "A"}, (3, 16, 16))
+    x = torch.randn(4, 3, 16, 16)
+    rt.tune(x, repeats=2)
+    for k in range(SPEC.num_levels):
+        with ns.use_level(m, k), torch.no_grad():
+            ref = m(x)
+        torch.testing.assert_close(rt(x, level=k), ref, rtol=1e-3, atol=1e-4)
+
+
+def test_programs_off_keeps_the_feature_major_chain(tmp_path):
+    _, rt = _registry(tmp_path, "lenet5", {}, (1, 28, 28))
+    off = PackedRuntime(rt.model, rt.spec, programs=False)
+    assert not _programs(off) and any(isinstance(u, FeatureMajorChain) for u in off.units())
+    x = torch.randn(2, 1, 28, 28)
+    for k in range(SPEC.num_levels):
+        torch.testing.assert_close(rt(x, level=k), off(x, level=k), rtol=1e-4, atol=1e-5)
+
+
+class StridedResidual(nn.Module):
+    """A strided conv with a residual (the program's copy-out path adds it), a 3x3 max-pool."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 6, 3, padding=1)
+        self.c2 = nn.Conv2d(6, 6, 3, stride=2, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(6)
+        self.short = nn.Conv2d(6, 6, 1, stride=2)
+        self.c3 = nn.Conv2d(6, 4, 2, dilation=2)
+
+    def forward(self, x):
+        a = F.relu(self.c1(x))
+        b = F.relu(self.bn(self.c2(a)) + self.short(a))
+        return F.max_pool2d(self.c3(b), 3)
+
+
+def test_strided_residual_and_pool_in_a_program(tmp_path):
+    torch.manual_seed(0)
+    m = _calibrated(StridedResidual(), (3, 13, 13))
+    pack(m).save(tmp_path / "s.nsp")
+    rt = load_packed(tmp_path / "s.nsp", StridedResidual)
+    (prog,) = _programs(rt)
+    assert len(prog.units) == 4
+    _all_sparse(rt, 2)
+    x = torch.randn(2, 3, 13, 13)
+    for k in range(SPEC.num_levels):
+        with ns.use_level(m, k), torch.no_grad():
+            ref = m(x)
+        torch.testing.assert_close(rt(x, level=k), ref, rtol=1e-4, atol=1e-5)
+    assert _ran(prog)
+    kinds = set(prog._geometry((3, 13, 13)).steps[:, 0].tolist())
+    assert {1, 2, 3, 5} <= kinds  # split, direct conv, copy-out conv, copy out
