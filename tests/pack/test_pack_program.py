@@ -225,3 +225,42 @@ def test_strided_residual_and_pool_in_a_program(tmp_path):
     assert _ran(prog)
     kinds = set(prog._geometry((3, 13, 13)).steps[:, 0].tolist())
     assert {1, 2, 3, 5} <= kinds  # split, direct conv, copy-out conv, copy out
+
+
+class WideRows(nn.Module):
+    """Padding only along the width (no top/bottom border), wider than 16: a direct conv's junk
+    columns run past its plane."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 4, (1, 35), padding=(0, 17))
+        self.c2 = nn.Conv2d(4, 4, (1, 35), padding=(0, 17))
+        self.c3 = nn.Conv2d(4, 3, (3, 1), dilation=(2, 1))
+
+    def forward(self, x):
+        a = F.relu(self.c1(x))
+        return self.c3(F.relu(self.c2(a) + a))
+
+
+def test_width_only_padding(tmp_path):
+    torch.manual_seed(0)
+    m = WideRows()
+    ns.nestify_(m, SPEC)
+    m.eval()
+    pack(m).save(tmp_path / "w.nsp")
+    rt = load_packed(tmp_path / "w.nsp", WideRows)
+    (prog,) = _programs(rt)
+    _all_sparse(rt, 2)
+    x = torch.randn(2, 3, 5, 40)
+    for k in range(SPEC.num_levels):
+        with ns.use_level(m, k), torch.no_grad():
+            ref = m(x)
+        torch.testing.assert_close(rt(x, level=k), ref, rtol=1e-4, atol=1e-5)
+    assert _ran(prog)
+
+
+def test_program_rejects_units_out_of_order(tmp_path):
+    _, rt = _registry(tmp_path, "lenet5", {}, (1, 28, 28))
+    prog = _programs(rt)[0]
+    with pytest.raises(ValueError, match="in order"):
+        PlaneProgram([("conv", 1, 0, -1), ("conv", 0, 1, -1)], list(prog.units))

@@ -914,6 +914,19 @@ PROG_COPY_IN, PROG_SPLIT, PROG_CONV_DIRECT, PROG_CONV_WIDE, PROG_GAP, PROG_COPY_
 PROG_FIELDS = 20  # columns of the step table
 
 
+def _plane_rows(offs_b, vals_b, code, starts, ends, scales, bias, arena, arena2, src, dst, row0, O, rpg,  # type: ignore
+                gstride, dplane, L, tlo):
+    """Rows ``[row0, row0 + O)`` of a direct plane conv, each over its ``L`` wide positions, stored
+    at ``dst + rr*dplane`` (a function of its own: inlined into the program's big loop, the tile
+    loop's invariants spilled to the stack)."""
+    for rr in range(O):  # row by row: a row's tiles share its loop lengths (predicted)
+        r = row0 + rr
+        yb = dst + rr * dplane
+        xb = src + (rr // rpg) * gstride
+        _tile_span_np(offs_b, vals_b, code, starts[r], ends[r], arena2, xb - yb, yb, L, arena, scales[r], bias[r],
+                      tlo)
+
+
 def _prog_image(xf, n, of, arena, arena2, base, steps, offs_b, vals_b, code, starts, ends, scales, bias):  # type: ignore
     """Run every step of a per-image program on image ``n`` (see :func:`_prog_par`).
 
@@ -1021,12 +1034,8 @@ def _prog_image(xf, n, of, arena, arena2, base, steps, offs_b, vals_b, code, sta
             lo = np.float32(0.0) if steps[si, 13] else np.float32(-np.inf)
             tlo = np.float32(-np.inf) if res >= 0 else lo
             if kind == 2:
-                for rr in range(O):  # row by row: a row's tiles share its loop lengths (predicted)
-                    r = row0 + rr
-                    yb = dst + rr * dplane
-                    xb = src + (rr // rpg) * gstride
-                    _tile_span_np(offs_b, vals_b, code, starts[r], ends[r], arena2, xb - yb, yb, L, arena,
-                                  scales[r], bias[r], tlo)
+                _plane_rows(offs_b, vals_b, code, starts, ends, scales, bias, arena, arena2, src, dst, row0, O, rpg,
+                            gstride, dplane, L, tlo)
                 gap = Wq - OW
                 for rr in range(O):
                     yb = np.uint64(dst + rr * dplane)
@@ -1123,7 +1132,7 @@ def _prog_par(xf, of, arena, A, T, N, steps, offs_b, vals_b, code, starts, ends,
 _INLINE = frozenset({"_tile_span", "_tile_span_np"})
 _KERNEL_FUNCS: tuple[Callable[..., Any], ...] = (
     _tile_span, _spmv_par, _transpose_region, _transpose_par, _spmm_par, _conv_rows, _split_image,
-    _phase_split_par, _conv_par, _batch_tiles, _convt_par, _prog_image, _prog_par)
+    _phase_split_par, _conv_par, _batch_tiles, _convt_par, _plane_rows, _prog_image, _prog_par)
 
 
 def _module_source() -> str:

@@ -31,7 +31,7 @@ from torch import nn
 from . import kernels
 from .kernels import (PROG_CONV_DIRECT, PROG_CONV_WIDE, PROG_COPY_IN, PROG_COPY_OUT, PROG_FIELDS, PROG_GAP,
                       PROG_SPLIT)
-from .runtime import (_LEVEL, _MODE_EPOCH, _PASS_THROUGH, FusedSparse, SparseConv, _level_for, _median_times,
+from .runtime import (_LEVEL, _MODE_EPOCH, FusedSparse, SparseConv, _level_for, _median_times,
                       _position)
 
 __all__ = ["PlaneProgram", "plane_programs"]
@@ -74,6 +74,8 @@ class PlaneProgram(nn.Module):
 
     def __init__(self, ops: list[Op], units: list[nn.Module]) -> None:
         super().__init__()
+        if [op[1] for op in ops if op[0] == "conv"] != list(range(len(units))):
+            raise ValueError("PlaneProgram: the conv ops must use units 0, 1, ... once each, in order")
         self.units = nn.ModuleList(units)
         self.ops = list(ops)
         self.name = _parts(units[0])[0].name
@@ -135,7 +137,7 @@ class PlaneProgram(nn.Module):
         T = max(1, min(kernels._threads(), N))
         arena = self._arena(geo, T, tuple(x.shape[1:]))
         xa = x.detach().contiguous().numpy().reshape(-1)
-        out = torch.empty((N, *geo.out_dims))
+        out = torch.empty((N, *geo.out_dims), dtype=torch.float32)
         kern = kernels._kernel("prog_par" if T > 1 else "prog_ser")
         kern(xa, out.numpy().reshape(-1), arena, geo.arena, T, N, geo.steps, geo.offs_b, self._vals.view(np.uint8),
              self._code, starts, ends, scales, bias)
@@ -256,12 +258,15 @@ class PlaneProgram(nn.Module):
         top = [0]
         slot: dict = {}
 
+        # a direct conv's last junk columns land up to bw floats past its plane (when bh == 0)
+        slack = 16 + _round16(max(b[1] for b in border.values()))
+
         def alloc(key: tuple, size: int) -> int:
             lst = free.get(key)
             if lst:
                 return lst.pop()
             off = top[0]
-            top[0] += _round16(size) + 16
+            top[0] += _round16(size) + slack
             return off
 
         def layout(v: int) -> tuple[int, int, int, int, int, int]:
@@ -421,6 +426,10 @@ class PlaneProgram(nn.Module):
 
 
 # ====================================================================== graph pass
+#: Identities at inference on any 4-D input (``Dropout1d`` would raise on one, so it stays outside).
+_IDENTITIES = (nn.Identity, nn.Dropout, nn.Dropout2d, nn.AlphaDropout)
+
+
 def _conv_unit(node: torch.fx.Node, modules: dict) -> nn.Module | None:
     if node.op != "call_module" or node.kwargs:
         return None
@@ -479,7 +488,7 @@ def plane_programs(graph: torch.fx.Graph, modules: dict[str, nn.Module], min_con
                 break  # a global pool (and its flatten) closes the region
             ok = gap_flatten or _is_gap(n, modules) or (len(deps) == len(n.args) and (
                 _conv_unit(n, modules) is not None or (
-                    n.op == "call_module" and isinstance(modules.get(n.target), _PASS_THROUGH)
+                    n.op == "call_module" and type(modules.get(n.target)) in _IDENTITIES
                     and len(n.args) == 1 and not n.kwargs)))
             if not ok:
                 break
