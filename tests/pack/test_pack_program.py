@@ -108,11 +108,13 @@ def test_program_threads_run_different_levels(tmp_path, mismatches_under_threads
     assert mismatches_under_threads(rt, torch.randn(4, 3, 16, 16), calls=8) == []
 
 
-def test_program_nan_and_inf_propagate_like_torch(tmp_path):
-    m, rt = _registry(tmp_path, "resnet20", {"shortcut": "B"}, (3, 16, 16))
+@pytest.mark.parametrize("name, shape", [("resnet20", (3, 16, 16)), ("lenet5", (1, 28, 28))])
+def test_program_nan_and_inf_propagate_like_torch(tmp_path, name, shape):
+    """Through residual adds, ReLU, the global pool (ResNet) and the fused 2x2 max-pools (LeNet)."""
+    m, rt = _registry(tmp_path, name, {}, shape)
     _all_sparse(rt, 2)
-    x = torch.randn(2, 3, 16, 16)
-    x[0, 1, 5, 7] = float("nan")
+    x = torch.randn(2, *shape)
+    x[0, 0, 5, 7] = float("nan")
     x[1, 0, 2, 2] = float("inf")
     for k in range(SPEC.num_levels):
         with ns.use_level(m, k), torch.no_grad():

@@ -527,6 +527,49 @@ def _make_intrinsics(nb: Any) -> dict[str, Any]:
 
         return sig, codegen
 
+    @nb.extending.intrinsic
+    def pool2_row(typingctx: Any, dst: Any, doff: Any, src: Any, soff: Any, n: Any, pitch: Any) -> Any:
+        """``dst.flat[doff + i] = max(src.flat[soff + 2i + {0, 1, pitch, pitch + 1}])`` for ``i < n``: one
+        output row of a 2x2 / stride-2 max-pool (float32, NaN propagates, no checks); 8 outputs per
+        step from four 8-float loads, a vertical max and an even/odd shuffle."""
+        if not (isinstance(dst, types.Array) and isinstance(src, types.Array) and dst.dtype == types.float32
+                and src.dtype == types.float32):
+            return None
+        sig = types.void(dst, doff, src, soff, n, pitch)
+
+        def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+            at = signature.args
+            d = builder.bitcast(_flat_ptr(context, builder, at[0], args[0], args[1], at[1]), f32.as_pointer())
+            s_ = builder.bitcast(_flat_ptr(context, builder, at[2], args[2], args[3], at[3]), f32.as_pointer())
+            n_ = context.cast(builder, args[4], at[4], types.int64)
+            pt = context.cast(builder, args[5], at[5], types.int64)
+            v8 = f8.as_pointer()
+            nvec = builder.sdiv(n_, i64(8))
+            even = ir.Constant(ir.VectorType(ir.IntType(32), 8), list(range(0, 16, 2)))
+            odd = ir.Constant(ir.VectorType(ir.IntType(32), 8), list(range(1, 16, 2)))
+            with cgutils.for_range(builder, nvec) as loop:
+                base = builder.mul(loop.index, i64(16))
+
+                def ld(o: Any) -> Any:
+                    return builder.load(builder.bitcast(builder.gep(s_, [o]), v8), align=4)
+                a0, a1 = ld(base), ld(builder.add(base, i64(8)))
+                b0, b1 = ld(builder.add(base, pt)), ld(builder.add(builder.add(base, pt), i64(8)))
+                m0, m1 = _nanmax(builder, a0, b0), _nanmax(builder, a1, b1)
+                r = _nanmax(builder, builder.shuffle_vector(m0, m1, even), builder.shuffle_vector(m0, m1, odd))
+                builder.store(r, builder.bitcast(builder.gep(d, [builder.mul(loop.index, i64(8))]), v8), align=4)
+            with cgutils.for_range(builder, builder.sub(n_, builder.mul(nvec, i64(8)))) as loop:
+                i = builder.add(builder.mul(nvec, i64(8)), loop.index)
+                o = builder.mul(i, i64(2))
+
+                def ls(off: Any) -> Any:
+                    return builder.load(builder.gep(s_, [off]), align=4)
+                m0 = _nanmax(builder, ls(o), ls(builder.add(o, i64(1))))
+                m1 = _nanmax(builder, ls(builder.add(o, pt)), ls(builder.add(builder.add(o, pt), i64(1))))
+                builder.store(_nanmax(builder, m0, m1), builder.gep(d, [i]), align=4)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
     v8p = f8.as_pointer()
     i32t = ir.IntType(32)
 
@@ -571,6 +614,7 @@ def _make_intrinsics(nb: Any) -> dict[str, Any]:
 
     out["_vcopy"] = vcopy
     out["_pool_rows"] = pool_rows
+    out["_pool2_row"] = pool2_row
     out["_gather_f32"] = gather_f32
     out["_zero_f32"] = zero_f32
     return out
@@ -721,20 +765,9 @@ def _conv_rows(r0, r1, starts, ends, offs_b, vals_b, code, scales, bias, lo, xq,
         yr = yn[r]
         if pool > 1:  # NaN propagates, as in torch
             PW = OW // pool
-            if pool == 2:  # the common case, straight-line
-                yflat = yr.reshape(yr.shape[0] * yr.shape[1])
+            if pool == 2:  # the common case, vectorised
                 for py in range(OH // 2):
-                    a = np.uint64(py * 2 * Wq)
-                    o = np.uint64(py * PW)
-                    for px in range(PW):
-                        i0 = a + np.uint64(2 * px)
-                        v0 = wide[i0]
-                        v1 = wide[i0 + np.uint64(1)]
-                        v2 = wide[i0 + np.uint64(Wq)]
-                        v3 = wide[i0 + np.uint64(Wq + 1)]
-                        m0 = v1 if (v1 > v0) | (v1 != v1) else v0
-                        m1 = v3 if (v3 > v2) | (v3 != v3) else v2
-                        yflat[o + np.uint64(px)] = m1 if (m1 > m0) | (m1 != m1) else m0
+                    _pool2_row(yr, py * PW, wide, py * 2 * Wq, PW, Wq)
             else:
                 for py in range(OH // pool):
                     _pool_rows(yr, py * PW, wide, py * pool * Wq, PW, pool, pool, Wq)
@@ -1060,19 +1093,9 @@ def _prog_image(xf, n, of, arena, arena2, base, steps, offs_b, vals_b, code, sta
                     _tile_span_np(offs_b, vals_b, code, starts[r], ends[r], arena2, xb - wb, wb, L, arena,
                                   scales[r], bias[r], tlo)
                     yb = dst + rr * dplane
-                    if pool == 2:  # the common case, straight-line; NaN propagates, as in torch
+                    if pool == 2:  # the common case, vectorised; NaN propagates, as in torch
                         for py in range(OH // 2):
-                            a = np.uint64(wb + py * 2 * Wq)
-                            o = np.uint64(yb + py * dpitch)
-                            for px in range(OW // 2):
-                                i0 = a + np.uint64(2 * px)
-                                v0 = arena[i0]
-                                v1 = arena[i0 + np.uint64(1)]
-                                v2 = arena[i0 + np.uint64(Wq)]
-                                v3 = arena[i0 + np.uint64(Wq + 1)]
-                                m0 = v1 if (v1 > v0) | (v1 != v1) else v0
-                                m1 = v3 if (v3 > v2) | (v3 != v3) else v2
-                                arena[o + np.uint64(px)] = m1 if (m1 > m0) | (m1 != m1) else m0
+                            _pool2_row(arena, yb + py * dpitch, arena, wb + py * 2 * Wq, OW // 2, Wq)
                     elif pool > 1:
                         for py in range(OH // pool):
                             _pool_rows(arena, yb + py * dpitch, arena, wb + py * pool * Wq, OW // pool, pool, pool, Wq)
