@@ -46,7 +46,7 @@ def _ran(prog):
 
 @pytest.mark.parametrize("name, kwargs, shape, convs", [
     ("resnet20", {"shortcut": "B"}, (3, 16, 16), 21),
-    ("resnet20", {"shortcut": "A"}, (3, 16, 16), None),  # its pad shortcut splits the regions
+    ("resnet20", {"shortcut": "A"}, (3, 16, 16), 19),
     ("wrn", {"depth": 10, "width": 1}, (3, 16, 16), None),
     ("mobilenet_v1", {"width_mult": 0.25}, (3, 32, 32), None),
     ("lenet5", {}, (1, 28, 28), 2),
@@ -67,11 +67,13 @@ def test_program_equals_nested_model_every_level(tmp_path, name, kwargs, shape, 
     assert all(_ran(p) for p in progs)
 
 
-def test_resnet_region_ends_with_the_global_pool(tmp_path):
-    """ResNet: one program from the stem to the pooled, flattened features; only the classifier
-    stays outside."""
-    _, rt = _registry(tmp_path, "resnet20", {"shortcut": "B"}, (3, 16, 16))
+@pytest.mark.parametrize("shortcut", ["A", "B"])
+def test_resnet_region_ends_with_the_global_pool(tmp_path, shortcut):
+    """ResNet: one program from the stem to the pooled, flattened features (option A's pad
+    shortcuts inside it); only the classifier stays outside."""
+    _, rt = _registry(tmp_path, "resnet20", {"shortcut": shortcut}, (3, 16, 16))
     (prog,) = _programs(rt)
+    assert len(prog.shortcuts) == (2 if shortcut == "A" else 0)
     assert [op[0] for op in prog.ops[-2:]] == ["gap", "flatten"]
     calls = [n.target for n in rt.graph.graph.nodes if n.op == "call_module"]
     assert len(calls) == 2 and calls[1] == "classifier"

@@ -943,7 +943,7 @@ def _convt_par(bounds, starts, ends, offs_b, vals_b, code, scales, bias, lo, xt,
 
 
 # Per-image program steps (rows of an int64 table; see _prog_image and pack/program.py).
-PROG_COPY_IN, PROG_SPLIT, PROG_CONV_DIRECT, PROG_CONV_WIDE, PROG_GAP, PROG_COPY_OUT = range(6)
+PROG_COPY_IN, PROG_SPLIT, PROG_CONV_DIRECT, PROG_CONV_WIDE, PROG_GAP, PROG_COPY_OUT, PROG_SUBPAD = range(7)
 PROG_FIELDS = 20  # columns of the step table
 
 
@@ -981,6 +981,8 @@ def _prog_image(xf, n, of, arena, arena2, base, steps, offs_b, vals_b, code, sta
       into the output plane (pitch ``dpitch``).
     * ``GAP src C H W pitch plane``: global average pool of a plane interior into ``of``.
     * ``COPY_OUT src C H W pitch plane``: a plane interior into ``of`` (NCHW).
+    * ``SUBPAD src dst Ci Ho Wo s spitch splane dpitch dplane before Co``: the option-A ResNet
+      shortcut, ``dst[c] = src[c - before, ::s, ::s]`` for ``before <= c < before + Ci``, else 0.
 
     Row ``r`` of conv rows ``[row0, row0 + O)`` (global numbering) reads entries
     ``[starts[r], ends[r])``; an entry's column is the flat offset of its tap in the input view
@@ -1123,6 +1125,28 @@ def _prog_image(xf, n, of, arena, arena2, base, steps, offs_b, vals_b, code, sta
                     for j in range(W):
                         acc += arena[o + np.uint64(j)]
                 of[n * C + c] = acc * inv
+        elif kind == 6:  # SUBPAD
+            src = base + steps[si, 1]
+            dst = base + steps[si, 2]
+            Ci = steps[si, 3]
+            Ho = steps[si, 4]
+            Wo = steps[si, 5]
+            st = steps[si, 6]
+            spitch = steps[si, 7]
+            splane = steps[si, 8]
+            dpitch = steps[si, 9]
+            dplane = steps[si, 10]
+            before = steps[si, 11]
+            Co = steps[si, 12]
+            for c in range(Co):
+                for i in range(Ho):
+                    o = dst + c * dplane + i * dpitch
+                    if c < before or c >= before + Ci:
+                        _zero_f32(arena, o, Wo)
+                    elif st == 1:
+                        _vcopy(arena, o, arena, src + (c - before) * splane + i * spitch, Wo)
+                    else:
+                        _gather_f32(arena, o, arena, src + (c - before) * splane + i * st * spitch, Wo, st)
         else:  # COPY_OUT
             src = base + steps[si, 1]
             C = steps[si, 2]

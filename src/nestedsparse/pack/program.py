@@ -4,8 +4,9 @@ The layer-by-layer runtime runs a conv over the whole batch, writes the result t
 starts the next layer: for a 32x32 ResNet at batch 64 every activation is 4 MiB, so every layer
 streams the batch in and out of L3, re-pads its input, pays a parallel fork/join and a Python
 call. A :class:`PlaneProgram` replaces a region of the traced graph -- packed Conv2d units (with
-their fused BatchNorm, residual add, ReLU, max-pool), identities, and a closing global average
-pool -- with one compiled call: each core takes a run of images and runs the *whole region* on
+their fused BatchNorm, residual add, ReLU, max-pool), identities, option-A ResNet shortcuts
+(subsample + zero channels) and a closing global average pool -- with one compiled call: each
+core takes a run of images and runs the *whole region* on
 one image before the next (``kernels._prog_par``). An image's activations (74 KiB for 16x32x32)
 stay in that core's L2 from the first layer to the last, kept as zero-bordered planes so a
 stride-1 conv writes straight into the next conv's padded input (no copy, no re-padding); the
@@ -29,8 +30,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import kernels
+from ..models.resnet import PadShortcut
 from .kernels import (PROG_CONV_DIRECT, PROG_CONV_WIDE, PROG_COPY_IN, PROG_COPY_OUT, PROG_FIELDS, PROG_GAP,
-                      PROG_SPLIT)
+                      PROG_SPLIT, PROG_SUBPAD)
 from .runtime import (_LEVEL, _MODE_EPOCH, FusedSparse, SparseConv, _level_for, _median_times,
                       _position)
 
@@ -69,14 +71,18 @@ class PlaneProgram(nn.Module):
     """A region of packed convs run depth-first per image (see the module docstring).
 
     ``ops``: the region in order -- ``("conv", unit, src, res)``, ``("identity", -1, src, -1)``,
+    ``("subpad", shortcut, src, -1)`` (an option-A ResNet shortcut, ``shortcuts[shortcut]``),
     ``("gap", -1, src, -1)`` (global average pool, last), ``("flatten", -1, src, -1)`` (after it).
     """
 
-    def __init__(self, ops: list[Op], units: list[nn.Module]) -> None:
+    def __init__(self, ops: list[Op], units: list[nn.Module], shortcuts: list[nn.Module] = ()) -> None:
         super().__init__()
         if [op[1] for op in ops if op[0] == "conv"] != list(range(len(units))):
             raise ValueError("PlaneProgram: the conv ops must use units 0, 1, ... once each, in order")
+        if [op[1] for op in ops if op[0] == "subpad"] != list(range(len(shortcuts))):
+            raise ValueError("PlaneProgram: the subpad ops must use shortcuts 0, 1, ... once each, in order")
         self.units = nn.ModuleList(units)
+        self.shortcuts = nn.ModuleList(shortcuts)
         self.ops = list(ops)
         self.name = _parts(units[0])[0].name
         dtypes = {_parts(u)[0].csr.values.dtype for u in units}
@@ -105,6 +111,8 @@ class PlaneProgram(nn.Module):
                     v = u(v, vals[res] if res >= 0 else None, force=force)
                 else:
                     v = u(v, force=force)
+            elif kind == "subpad":
+                v = self.shortcuts[ui](v)
             elif kind == "gap":
                 v = F.adaptive_avg_pool2d(v, 1)
             elif kind == "flatten":
@@ -216,6 +224,10 @@ class PlaneProgram(nn.Module):
             if kind == "gap":
                 shape[v] = (C, 1, 1)
                 continue
+            if kind == "subpad":
+                sc = self.shortcuts[ui]
+                shape[v] = (C + sc.extra, -(-H // sc.stride), -(-W // sc.stride))
+                continue
             layer, _, _, pool, _ = _parts(self.units[ui])
             geo = layer.geo
             if C != geo.wshape[1] * geo.groups:
@@ -302,6 +314,12 @@ class PlaneProgram(nn.Module):
             Cs, Hs, Ws, ps, pls, ins = layout(s)
             if kind == "gap":
                 steps.append([PROG_GAP, slot[s] + ins, Cs, Hs, Ws, ps, pls])
+            elif kind == "subpad":
+                sc = self.shortcuts[ui]
+                Co, Ho, Wo, po, plo, ino = layout(v)
+                slot[v] = alloc(plane_key(v), Co * plo)
+                steps.append([PROG_SUBPAD, slot[s] + ins, slot[v] + ino, Cs, Ho, Wo, sc.stride, ps, pls, po, plo,
+                              sc.extra // 2, Co])
             else:
                 layer, _, relu, pool, _ = _parts(self.units[ui])
                 geo = layer.geo
@@ -397,6 +415,8 @@ class PlaneProgram(nn.Module):
                 if keys is not None:
                     keys.add((layer, N))
                 v = call(None)
+            elif kind == "subpad":
+                v = self.shortcuts[ui](v)
             elif kind == "gap":
                 v = F.adaptive_avg_pool2d(v, 1)
             elif kind == "flatten":
@@ -488,7 +508,7 @@ def plane_programs(graph: torch.fx.Graph, modules: dict[str, nn.Module], min_con
                 break  # a global pool (and its flatten) closes the region
             ok = gap_flatten or _is_gap(n, modules) or (len(deps) == len(n.args) and (
                 _conv_unit(n, modules) is not None or (
-                    n.op == "call_module" and type(modules.get(n.target)) in _IDENTITIES
+                    n.op == "call_module" and type(modules.get(n.target)) in _IDENTITIES + (PadShortcut,)
                     and len(n.args) == 1 and not n.kwargs)))
             if not ok:
                 break
@@ -510,6 +530,7 @@ def plane_programs(graph: torch.fx.Graph, modules: dict[str, nn.Module], min_con
         ids = {x: 0}
         ops: list[Op] = []
         units: list[nn.Module] = []
+        shortcuts: list[nn.Module] = []
         for n in region:
             unit = _conv_unit(n, modules)
             src = ids[n.args[0]]
@@ -517,6 +538,9 @@ def plane_programs(graph: torch.fx.Graph, modules: dict[str, nn.Module], min_con
                 res = ids[n.args[1]] if len(n.args) == 2 else -1
                 ops.append(("conv", len(units), src, res))
                 units.append(unit)
+            elif n.op == "call_module" and type(modules.get(n.target)) is PadShortcut:
+                ops.append(("subpad", len(shortcuts), src, -1))
+                shortcuts.append(modules[n.target])
             elif _is_gap(n, modules):
                 ops.append(("gap", -1, src, -1))
             elif _is_flatten1(n, modules):
@@ -525,7 +549,7 @@ def plane_programs(graph: torch.fx.Graph, modules: dict[str, nn.Module], min_con
                 ops.append(("identity", -1, src, -1))
             ids[n] = len(ops)
         name = f"_program{len(modules)}_{first.target.replace('.', '_')}"
-        modules[name] = PlaneProgram(ops, units)
+        modules[name] = PlaneProgram(ops, units, shortcuts)
         last = region[-1]
         with graph.inserting_before(last):
             new = graph.call_module(name, (x,))

@@ -692,10 +692,13 @@ class PackedRuntime(nn.Module):
 
 
 class _LeafTracer(torch.fx.Tracer):
-    """Traces the model's own code; packed layers and per-level BatchNorms stay leaf calls."""
+    """Traces the model's own code; packed layers, per-level BatchNorms and the option-A ResNet
+    shortcut (a depth-first program op) stay leaf calls."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, (_SparseBase, LevelBatchNorm)) or super().is_leaf_module(m, qualname)
+        from ..models.resnet import PadShortcut  # noqa: PLC0415
+
+        return isinstance(m, (_SparseBase, LevelBatchNorm, PadShortcut)) or super().is_leaf_module(m, qualname)
 
 
 def _is_relu(node: torch.fx.Node, src: torch.fx.Node, modules: Mapping[str, nn.Module]) -> bool:
