@@ -30,6 +30,19 @@ def _registry(tmp_path, name, kwargs, shape, dtype="float32"):
     return m, load_packed(tmp_path / "m.nsp")
 
 
+def _custom(cls, tmp_path, calibrate_shape=None):
+    """A nestified ``cls()`` (BatchNorm statistics per level if ``calibrate_shape``) and its runtime."""
+    torch.manual_seed(0)
+    m = cls()
+    if calibrate_shape is None:
+        ns.nestify_(m, SPEC)
+        m.eval()
+    else:
+        m = _calibrated(m, calibrate_shape)
+    pack(m).save(tmp_path / f"{cls.__name__}.nsp")
+    return m, load_packed(tmp_path / f"{cls.__name__}.nsp", cls)
+
+
 def _programs(rt):
     return [u for u in rt.units() if isinstance(u, PlaneProgram)]
 
@@ -37,6 +50,15 @@ def _programs(rt):
 def _all_sparse(rt, batch):
     for layer in rt.sparse_layers():
         layer.mode.update({(k, batch): "sparse" for k in range(SPEC.num_levels)})
+
+
+def _assert_levels(rt, m, x, route=None, **tol):
+    """``rt`` equals the nested model ``m`` at every level (or at the level map ``route``)."""
+    tol = {"rtol": 1e-4, "atol": 1e-5, **tol}
+    for k in ([route] if route is not None else range(SPEC.num_levels)):
+        with ns.use_level(m, k), torch.no_grad():
+            ref = m(x)
+        torch.testing.assert_close(rt(x, level=k), ref, **tol)
 
 
 def _ran(prog):
@@ -60,10 +82,7 @@ def test_program_equals_nested_model_every_level(tmp_path, name, kwargs, shape, 
         assert sum(op[0] == "conv" for p in progs for op in p.ops) == convs
     _all_sparse(rt, batch)
     x = torch.randn(batch, *shape)
-    for k in range(SPEC.num_levels):
-        with ns.use_level(m, k), torch.no_grad():
-            ref = m(x)
-        torch.testing.assert_close(rt(x, level=k), ref, rtol=1e-3, atol=1e-4)
+    _assert_levels(rt, m, x, rtol=1e-3, atol=1e-4)
     assert all(_ran(p) for p in progs)
 
 
@@ -97,9 +116,7 @@ def test_program_per_layer_levels_and_input_sizes(tmp_path):
     route = {"": 0, "layer2": 1, "layer3.0.conv1": 2, "layer3.0.bn1": 0, "classifier": 1}
     for size in (16, 12, 9):
         x = torch.randn(2, 3, size, size)
-        with ns.use_level(m, route), torch.no_grad():
-            ref = m(x)
-        torch.testing.assert_close(rt(x, level=route), ref, rtol=1e-3, atol=1e-4)
+        _assert_levels(rt, m, x, route, rtol=1e-3, atol=1e-4)
     prog = _programs(rt)[0]
     assert len(prog._geos) == 3 and all(g is not None for g in prog._geos.values())
 
@@ -118,10 +135,7 @@ def test_program_nan_and_inf_propagate_like_torch(tmp_path, name, shape):
     x = torch.randn(2, *shape)
     x[0, 0, 5, 7] = float("nan")
     x[1, 0, 2, 2] = float("inf")
-    for k in range(SPEC.num_levels):
-        with ns.use_level(m, k), torch.no_grad():
-            ref = m(x)
-        torch.testing.assert_close(rt(x, level=k), ref, rtol=1e-3, atol=1e-4, equal_nan=True)
+    _assert_levels(rt, m, x, rtol=1e-3, atol=1e-4, equal_nan=True)
 
 
 def test_program_falls_back_and_keeps_the_errors(tmp_path):
@@ -160,20 +174,12 @@ class Branchy(nn.Module):
 
 
 def test_region_trimmed_where_a_value_escapes(tmp_path):
-    torch.manual_seed(0)
-    m = Branchy()
-    ns.nestify_(m, SPEC)
-    m.eval()
-    pack(m).save(tmp_path / "b.nsp")
-    rt = load_packed(tmp_path / "b.nsp", Branchy)
+    m, rt = _custom(Branchy, tmp_path)
     progs = _programs(rt)
     assert [len(p.units) for p in progs] == [2, 2]  # (c1, c2) | gate | (c3, c4)
     _all_sparse(rt, 3)
     x = torch.randn(3, 3, 11, 11)
-    for k in range(SPEC.num_levels):
-        with ns.use_level(m, k), torch.no_grad():
-            ref = m(x)
-        torch.testing.assert_close(rt(x, level=k), ref, rtol=1e-4, atol=1e-5)
+    _assert_levels(rt, m, x, rtol=1e-4, atol=1e-5)
     assert all(_ran(p) for p in progs)
 
 
@@ -181,10 +187,7 @@ def test_tuned_program_runtime_equals_nested_model(tmp_path):
     m, rt = _registry(tmp_path, "resnet20", {"shortcut": "A"}, (3, 16, 16))
     x = torch.randn(4, 3, 16, 16)
     rt.tune(x, repeats=2)
-    for k in range(SPEC.num_levels):
-        with ns.use_level(m, k), torch.no_grad():
-            ref = m(x)
-        torch.testing.assert_close(rt(x, level=k), ref, rtol=1e-3, atol=1e-4)
+    _assert_levels(rt, m, x, rtol=1e-3, atol=1e-4)
 
 
 def test_programs_off_keeps_the_feature_major_chain(tmp_path):
@@ -214,18 +217,12 @@ class StridedResidual(nn.Module):
 
 
 def test_strided_residual_and_pool_in_a_program(tmp_path):
-    torch.manual_seed(0)
-    m = _calibrated(StridedResidual(), (3, 13, 13))
-    pack(m).save(tmp_path / "s.nsp")
-    rt = load_packed(tmp_path / "s.nsp", StridedResidual)
+    m, rt = _custom(StridedResidual, tmp_path, (3, 13, 13))
     (prog,) = _programs(rt)
     assert len(prog.units) == 4
     _all_sparse(rt, 2)
     x = torch.randn(2, 3, 13, 13)
-    for k in range(SPEC.num_levels):
-        with ns.use_level(m, k), torch.no_grad():
-            ref = m(x)
-        torch.testing.assert_close(rt(x, level=k), ref, rtol=1e-4, atol=1e-5)
+    _assert_levels(rt, m, x, rtol=1e-4, atol=1e-5)
     assert _ran(prog)
     kinds = set(prog._geometry((3, 13, 13)).steps[:, 0].tolist())
     assert {1, 2, 3, 5} <= kinds  # split, direct conv, copy-out conv, copy out
@@ -247,19 +244,11 @@ class WideRows(nn.Module):
 
 
 def test_width_only_padding(tmp_path):
-    torch.manual_seed(0)
-    m = WideRows()
-    ns.nestify_(m, SPEC)
-    m.eval()
-    pack(m).save(tmp_path / "w.nsp")
-    rt = load_packed(tmp_path / "w.nsp", WideRows)
+    m, rt = _custom(WideRows, tmp_path)
     (prog,) = _programs(rt)
     _all_sparse(rt, 2)
     x = torch.randn(2, 3, 5, 40)
-    for k in range(SPEC.num_levels):
-        with ns.use_level(m, k), torch.no_grad():
-            ref = m(x)
-        torch.testing.assert_close(rt(x, level=k), ref, rtol=1e-4, atol=1e-5)
+    _assert_levels(rt, m, x, rtol=1e-4, atol=1e-5)
     assert _ran(prog)
 
 

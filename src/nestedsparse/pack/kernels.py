@@ -947,6 +947,13 @@ PROG_COPY_IN, PROG_SPLIT, PROG_CONV_DIRECT, PROG_CONV_WIDE, PROG_GAP, PROG_COPY_
 PROG_FIELDS = 20  # columns of the step table
 
 
+def _copy_rows(dst, d0, dpitch, dplane, src, s0, spitch, splane, C, H, W):  # type: ignore[no-untyped-def]
+    """``C x H`` rows of ``W`` floats between two planar layouts (flat offsets, pitches, plane sizes)."""
+    for c in range(C):
+        for i in range(H):
+            _vcopy(dst, d0 + c * dplane + i * dpitch, src, s0 + c * splane + i * spitch, W)
+
+
 def _plane_rows(offs_b, vals_b, code, starts, ends, scales, bias, arena, arena2, src, dst, row0, O, rpg,  # type: ignore
                 gstride, dplane, L, tlo):
     """Rows ``[row0, row0 + O)`` of a direct plane conv, each over its ``L`` wide positions, stored
@@ -989,17 +996,14 @@ def _prog_image(xf, n, of, arena, arena2, base, steps, offs_b, vals_b, code, sta
     of its group (``src + g*gstride``)."""
     for si in range(steps.shape[0]):
         kind = steps[si, 0]
-        if kind == 0:  # COPY_IN
-            dst = base + steps[si, 1]
+        if kind == 0 or kind == 5:  # COPY_IN: image n -> plane interior; COPY_OUT: plane interior -> output n
             C = steps[si, 2]
             H = steps[si, 3]
             W = steps[si, 4]
-            pitch = steps[si, 5]
-            plane = steps[si, 6]
-            src0 = n * C * H * W
-            for c in range(C):
-                for i in range(H):
-                    _vcopy(arena, dst + c * plane + i * pitch, xf, src0 + (c * H + i) * W, W)
+            if kind == 0:
+                _copy_rows(arena, base + steps[si, 1], steps[si, 5], steps[si, 6], xf, n * C * H * W, W, H * W, C, H, W)
+            else:
+                _copy_rows(of, n * C * H * W, W, H * W, arena, base + steps[si, 1], steps[si, 5], steps[si, 6], C, H, W)
         elif kind == 1:  # SPLIT
             src = base + steps[si, 1]
             dst = base + steps[si, 2]
@@ -1147,17 +1151,6 @@ def _prog_image(xf, n, of, arena, arena2, base, steps, offs_b, vals_b, code, sta
                         _vcopy(arena, o, arena, src + (c - before) * splane + i * spitch, Wo)
                     else:
                         _gather_f32(arena, o, arena, src + (c - before) * splane + i * st * spitch, Wo, st)
-        else:  # COPY_OUT
-            src = base + steps[si, 1]
-            C = steps[si, 2]
-            H = steps[si, 3]
-            W = steps[si, 4]
-            pitch = steps[si, 5]
-            plane = steps[si, 6]
-            o0 = n * C * H * W
-            for c in range(C):
-                for i in range(H):
-                    _vcopy(of, o0 + (c * H + i) * W, arena, src + c * plane + i * pitch, W)
 
 
 def _prog_par(xf, of, arena, A, T, N, steps, offs_b, vals_b, code, starts, ends, scales, bias):  # type: ignore
@@ -1179,7 +1172,7 @@ def _prog_par(xf, of, arena, A, T, N, steps, offs_b, vals_b, code, starts, ends,
 _INLINE = frozenset({"_tile_span", "_tile_span_np"})
 _KERNEL_FUNCS: tuple[Callable[..., Any], ...] = (
     _tile_span, _spmv_par, _transpose_region, _transpose_par, _spmm_par, _conv_rows, _split_image,
-    _phase_split_par, _conv_par, _batch_tiles, _convt_par, _plane_rows, _prog_image, _prog_par)
+    _phase_split_par, _conv_par, _batch_tiles, _convt_par, _copy_rows, _plane_rows, _prog_image, _prog_par)
 
 
 def _module_source() -> str:

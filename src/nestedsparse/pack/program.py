@@ -50,6 +50,13 @@ def _parts(u: nn.Module):
     return u, None, False, 1, False
 
 
+def _call_unit(u: nn.Module, x: torch.Tensor, residual: torch.Tensor | None, force: str | None) -> torch.Tensor:
+    """A conv unit on the unit path (a fused one with its residual)."""
+    if isinstance(u, FusedSparse):
+        return u(x, residual, force=force)
+    return u(x, force=force)
+
+
 def _round16(n: int) -> int:
     return (n + 15) // 16 * 16
 
@@ -102,15 +109,15 @@ class PlaneProgram(nn.Module):
 
     # ------------------------------------------------------------------ unit path
     def _unit_path(self, x: torch.Tensor, force: str | None = None) -> torch.Tensor:
+        return self._run_ops(x, lambda u, v, r: _call_unit(u, v, r, force))
+
+    def _run_ops(self, x: torch.Tensor, conv: Callable) -> torch.Tensor:
+        """The region op by op in torch; each conv unit through ``conv(unit, input, residual)``."""
         vals = [x]
         for kind, ui, src, res in self.ops:
             v = vals[src]
             if kind == "conv":
-                u = self.units[ui]
-                if isinstance(u, FusedSparse):
-                    v = u(v, vals[res] if res >= 0 else None, force=force)
-                else:
-                    v = u(v, force=force)
+                v = conv(self.units[ui], v, vals[res] if res >= 0 else None)
             elif kind == "subpad":
                 v = self.shortcuts[ui](v)
             elif kind == "gap":
@@ -400,28 +407,17 @@ class PlaneProgram(nn.Module):
         x = args[0]
         N = x.shape[0]
         out: dict = {}
-        vals = [x]
-        for kind, ui, src, res in self.ops:
-            v = vals[src]
-            if kind == "conv":
-                u = self.units[ui]
-                layer = _parts(u)[0]
-                r = vals[res] if res >= 0 else None
-                call = (lambda w, u=u, v=v, r=r: u(v, r, force=w)) if isinstance(u, FusedSparse) else (
-                    lambda w, u=u, v=v: u(v, force=w))
-                t = _median_times({w: (lambda w=w: call(w)) for w in ("sparse", "dense")}, repeats)
-                k = _level_for(layer.name, layer.top)
-                layer.mode[(k, N)] = out[(layer.name, k)] = "sparse" if t["sparse"] < 0.95 * t["dense"] else "dense"
-                if keys is not None:
-                    keys.add((layer, N))
-                v = call(None)
-            elif kind == "subpad":
-                v = self.shortcuts[ui](v)
-            elif kind == "gap":
-                v = F.adaptive_avg_pool2d(v, 1)
-            elif kind == "flatten":
-                v = v.flatten(1)
-            vals.append(v)
+
+        def timed(u: nn.Module, v: torch.Tensor, r: torch.Tensor | None) -> torch.Tensor:
+            layer = _parts(u)[0]
+            t = _median_times({w: (lambda w=w: _call_unit(u, v, r, w)) for w in ("sparse", "dense")}, repeats)
+            k = _level_for(layer.name, layer.top)
+            layer.mode[(k, N)] = out[(layer.name, k)] = "sparse" if t["sparse"] < 0.95 * t["dense"] else "dense"
+            if keys is not None:
+                keys.add((layer, N))
+            return _call_unit(u, v, r, None)
+
+        self._run_ops(x, timed)
         fits = (self._vals is not None and x.dtype == torch.float32 and x.device.type == "cpu" and x.dim() == 4
                 and self._geometry(tuple(x.shape[1:])) is not None)
         if not fits:
