@@ -1083,10 +1083,17 @@ def _prog_image(xf, n, of, arena, arena2, base, steps, offs_b, vals_b, code, sta
                         for q in range(L):
                             v = arena[yb + np.uint64(q)] + arena[rb + np.uint64(q)]
                             arena[yb + np.uint64(q)] = lo if v < lo else v
-                    for oy in range(OH):
-                        g0 = yb + np.uint64(oy * Wq + OW)
-                        for j in range(gap):
-                            arena[g0 + np.uint64(j)] = np.float32(0.0)
+                    g0 = yb + np.uint64(OW)
+                    if gap == 2:  # a 1-wide border: two stores per row, no inner loop
+                        for oy in range(OH):
+                            arena[g0] = np.float32(0.0)
+                            arena[g0 + np.uint64(1)] = np.float32(0.0)
+                            g0 += np.uint64(Wq)
+                    else:
+                        for oy in range(OH):
+                            for j in range(gap):
+                                arena[g0 + np.uint64(j)] = np.float32(0.0)
+                            g0 += np.uint64(Wq)
             else:
                 dpitch = steps[si, 14]
                 wb = base + steps[si, 15]
