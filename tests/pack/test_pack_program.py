@@ -114,11 +114,11 @@ def test_program_per_layer_levels_and_input_sizes(tmp_path):
     m, rt = _registry(tmp_path, "resnet20", {"shortcut": "B"}, (3, 16, 16))
     _all_sparse(rt, 2)
     route = {"": 0, "layer2": 1, "layer3.0.conv1": 2, "layer3.0.bn1": 0, "classifier": 1}
-    for size in (16, 12, 9):
+    for size in (16, 12, 9, 32):  # odd widths (deinterleave tails), 32: the vector paths
         x = torch.randn(2, 3, size, size)
         _assert_levels(rt, m, x, route, rtol=1e-3, atol=1e-4)
     prog = _programs(rt)[0]
-    assert len(prog._geos) == 3 and all(g is not None for g in prog._geos.values())
+    assert len(prog._geos) == 4 and all(g is not None for g in prog._geos.values())
 
 
 def test_program_threads_run_different_levels(tmp_path, mismatches_under_threads):

@@ -570,6 +570,71 @@ def _make_intrinsics(nb: Any) -> dict[str, Any]:
 
         return sig, codegen
 
+    @nb.extending.intrinsic
+    def deint2(typingctx: Any, dst: Any, d0: Any, d1: Any, src: Any, soff: Any, n: Any) -> Any:
+        """``dst.flat[d0 + j] = src.flat[soff + 2j]``, ``dst.flat[d1 + j] = src.flat[soff + 2j + 1]``
+        for ``j < n`` (float32, no checks): a row split into its even and odd columns, 8 of each per
+        step from two 8-float loads and two shuffles."""
+        if not (isinstance(dst, types.Array) and isinstance(src, types.Array) and dst.dtype == types.float32
+                and src.dtype == types.float32):
+            return None
+        sig = types.void(dst, d0, d1, src, soff, n)
+
+        def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+            at = signature.args
+            e_ = builder.bitcast(_flat_ptr(context, builder, at[0], args[0], args[1], at[1]), f32.as_pointer())
+            o_ = builder.bitcast(_flat_ptr(context, builder, at[0], args[0], args[2], at[2]), f32.as_pointer())
+            s_ = builder.bitcast(_flat_ptr(context, builder, at[3], args[3], args[4], at[4]), f32.as_pointer())
+            n_ = context.cast(builder, args[5], at[5], types.int64)
+            v8 = f8.as_pointer()
+            nvec = builder.sdiv(n_, i64(8))
+            even = ir.Constant(ir.VectorType(ir.IntType(32), 8), list(range(0, 16, 2)))
+            odd = ir.Constant(ir.VectorType(ir.IntType(32), 8), list(range(1, 16, 2)))
+            with cgutils.for_range(builder, nvec) as loop:
+                b = builder.mul(loop.index, i64(16))
+                a0 = builder.load(builder.bitcast(builder.gep(s_, [b]), v8), align=4)
+                a1 = builder.load(builder.bitcast(builder.gep(s_, [builder.add(b, i64(8))]), v8), align=4)
+                o = builder.mul(loop.index, i64(8))
+                builder.store(builder.shuffle_vector(a0, a1, even), builder.bitcast(builder.gep(e_, [o]), v8), align=4)
+                builder.store(builder.shuffle_vector(a0, a1, odd), builder.bitcast(builder.gep(o_, [o]), v8), align=4)
+            with cgutils.for_range(builder, builder.sub(n_, builder.mul(nvec, i64(8)))) as loop:
+                j = builder.add(builder.mul(nvec, i64(8)), loop.index)
+                t = builder.mul(j, i64(2))
+                builder.store(builder.load(builder.gep(s_, [t]), align=4), builder.gep(e_, [j]), align=4)
+                builder.store(builder.load(builder.gep(s_, [builder.add(t, i64(1))]), align=4), builder.gep(o_, [j]),
+                              align=4)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    @nb.extending.intrinsic
+    def vsum(typingctx: Any, src: Any, soff: Any, n: Any) -> Any:
+        """``sum(src.flat[soff:soff+n])`` in float32: 8 lanes, then the lanes and the tail (no checks)."""
+        if not (isinstance(src, types.Array) and src.dtype == types.float32):
+            return None
+        sig = types.float32(src, soff, n)
+
+        def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+            at = signature.args
+            s_ = builder.bitcast(_flat_ptr(context, builder, at[0], args[0], args[1], at[1]), f32.as_pointer())
+            n_ = context.cast(builder, args[2], at[2], types.int64)
+            nvec = builder.sdiv(n_, i64(8))
+            acc = cgutils.alloca_once_value(builder, ir.Constant(f8, None))
+            with cgutils.for_range(builder, nvec) as loop:
+                v = builder.load(builder.bitcast(builder.gep(s_, [builder.mul(loop.index, i64(8))]), f8.as_pointer()),
+                                 align=4)
+                builder.store(builder.fadd(builder.load(acc), v), acc)
+            tot = cgutils.alloca_once_value(builder, ir.Constant(f32, 0.0))
+            a = builder.load(acc)
+            for k in range(8):
+                builder.store(builder.fadd(builder.load(tot), builder.extract_element(a, ir.IntType(32)(k))), tot)
+            with cgutils.for_range(builder, builder.sub(n_, builder.mul(nvec, i64(8)))) as loop:
+                j = builder.add(builder.mul(nvec, i64(8)), loop.index)
+                builder.store(builder.fadd(builder.load(tot), builder.load(builder.gep(s_, [j]), align=4)), tot)
+            return builder.load(tot)
+
+        return sig, codegen
+
     v8p = f8.as_pointer()
     i32t = ir.IntType(32)
 
@@ -615,6 +680,8 @@ def _make_intrinsics(nb: Any) -> dict[str, Any]:
     out["_vcopy"] = vcopy
     out["_pool_rows"] = pool_rows
     out["_pool2_row"] = pool2_row
+    out["_deint2"] = deint2
+    out["_vsum"] = vsum
     out["_gather_f32"] = gather_f32
     out["_zero_f32"] = zero_f32
     return out
@@ -1029,9 +1096,7 @@ def _prog_image(xf, n, of, arena, arena2, base, steps, offs_b, vals_b, code, sta
                                 _zero_f32(arena, o1, Wq)
                                 continue
                             s0 = np.uint64(src + (c * Hp + r) * Wp)
-                            for j in range(h1):
-                                arena[o0 + np.uint64(j)] = arena[s0 + np.uint64(2 * j)]
-                                arena[o1 + np.uint64(j)] = arena[s0 + np.uint64(2 * j + 1)]
+                            _deint2(arena, o0, o1, arena, s0, h1)
                             if h0 > h1:
                                 arena[o0 + np.uint64(h1)] = arena[s0 + np.uint64(2 * h1)]
                             for j in range(h0, Wq):
@@ -1132,9 +1197,7 @@ def _prog_image(xf, n, of, arena, arena2, base, steps, offs_b, vals_b, code, sta
             for c in range(C):
                 acc = np.float32(0.0)
                 for i in range(H):
-                    o = np.uint64(src + c * plane + i * pitch)
-                    for j in range(W):
-                        acc += arena[o + np.uint64(j)]
+                    acc += _vsum(arena, src + c * plane + i * pitch, W)
                 of[n * C + c] = acc * inv
         elif kind == 6:  # SUBPAD
             src = base + steps[si, 1]
