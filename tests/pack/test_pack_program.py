@@ -98,6 +98,15 @@ def test_resnet_region_ends_with_the_global_pool(tmp_path, shortcut):
     assert len(calls) == 2 and calls[1] == "classifier"
 
 
+def test_option_a_shortcut_on_odd_sizes(tmp_path):
+    """The pad shortcut's ceil(H / 2) on odd inputs, inside one program."""
+    m, rt = _registry(tmp_path, "resnet20", {"shortcut": "A"}, (3, 16, 16))
+    _all_sparse(rt, 2)
+    for size in (11, 13):
+        _assert_levels(rt, m, torch.randn(2, 3, size, size), rtol=1e-3, atol=1e-4)
+    assert _ran(_programs(rt)[0])
+
+
 def test_int8_program_equals_unit_path(tmp_path):
     m, rt = _registry(tmp_path, "resnet20", {"shortcut": "B"}, (3, 16, 16), dtype="int8")
     units = PackedRuntime(rt.model, rt.spec, programs=False)

@@ -1082,8 +1082,8 @@ def _prog_image(xf, n, of, arena, arena2, base, steps, offs_b, vals_b, code, sta
             Hq = steps[si, 8]
             Wq = steps[si, 9]
             if sw == 2:  # the usual stride: both column phases of a row in one pass
-                h0 = (Wp + 1) // 2  # columns 0, 2, 4, ... -> phase 0; 1, 3, ... -> phase 1
-                h1 = Wp // 2
+                h0 = min((Wp + 1) // 2, Wq)  # columns 0, 2, 4, ... -> phase 0; 1, 3, ... -> phase 1
+                h1 = min(Wp // 2, Wq)
                 for c in range(C):
                     for a in range(sh):
                         p0 = dst + ((c * sh + a) * 2) * Hq * Wq
