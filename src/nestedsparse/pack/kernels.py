@@ -453,10 +453,19 @@ def _make_intrinsics(nb: Any) -> dict[str, Any]:
         data = builder.bitcast(context.make_array(aty)(context, builder, arr).data, i8p)
         return builder.gep(data, [builder.mul(context.cast(builder, off, offty, types.int64), i64(4))])
 
+    def _f32_arrays(*arrs: Any) -> bool:
+        """All the typing-time arguments are float32 arrays (the intrinsics' precondition)."""
+        return all(isinstance(a, types.Array) and a.dtype == types.float32 for a in arrs)
+
+    def _fptr(context: Any, builder: Any, sig_args: Any, args: Any, arr: int, off: int) -> Any:
+        """``float*`` to element ``args[off]`` of the flat array ``args[arr]``."""
+        return builder.bitcast(_flat_ptr(context, builder, sig_args[arr], args[arr], args[off], sig_args[off]),
+                               f32.as_pointer())
+
     @nb.extending.intrinsic
     def zero_f32(typingctx: Any, dst: Any, doff: Any, n: Any) -> Any:
         """``dst.flat[doff:doff+n] = 0`` (float32, one ``llvm.memset``, no checks)."""
-        if not (isinstance(dst, types.Array) and dst.dtype == types.float32):
+        if not _f32_arrays(dst):
             return None
         sig = types.void(dst, doff, n)
 
@@ -472,8 +481,7 @@ def _make_intrinsics(nb: Any) -> dict[str, Any]:
     @nb.extending.intrinsic
     def gather_f32(typingctx: Any, dst: Any, doff: Any, src: Any, soff: Any, n: Any, step: Any) -> Any:
         """``dst.flat[doff + j] = src.flat[soff + j*step]`` for ``j < n`` (float32, no checks)."""
-        if not (isinstance(dst, types.Array) and isinstance(src, types.Array) and dst.dtype == types.float32
-                and src.dtype == types.float32):
+        if not _f32_arrays(dst, src):
             return None
         sig = types.void(dst, doff, src, soff, n, step)
 
@@ -502,15 +510,14 @@ def _make_intrinsics(nb: Any) -> dict[str, Any]:
         """``dst.flat[doff + i] = max_{a < rows, j < k} src.flat[soff + a*rstride + i*k + j]`` for
         ``i < n`` (float32, NaN propagates, no checks): one output row of a ``rows x k``
         max-pool window sweep."""
-        if not (isinstance(dst, types.Array) and isinstance(src, types.Array) and dst.dtype == types.float32
-                and src.dtype == types.float32):
+        if not _f32_arrays(dst, src):
             return None
         sig = types.void(dst, doff, src, soff, n, k, rows, rstride)
 
         def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
             at = signature.args
-            d = builder.bitcast(_flat_ptr(context, builder, at[0], args[0], args[1], at[1]), f32.as_pointer())
-            s_ = builder.bitcast(_flat_ptr(context, builder, at[2], args[2], args[3], at[3]), f32.as_pointer())
+            d = _fptr(context, builder, at, args, 0, 1)
+            s_ = _fptr(context, builder, at, args, 2, 3)
             n_, k_, rows_, rs_ = (context.cast(builder, args[i], at[i], types.int64) for i in (4, 5, 6, 7))
             with cgutils.for_range(builder, n_) as loop:
                 i = loop.index
@@ -532,15 +539,14 @@ def _make_intrinsics(nb: Any) -> dict[str, Any]:
         """``dst.flat[doff + i] = max(src.flat[soff + 2i + {0, 1, pitch, pitch + 1}])`` for ``i < n``: one
         output row of a 2x2 / stride-2 max-pool (float32, NaN propagates, no checks); 8 outputs per
         step from four 8-float loads, a vertical max and an even/odd shuffle."""
-        if not (isinstance(dst, types.Array) and isinstance(src, types.Array) and dst.dtype == types.float32
-                and src.dtype == types.float32):
+        if not _f32_arrays(dst, src):
             return None
         sig = types.void(dst, doff, src, soff, n, pitch)
 
         def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
             at = signature.args
-            d = builder.bitcast(_flat_ptr(context, builder, at[0], args[0], args[1], at[1]), f32.as_pointer())
-            s_ = builder.bitcast(_flat_ptr(context, builder, at[2], args[2], args[3], at[3]), f32.as_pointer())
+            d = _fptr(context, builder, at, args, 0, 1)
+            s_ = _fptr(context, builder, at, args, 2, 3)
             n_ = context.cast(builder, args[4], at[4], types.int64)
             pt = context.cast(builder, args[5], at[5], types.int64)
             v8 = f8.as_pointer()
@@ -575,16 +581,15 @@ def _make_intrinsics(nb: Any) -> dict[str, Any]:
         """``dst.flat[d0 + j] = src.flat[soff + 2j]``, ``dst.flat[d1 + j] = src.flat[soff + 2j + 1]``
         for ``j < n`` (float32, no checks): a row split into its even and odd columns, 8 of each per
         step from two 8-float loads and two shuffles."""
-        if not (isinstance(dst, types.Array) and isinstance(src, types.Array) and dst.dtype == types.float32
-                and src.dtype == types.float32):
+        if not _f32_arrays(dst, src):
             return None
         sig = types.void(dst, d0, d1, src, soff, n)
 
         def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
             at = signature.args
-            e_ = builder.bitcast(_flat_ptr(context, builder, at[0], args[0], args[1], at[1]), f32.as_pointer())
-            o_ = builder.bitcast(_flat_ptr(context, builder, at[0], args[0], args[2], at[2]), f32.as_pointer())
-            s_ = builder.bitcast(_flat_ptr(context, builder, at[3], args[3], args[4], at[4]), f32.as_pointer())
+            e_ = _fptr(context, builder, at, args, 0, 1)
+            o_ = _fptr(context, builder, at, args, 0, 2)
+            s_ = _fptr(context, builder, at, args, 3, 4)
             n_ = context.cast(builder, args[5], at[5], types.int64)
             v8 = f8.as_pointer()
             nvec = builder.sdiv(n_, i64(8))
@@ -610,13 +615,13 @@ def _make_intrinsics(nb: Any) -> dict[str, Any]:
     @nb.extending.intrinsic
     def vsum(typingctx: Any, src: Any, soff: Any, n: Any) -> Any:
         """``sum(src.flat[soff:soff+n])`` in float32: 8 lanes, then the lanes and the tail (no checks)."""
-        if not (isinstance(src, types.Array) and src.dtype == types.float32):
+        if not _f32_arrays(src):
             return None
         sig = types.float32(src, soff, n)
 
         def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
             at = signature.args
-            s_ = builder.bitcast(_flat_ptr(context, builder, at[0], args[0], args[1], at[1]), f32.as_pointer())
+            s_ = _fptr(context, builder, at, args, 0, 1)
             n_ = context.cast(builder, args[2], at[2], types.int64)
             nvec = builder.sdiv(n_, i64(8))
             acc = cgutils.alloca_once_value(builder, ir.Constant(f8, None))
@@ -642,15 +647,14 @@ def _make_intrinsics(nb: Any) -> dict[str, Any]:
     def vcopy(typingctx: Any, dst: Any, doff: Any, src: Any, soff: Any, n: Any) -> Any:
         """``dst.flat[doff:doff+n] = src.flat[soff:soff+n]`` inline: 8-float vector moves and one
         masked tail (no libc call -- short rows are the common case here)."""
-        if not (isinstance(dst, types.Array) and isinstance(src, types.Array) and dst.dtype == types.float32
-                and src.dtype == types.float32):
+        if not _f32_arrays(dst, src):
             return None
         sig = types.void(dst, doff, src, soff, n)
 
         def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
             at = signature.args
-            d = builder.bitcast(_flat_ptr(context, builder, at[0], args[0], args[1], at[1]), f32.as_pointer())
-            s_ = builder.bitcast(_flat_ptr(context, builder, at[2], args[2], args[3], at[3]), f32.as_pointer())
+            d = _fptr(context, builder, at, args, 0, 1)
+            s_ = _fptr(context, builder, at, args, 2, 3)
             n_ = context.cast(builder, args[4], at[4], types.int64)
             nvec = builder.sdiv(n_, i64(8))
             with cgutils.for_range(builder, nvec) as loop:
