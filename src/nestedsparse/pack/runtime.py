@@ -590,7 +590,9 @@ class PackedRuntime(nn.Module):
     ``model`` is the architecture with its layers swapped for packed ones (what
     :func:`~nestedsparse.pack.onnx.dense_model_for_level` copies); ``graph`` the same modules
     traced by ``torch.fx`` with every packed layer's following BatchNorm / ReLU fused into it
-    (``None`` when ``fuse=False`` or the model cannot be traced: then ``model`` runs as is).
+    (``None`` when ``fuse=False`` or the model cannot be traced: then ``model`` runs as is), and
+    regions of convs run depth-first per image (:mod:`~nestedsparse.pack.program`; off with
+    ``programs=False``).
     """
 
     def __init__(self, model: nn.Module, spec: LevelSpec, fuse: bool = True, programs: bool = True) -> None:
