@@ -33,21 +33,15 @@ from . import kernels
 from ..models.resnet import PadShortcut
 from .kernels import (PROG_CONV_DIRECT, PROG_CONV_WIDE, PROG_COPY_IN, PROG_COPY_OUT, PROG_FIELDS, PROG_GAP,
                       PROG_SPLIT, PROG_SUBPAD)
-from .runtime import (_LEVEL, _MODE_EPOCH, FusedSparse, SparseConv, _level_for, _median_times,
-                      _position)
+from .runtime import (_LEVEL, _MODE_EPOCH, FusedSparse, SparseConv, _faster, _is_flatten1, _level_for,
+                      _median_times, _position)
+from .runtime import _unit_parts as _parts
 
 __all__ = ["PlaneProgram", "plane_programs"]
 
 #: (kind, unit index or -1, source value, residual value or -1); value 0 is the region's input,
 #: op ``i`` produces value ``i + 1``
 Op = tuple[str, int, int, int]
-
-
-def _parts(u: nn.Module):
-    """``(layer, bn, relu, pool, residual)`` of a conv unit."""
-    if isinstance(u, FusedSparse):
-        return u.layer, u.bn, u.relu, u.pool, u.residual
-    return u, None, False, 1, False
 
 
 def _call_unit(u: nn.Module, x: torch.Tensor, residual: torch.Tensor | None, force: str | None) -> torch.Tensor:
@@ -412,7 +406,7 @@ class PlaneProgram(nn.Module):
             layer = _parts(u)[0]
             t = _median_times({w: (lambda w=w: _call_unit(u, v, r, w)) for w in ("sparse", "dense")}, repeats)
             k = _level_for(layer.name, layer.top)
-            layer.mode[(k, N)] = out[(layer.name, k)] = "sparse" if t["sparse"] < 0.95 * t["dense"] else "dense"
+            layer.mode[(k, N)] = out[(layer.name, k)] = _faster(t)
             if keys is not None:
                 keys.add((layer, N))
             return _call_unit(u, v, r, None)
@@ -466,16 +460,6 @@ def _is_gap(node: torch.fx.Node, modules: dict) -> bool:
     if node.op == "call_function" and node.target is F.adaptive_avg_pool2d:
         size = node.args[1] if len(node.args) > 1 else node.kwargs.get("output_size")
         return len(node.args) + len(node.kwargs) == 2 and size in (1, (1, 1))
-    return False
-
-
-def _is_flatten1(node: torch.fx.Node, modules: dict) -> bool:
-    if node.op == "call_module":
-        m = modules.get(node.target)
-        return type(m) is nn.Flatten and m.start_dim == 1 and m.end_dim == -1 and len(node.args) == 1
-    if node.op in ("call_function", "call_method") and node.target in (torch.flatten, "flatten"):
-        rest = dict(zip(("start_dim", "end_dim"), node.args[1:]), **node.kwargs)
-        return rest.get("start_dim", 0) == 1 and rest.get("end_dim", -1) == -1 and set(rest) <= {"start_dim", "end_dim"}
     return False
 
 

@@ -279,6 +279,13 @@ class FusedSparse(nn.Module):
         return f"bn={self.bn is not None}, residual={self.residual}, relu={self.relu}, pool={self.pool}"
 
 
+def _unit_parts(u: nn.Module) -> tuple:
+    """``(layer, bn, relu, pool, residual)`` of a packed unit (a :class:`FusedSparse` or a bare layer)."""
+    if isinstance(u, FusedSparse):
+        return u.layer, u.bn, u.relu, u.pool, u.residual
+    return u, None, False, 1, False
+
+
 #: A packed Conv2d joins a feature-major chain only with at least this many taps per output
 #: channel (``in/groups * kh * kw``): the chain's kernel makes one call per output position, which
 #: a layer with a handful of taps (LeNet's 1-channel first conv) does not amortise.
@@ -314,11 +321,11 @@ class FeatureMajorChain(nn.Module):
 
     @staticmethod
     def _parts(u: nn.Module) -> tuple[_SparseBase, LevelBatchNorm | None, bool]:
-        return (u.layer, u.bn, u.relu) if isinstance(u, FusedSparse) else (u, None, False)
+        return _unit_parts(u)[:3]
 
     @staticmethod
     def _pool(u: nn.Module) -> int:
-        return u.pool if isinstance(u, FusedSparse) else 1
+        return _unit_parts(u)[3]
 
     def _plan_shapes(self, in_shape: tuple) -> list[tuple] | None:
         """Per element ``(in dims, padding, out dims)``; None if the input does not fit the fast path."""
@@ -512,8 +519,7 @@ class FeatureMajorChain(nn.Module):
             layer = self._parts(u)[0]
             t = _median_times({w: (lambda w=w, x=x: u(x, force=w)) for w in ("sparse", "dense")}, repeats)
             k = _level_for(layer.name, layer.top)
-            layer.mode[(k, x.shape[0])] = out[(layer.name, k)] = (
-                "sparse" if t["sparse"] < 0.95 * t["dense"] else "dense")
+            layer.mode[(k, x.shape[0])] = out[(layer.name, k)] = _faster(t)
             unit_ms.append(t[layer.mode[(k, x.shape[0])]])
             if keys is not None:
                 keys.add((layer, x.shape[0]))
@@ -546,7 +552,7 @@ class FeatureMajorChain(nn.Module):
             layer = self._parts(u)[0]
             t = _median_times({w: self._bind(i, u, bufs[i], bufs[i + 1], w) for w in ("sparse", "dense")}, repeats)
             k = _level_for(layer.name, layer.top)
-            layer.mode[(k, B)] = out[(layer.name, k)] = "sparse" if t["sparse"] < 0.95 * t["dense"] else "dense"
+            layer.mode[(k, B)] = out[(layer.name, k)] = _faster(t)
             if keys is not None:
                 keys.add((layer, B))
             self._bind(i, u, bufs[i], bufs[i + 1], None)()  # the next layer's input, by the chosen path
@@ -658,9 +664,7 @@ class PackedRuntime(nn.Module):
                         layer = m.layer if isinstance(m, FusedSparse) else m
                         t = _median_times({w: (lambda w=w: m(*args, force=w)) for w in ("sparse", "dense")},
                                           repeats)
-                        # sparse must win clearly: a near-tie on a noisy machine keeps the dense path
-                        layer.mode[(k, args[0].shape[0])] = out[(layer.name, k)] = (
-                            "sparse" if t["sparse"] < 0.95 * t["dense"] else "dense")
+                        layer.mode[(k, args[0].shape[0])] = out[(layer.name, k)] = _faster(t)
                         keys.add((layer, args[0].shape[0]))
                 finally:
                     _LEVEL.reset(token)
@@ -853,18 +857,7 @@ def _chain_linears(graph: torch.fx.Graph, modules: dict[str, nn.Module]) -> bool
         return None
 
     def is_flatten(node: torch.fx.Node, src: torch.fx.Node) -> bool:
-        if not node.args or node.args[0] is not src:
-            return False
-        if node.op == "call_module":
-            m = modules.get(node.target)
-            return type(m) is nn.Flatten and m.start_dim == 1 and m.end_dim == -1 and len(node.args) == 1
-        if node.op == "call_function" and node.target is torch.flatten:
-            rest = dict(zip(("start_dim", "end_dim"), node.args[1:]), **node.kwargs)
-            return rest.get("start_dim", 0) == 1 and rest.get("end_dim", -1) == -1 and set(rest) <= {"start_dim", "end_dim"}
-        if node.op == "call_method" and node.target == "flatten":
-            rest = dict(zip(("start_dim", "end_dim"), node.args[1:]), **node.kwargs)
-            return rest.get("start_dim", 0) == 1 and rest.get("end_dim", -1) == -1 and set(rest) <= {"start_dim", "end_dim"}
-        return False
+        return bool(node.args) and node.args[0] is src and _is_flatten1(node, modules)
 
     def next_unit(node: torch.fx.Node, kind: str) -> tuple[torch.fx.Node | None, list[torch.fx.Node]]:
         skipped, flat = [], False
@@ -921,6 +914,18 @@ def _chain_linears(graph: torch.fx.Graph, modules: dict[str, nn.Module]) -> bool
     return made
 
 
+def _is_flatten1(node: torch.fx.Node, modules: Mapping[str, nn.Module]) -> bool:
+    """``node`` is a flatten from dim 1 to the end (module, function or method form)."""
+    if node.op == "call_module":
+        m = modules.get(node.target)
+        return type(m) is nn.Flatten and m.start_dim == 1 and m.end_dim == -1 and len(node.args) == 1
+    if (node.op == "call_function" and node.target is torch.flatten) or (
+            node.op == "call_method" and node.target == "flatten"):
+        rest = dict(zip(("start_dim", "end_dim"), node.args[1:]), **node.kwargs)
+        return rest.get("start_dim", 0) == 1 and rest.get("end_dim", -1) == -1 and set(rest) <= {"start_dim", "end_dim"}
+    return False
+
+
 def _position(graph: torch.fx.Graph, node: torch.fx.Node) -> int:
     for i, n in enumerate(graph.nodes):
         if n is node:
@@ -942,6 +947,12 @@ def _erase_chain(graph: torch.fx.Graph, first: torch.fx.Node, last: torch.fx.Nod
         chain.append(next(iter(chain[-1].users)))
     for n in reversed(chain):
         graph.erase_node(n)
+
+
+def _faster(t: Mapping[str, float]) -> str:
+    """The path to keep from ``{"sparse": s, "dense": d}`` timings: sparse must win clearly (by 5%);
+    a near-tie on a noisy machine keeps the dense path, the safe default."""
+    return "sparse" if t["sparse"] < 0.95 * t["dense"] else "dense"
 
 
 def _median_times(fns: Mapping[str, Callable], repeats: int) -> dict[str, float]:
