@@ -45,6 +45,36 @@ def test_spmm_matches_reference_every_level(dtype, shape, batch, parallel):
         np.testing.assert_allclose(yt.T, ref, atol=ATOL, rtol=1e-5)
 
 
+@pytest.mark.parametrize("vals_dtype", [np.float32, np.int8])
+def test_residual_tiles_equal_tile_then_add(vals_dtype):
+    """The plane convs' residual tiles (``_tile_span_npr``: residual added in the epilogue, then
+    the clamp) equal the plain tiles with no clamp, plus the residual, then the clamp -- bit for
+    bit, at every tile width and remainder, for either sign of ``roff`` and NaN in the residual."""
+    rng = np.random.default_rng(0)
+    npr, np_ = K._kernel("tile_span_npr"), K._kernel("tile_span_np")
+    nnz = 9
+    cols = rng.integers(0, 40, nnz).astype(np.int32)
+    vals = (rng.integers(-100, 100, nnz) if vals_dtype == np.int8 else rng.standard_normal(nnz)).astype(vals_dtype)
+    code = 2 * 2 + (1 if vals_dtype == np.int8 else 0)
+    for n in (1, 3, 8, 13, 16, 31, 32, 64, 71, 100, 137):
+        for roff in (-(n + 50), n + 7):
+            for lo in (np.float32(0.0), np.float32(-np.inf)):
+                arena = rng.standard_normal(4 * n + 400).astype(np.float32)
+                yb, xb = 2 * n + 160, 20
+                arena[yb + roff + n // 2] = np.nan
+                res = arena[yb + roff:yb + roff + n].copy()
+                a1, a2 = arena.copy(), arena.copy()
+                np_(cols.view(np.uint8), vals.view(np.uint8), code, 0, nnz, a1.reshape(-1, 1), xb - yb, yb, n, a1,
+                    np.float32(0.7), np.float32(0.1), np.float32(-np.inf))
+                want = a1[yb:yb + n] + res
+                want = np.where(want < lo, lo, want)
+                npr(cols.view(np.uint8), vals.view(np.uint8), code, 0, nnz, a2.reshape(-1, 1), xb - yb, yb, n, a2,
+                    np.float32(0.7), np.float32(0.1), lo, roff)
+                np.testing.assert_array_equal(a2[yb:yb + n], want)
+                a2[yb:yb + n] = a1[yb:yb + n]
+                np.testing.assert_array_equal(a2, a1)  # nothing else written
+
+
 def test_int8_close_to_float_weights():
     w, lm, csr8 = _layer(13, 29, dtype="int8")
     x = _x((3, 29))

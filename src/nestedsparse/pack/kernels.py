@@ -199,12 +199,15 @@ def _make_intrinsics(nb: Any) -> dict[str, Any]:
     cols_t = [(ir.IntType(8), False, 1), (ir.IntType(16), False, 2), (ir.IntType(32), True, 4)]
     vals_t = [(f32, 4), (ir.IntType(8), 1)]
 
-    def _make_tile(W: int, masked: bool = False, prefetch: bool = True) -> Any:
-        """``_tileW(cols_b, vals_b, code, s, e, xn, xoff, b0, yr, sc, bb, lo[, nv])``:
+    def _make_tile(W: int, masked: bool = False, prefetch: bool = True, residual: bool = False) -> Any:
+        """``_tileW(cols_b, vals_b, code, s, e, xn, xoff, b0, yr, sc, bb, lo[, nv][, roff])``:
         ``yr[b0:b0+W] = max(sc * sum_{j in [s, e)} vals[j] * xn[xoff + cols[j], b0:b0+W] + bb, lo)``
         (the max propagates NaN from the sum).  ``masked`` (W = 8): only the first
         ``nv`` (1..7) columns are read and written (masked vector loads/stores), so a
-        batch remainder is one pass instead of ``nv`` scalar passes.
+        batch remainder is one pass instead of ``nv`` scalar passes.  ``residual``: the
+        residual ``yr[b0+roff : b0+roff+W]`` is added after the bias and before the clamp
+        (``max((sc*acc + bb) + r, lo)``, the order of a separate residual pass), so the
+        output is written once and never read back.
 
         ``cols_b``/``vals_b`` are uint8 byte views, ``code = 2*col_code + val_code``
         (cols uint8/uint16/int32 = 0/1/2, values float32/int8 = 0/1), ``xn`` a 2-D
@@ -224,13 +227,13 @@ def _make_intrinsics(nb: Any) -> dict[str, Any]:
             return builder.shuffle_vector(t, u, ir.Constant(ir.VectorType(ir.IntType(32), lanes), [0] * lanes))
 
         def typer(cols_b: Any, vals_b: Any, code: Any, s: Any, e: Any, xn: Any, xoff: Any, b0: Any,
-                  yr: Any, nv: tuple[Any, ...]) -> Any:
+                  yr: Any, extra: tuple[Any, ...]) -> Any:
             ok = (isinstance(xn, types.Array) and xn.dtype == types.float32 and xn.ndim == 2
                   and isinstance(yr, types.Array) and yr.dtype == types.float32 and yr.ndim == 1)
             if not ok:
                 return None
             sig = types.void(cols_b, vals_b, code, s, e, xn, xoff, b0, yr, types.float32, types.float32,
-                             types.float32, *nv)
+                             types.float32, *extra)
 
             def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
                 at = signature.args
@@ -249,6 +252,9 @@ def _make_intrinsics(nb: Any) -> dict[str, Any]:
                 xbase = builder.gep(builder.bitcast(xary.data, i8p), [four_b0])
                 yary = context.make_array(at[8])(context, builder, yr_v)
                 ybase = builder.gep(builder.bitcast(yary.data, i8p), [four_b0])
+                if residual:  # the residual row starts roff floats past the output row
+                    ri = 12 + int(masked)
+                    rbase = builder.gep(ybase, [builder.mul(as64(args[ri], at[ri]), i64(4))])
                 fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vt, [vt, vt, vt]), fname)
                 if masked:  # lanes < nv are live
                     i32 = ir.IntType(32)
@@ -373,6 +379,11 @@ def _make_intrinsics(nb: Any) -> dict[str, Any]:
                                 part = [builder.fadd(part[i], part[i + 1]) if i + 1 < len(part) else part[i]
                                         for i in range(0, len(part), 2)]
                             tot = builder.call(fma, [part[0], scs, bbs])
+                            if residual:
+                                rp = builder.bitcast(builder.gep(rbase, [i64(4 * lanes * k)]), vt.as_pointer())
+                                rv = (builder.call(mload, [rp, ir.IntType(32)(4), lane_mask, zero]) if masked
+                                      else builder.load(rp, align=4))
+                                tot = builder.fadd(tot, rv)
                             tot = builder.select(builder.fcmp_ordered("<", tot, los), los, tot)
                             p = builder.bitcast(builder.gep(ybase, [i64(4 * lanes * k)]), vt.as_pointer())
                             if masked:
@@ -385,11 +396,16 @@ def _make_intrinsics(nb: Any) -> dict[str, Any]:
 
             return sig, codegen
 
-        if masked:
+        if masked and residual:
             @nb.extending.intrinsic
             def tile(typingctx: Any, cols_b: Any, vals_b: Any, code: Any, s: Any, e: Any, xn: Any,
-                     xoff: Any, b0: Any, yr: Any, sc: Any, bb: Any, lo: Any, nv: Any) -> Any:
-                return typer(cols_b, vals_b, code, s, e, xn, xoff, b0, yr, (nv,))
+                     xoff: Any, b0: Any, yr: Any, sc: Any, bb: Any, lo: Any, nv: Any, roff: Any) -> Any:
+                return typer(cols_b, vals_b, code, s, e, xn, xoff, b0, yr, (nv, roff))
+        elif masked or residual:
+            @nb.extending.intrinsic
+            def tile(typingctx: Any, cols_b: Any, vals_b: Any, code: Any, s: Any, e: Any, xn: Any,
+                     xoff: Any, b0: Any, yr: Any, sc: Any, bb: Any, lo: Any, nv_or_roff: Any) -> Any:
+                return typer(cols_b, vals_b, code, s, e, xn, xoff, b0, yr, (nv_or_roff,))
         else:
             @nb.extending.intrinsic
             def tile(typingctx: Any, cols_b: Any, vals_b: Any, code: Any, s: Any, e: Any, xn: Any,
@@ -447,6 +463,9 @@ def _make_intrinsics(nb: Any) -> dict[str, Any]:
     out = {f"_tile{w}": _make_tile(w) for w in (64, 32, 16, 8, 1)}
     out["_tile8m"] = _make_tile(8, masked=True)
     out["_tile64np"] = _make_tile(64, prefetch=False)
+    # residual twins for the plane convs (no prefetch at 64, as _tile64np)
+    out.update({f"_tile{w}r": _make_tile(w, prefetch=False, residual=True) for w in (64, 32, 16, 8, 1)})
+    out["_tile8mr"] = _make_tile(8, masked=True, residual=True)
     out["_tr8x8"] = tr8x8
 
     def _flat_ptr(context: Any, builder: Any, aty: Any, arr: Any, off: Any, offty: Any) -> Any:
@@ -1026,16 +1045,21 @@ def _copy_rows(dst, d0, dpitch, dplane, src, s0, spitch, splane, C, H, W):  # ty
 
 
 def _plane_rows(offs_b, vals_b, code, starts, ends, scales, bias, arena, arena2, src, dst, row0, O, rpg,  # type: ignore
-                gstride, dplane, L, tlo):
+                gstride, dplane, L, tlo, has_res, roff):
     """Rows ``[row0, row0 + O)`` of a direct plane conv, each over its ``L`` wide positions, stored
-    at ``dst + rr*dplane`` (a function of its own: inlined into the program's big loop, the tile
+    at ``dst + rr*dplane``; ``has_res``: plus the residual plane ``roff`` floats further on, in
+    the tiles' epilogue (a function of its own: inlined into the program's big loop, the tile
     loop's invariants spilled to the stack)."""
     for rr in range(O):  # row by row: a row's tiles share its loop lengths (predicted)
         r = row0 + rr
         yb = dst + rr * dplane
         xb = src + (rr // rpg) * gstride
-        _tile_span_np(offs_b, vals_b, code, starts[r], ends[r], arena2, xb - yb, yb, L, arena, scales[r], bias[r],
-                      tlo)
+        if has_res:
+            _tile_span_npr(offs_b, vals_b, code, starts[r], ends[r], arena2, xb - yb, yb, L, arena, scales[r],
+                           bias[r], tlo, roff)
+        else:
+            _tile_span_np(offs_b, vals_b, code, starts[r], ends[r], arena2, xb - yb, yb, L, arena, scales[r],
+                          bias[r], tlo)
 
 
 def _prog_image(xf, n, of, arena, arena2, base, steps, offs_b, vals_b, code, starts, ends, scales, bias):  # type: ignore
@@ -1141,18 +1165,12 @@ def _prog_image(xf, n, of, arena, arena2, base, steps, offs_b, vals_b, code, sta
             res = steps[si, 12]
             lo = np.float32(0.0) if steps[si, 13] else np.float32(-np.inf)
             tlo = np.float32(-np.inf) if res >= 0 else lo
-            if kind == 2:
+            if kind == 2:  # the residual (same layout) is added in the tiles' epilogue, then the clamp
                 _plane_rows(offs_b, vals_b, code, starts, ends, scales, bias, arena, arena2, src, dst, row0, O, rpg,
-                            gstride, dplane, L, tlo)
+                            gstride, dplane, L, lo, res >= 0, base + res - dst)
                 gap = Wq - OW
                 for rr in range(O):
-                    yb = np.uint64(dst + rr * dplane)
-                    if res >= 0:
-                        rb = np.uint64(base + res + rr * dplane)
-                        for q in range(L):
-                            v = arena[yb + np.uint64(q)] + arena[rb + np.uint64(q)]
-                            arena[yb + np.uint64(q)] = lo if v < lo else v
-                    g0 = yb + np.uint64(OW)
+                    g0 = np.uint64(dst + rr * dplane + OW)
                     if gap == 2:  # a 1-wide border: two stores per row, no inner loop
                         for oy in range(OH):
                             arena[g0] = np.float32(0.0)
@@ -1243,10 +1261,26 @@ def _prog_par(xf, of, arena, A, T, N, steps, offs_b, vals_b, code, starts, ends,
 # ``prange`` -> ``range`` (no fork/join for small problems; separate cache entry).
 #: Helpers inlined into their callers at numba's IR level: ``_tile_span`` is the tile dispatch of
 #: every kernel's inner loop, and as a call it measured 4-7% slower (spmm_t, direct conv).
-_INLINE = frozenset({"_tile_span", "_tile_span_np"})
+_INLINE = frozenset({"_tile_span", "_tile_span_np", "_tile_span_npr"})
 _KERNEL_FUNCS: tuple[Callable[..., Any], ...] = (
     _tile_span, _spmv_par, _transpose_region, _transpose_par, _spmm_par, _conv_rows, _split_image,
     _phase_split_par, _conv_par, _batch_tiles, _convt_par, _copy_rows, _plane_rows, _prog_image, _prog_par)
+
+
+def _span_twin(src: str, kind: str) -> str:
+    """A textual twin of ``_tile_span``'s source: ``"np"`` calls the 64-wide tile without prefetch
+    (``_tile64np``); ``"npr"`` takes a trailing ``roff`` and calls the residual tiles
+    (``_tile{W}r(..., roff)``, no prefetch either) at every width."""
+    out = src.replace("def _tile_span(", f"def _tile_span_{kind}(", 1)
+    if kind == "np":
+        return out.replace("_tile64(", "_tile64np(")
+    n_calls = out.count("sc, bb, lo)") + out.count("sc, bb, lo, end - b0)")
+    out = out.replace("sc, bb, lo)", "sc, bb, lo, roff)").replace("sc, bb, lo, end - b0)", "sc, bb, lo, end - b0, roff)")
+    for w in ("64", "32", "16", "8m", "8", "1"):
+        out = out.replace(f"_tile{w}(", f"_tile{w}r(")
+    if n_calls != 7 or out.count("roff") != 7:  # the def line + six tile calls
+        raise AssertionError("kernels._span_twin: _tile_span's call pattern changed; update the twin")
+    return out
 
 
 def _module_source() -> str:
@@ -1258,8 +1292,8 @@ def _module_source() -> str:
     for f in _KERNEL_FUNCS:
         src = inspect.getsource(f)
         parts.append(src)
-        if f is _tile_span:  # its twin for the plane convolutions: the 64-wide tile without prefetch
-            parts.append(src.replace("def _tile_span(", "def _tile_span_np(", 1).replace("_tile64(", "_tile64np("))
+        if f is _tile_span:  # its twins for the plane convolutions
+            parts += [_span_twin(src, "np"), _span_twin(src, "npr")]
         if f.__name__.endswith("_par"):
             ser = src.replace(f"def {f.__name__}(", f"def {f.__name__[:-4]}_ser(", 1).replace("prange(", "range(")
             parts.append(ser)
@@ -1333,7 +1367,7 @@ def _build_kernels() -> None:
     for f in _KERNEL_FUNCS:
         names.append(f.__name__)
         if f is _tile_span:
-            names.append("_tile_span_np")
+            names += ["_tile_span_np", "_tile_span_npr"]
         if f.__name__.endswith("_par"):
             names.append(f.__name__[:-4] + "_ser")
     for name in names:
