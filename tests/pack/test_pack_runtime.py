@@ -166,11 +166,16 @@ def test_chain_reuses_its_buffers_and_threads_do_not_share_them(packed, mismatch
     for layer in rt.sparse_layers():  # the feature-major path at every level
         layer.mode.update({(k, 5): "sparse" for k in range(SPEC.num_levels)})
     x = torch.randn(5, 3, 24, 24)
+
+    def buffers():  # the layer-by-layer sequence's, or (Linear-only chain) the one-call kernel's
+        return sorted(b.ctypes.data for bs in chain._act_bufs.values() for b in bs) + sorted(
+            a.ctypes.data for a in chain._fused_acts.values())
+
     rt(x, level=0)
-    (shape,) = {k[2] for k in chain._act_bufs}
-    bufs = [b.ctypes.data for b in chain._act_buffers(5, shape)]
+    bufs = buffers()
+    assert bufs
     rt(x, level=1)
-    assert [b.ctypes.data for b in chain._act_buffers(5, shape)] == bufs  # no new activation buffers
+    assert buffers() == bufs  # no new activation buffers
     assert not mismatches_under_threads(rt, x, calls=20)
 
 
@@ -486,3 +491,79 @@ def test_parallel_transpose_kernel_any_split(shape):
         o = np.full(shape[::-1], np.nan, np.float32)
         K._kernel("transpose_par")(a, o, parts)
         np.testing.assert_array_equal(o, a.T)
+
+
+# ------------------------------------------------------------------ Linear-only chains in one call
+class WideMLP(nn.Module):
+    """Linear-only: uint8 then uint16 column indices (20 and 300 inputs), a BatchNorm1d after the
+    second Linear, no ReLU at the end."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(20, 300), nn.ReLU(), nn.Linear(300, 40),
+                                  nn.BatchNorm1d(40), nn.ReLU(), nn.Linear(40, 7))
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def _linear_chain_rt(tmp_path, dtype="float32"):
+    m = _nested(WideMLP, seed=3, calibrate=lambda m: [m(torch.randn(16, 4, 5) * (k + 1)) for k in range(3)])
+    path = tmp_path / f"wide_{dtype}.nsp"
+    pack(m, dtype=dtype).save(path)
+    rt = load_packed(path, WideMLP)
+    (chain,) = [u for u in rt.units() if isinstance(u, FeatureMajorChain)]
+    return m, rt, chain
+
+
+def _fused_states(chain):
+    from nestedsparse.pack.runtime import _FusedLinears
+
+    return [s for s in chain._progs.values() if isinstance(s, _FusedLinears)]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "int8"])
+def test_linear_only_chain_runs_as_one_call_equal_at_every_level(tmp_path, dtype):
+    m, rt, chain = _linear_chain_rt(tmp_path, dtype)
+    for batch in (2, 5, 67):
+        for layer in rt.sparse_layers():
+            layer.mode.update({(k, batch): "sparse" for k in range(SPEC.num_levels)})
+        x = torch.randn(batch, 4, 5)
+        tol = {"rtol": 2e-2, "atol": 2e-2} if dtype == "int8" else {}
+        if dtype == "int8":  # int8 vs the float model: compare with the same runtime layer by layer instead
+            for k in range(SPEC.num_levels):
+                want = PackedRuntime(rt.model, SPEC, fuse=False)(x, level=k)
+                torch.testing.assert_close(rt(x, level=k), want, rtol=1e-4, atol=1e-4)
+        else:
+            _assert_every_level(rt, m, x, calls=2, **tol)
+        assert len(_fused_states(chain)) == SPEC.num_levels * (1 + [2, 5, 67].index(batch))
+
+
+def test_linear_chain_goes_layer_by_layer_when_a_layer_runs_dense(tmp_path):
+    m, rt, chain = _linear_chain_rt(tmp_path)
+    x = torch.randn(4, 4, 5)
+    for layer in rt.sparse_layers():
+        layer.mode.update({(k, 4): "sparse" for k in range(SPEC.num_levels)})
+    rt.sparse_layers()[1].mode[(0, 4)] = "dense"
+    _assert_every_level(rt, m, x)
+    levels_fused = {k[3] for k, s in chain._progs.items() if s in _fused_states(chain)}
+    assert levels_fused == {1, 2}  # level 0 has a dense layer: the layer-by-layer sequence ran
+
+
+def test_linear_chain_one_call_threads_and_single_thread(tmp_path, mismatches_under_threads):
+    import numba
+
+    m, rt, chain = _linear_chain_rt(tmp_path)
+    x = torch.randn(9, 4, 5)
+    for layer in rt.sparse_layers():
+        layer.mode.update({(k, 9): "sparse" for k in range(SPEC.num_levels)})
+    assert not mismatches_under_threads(rt, x, calls=20)
+    assert _fused_states(chain)
+    n = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        _, rt1, chain1 = _linear_chain_rt(tmp_path)
+        _assert_every_level(rt1, m, x)  # one thread: the serial twin of the chain kernel
+        assert all(s.arrays[-1] == 1 for s in _fused_states(chain1))
+    finally:
+        numba.set_num_threads(n)

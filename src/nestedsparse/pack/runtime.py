@@ -292,6 +292,21 @@ def _unit_parts(u: nn.Module) -> tuple:
 FM_MIN_TAPS = 64
 
 
+class _FusedLinears:
+    """A Linear-only chain's call with every level, buffer and array resolved: ``self(x)`` is one
+    compiled call (input transpose, every layer, output transpose) and one output allocation."""
+
+    __slots__ = ("kern", "acts", "arrays", "out_features")
+
+    def __init__(self, kern: Callable, acts: np.ndarray, arrays: tuple, out_features: int) -> None:
+        self.kern, self.acts, self.arrays, self.out_features = kern, acts, arrays, out_features
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.empty((x.shape[0], self.out_features), dtype=torch.float32)
+        self.kern(x.detach().contiguous().numpy(), y.numpy(), self.acts, *self.arrays)
+        return y
+
+
 class FeatureMajorChain(nn.Module):
     """Consecutive packed Conv2d and Linear layers (each with its fused BatchNorm / ReLU /
     max-pool), each feeding only the next (Flatten between a conv and a Linear, Dropout anywhere),
@@ -318,6 +333,8 @@ class FeatureMajorChain(nn.Module):
         self._shapes: dict[tuple, list[tuple]] = {}
         self._epi_cache: dict[tuple, tuple] = {}
         self._progs: dict[tuple, list | None] = {}
+        self._fused_static: tuple | None = None  # concatenated entries of a Linear-only chain (built once)
+        self._fused_acts: dict[tuple, np.ndarray] = {}
 
     @staticmethod
     def _parts(u: nn.Module) -> tuple[_SparseBase, LevelBatchNorm | None, bool]:
@@ -408,6 +425,8 @@ class FeatureMajorChain(nn.Module):
             state = self._progs[key] = self._state(x.shape[0], tuple(x.shape[1:]), force, levels)
         if state is None:  # the input does not fit, or a conv runs dense at this level: layer by layer
             return self._unit_path(x, force)
+        if type(state) is _FusedLinears:
+            return state(x)
         prog, bufs, shape0, out_dims = state
         B = x.shape[0]
         self._load_input(x, bufs[0], shape0)
@@ -426,11 +445,67 @@ class FeatureMajorChain(nn.Module):
         shapes = self._plan_shapes(in_shape)
         if shapes is None or (levels, B, force) in self._unit_only:
             return None
+        fused = self._fused_linears(B, force)
+        if fused is not None:
+            return fused
         bufs = self._act_buffers(B, in_shape)
         prog = self._compile(B, in_shape, force, bufs)
         if prog is None:
             return None
         return prog, bufs, shapes[0], shapes[-1][2]
+
+    def _fused_linears(self, B: int, force: str | None) -> _FusedLinears | None:
+        """Every layer in one compiled call (``kernels._chain_par``) when the chain is Linear
+        only, ``B > 1``, every layer is on the sparse path at the call's levels and all share one
+        value dtype; else None (the layer-by-layer sequence)."""
+        if B < 2 or any(k != "linear" for k in self.kinds) or not kernels.have_numba():
+            return None
+        parts = [self._parts(u) for u in self.units]
+        if len({layer.csr.values.dtype for layer, _, _ in parts}) != 1:
+            return None
+        ks = []
+        for layer, bn, _ in parts:
+            k = _level_for(layer.name, layer.top)
+            if (force or layer.choice(k, B)) != "sparse":
+                return None
+            ks.append((k, -1 if bn is None else _level_for(bn.name, bn.top)))
+        if self._fused_static is None:
+            cdt = np.result_type(*[layer.csr.col_indices.dtype for layer, _, _ in parts])
+            cols = np.ascontiguousarray(np.concatenate([layer.csr.col_indices.astype(cdt) for layer, _, _ in parts]))
+            vals = np.ascontiguousarray(np.concatenate([layer.csr.values.reshape(-1) for layer, _, _ in parts]))
+            entry0 = np.cumsum([0] + [layer.csr.col_indices.shape[0] for layer, _, _ in parts])
+            row0 = np.cumsum([0] + [layer.csr.shape[0] for layer, _, _ in parts])
+            code = 2 * kernels._COL_CODE[cols.dtype] + kernels._VAL_CODE[vals.dtype]
+            self._fused_static = (cols.view(np.uint8), vals.view(np.uint8), code, cols, vals, entry0, row0)
+        cols_b, vals_b, code, _, _, entry0, row0 = self._fused_static
+        T = max(1, kernels._threads())
+        starts, ends, scales, bias, bounds, los = [], [], [], [], [], []
+        for i, ((layer, bn, relu), (k, kb)) in enumerate(zip(parts, ks)):
+            plan = kernels.plan_for(layer.csr, k)
+            starts.append(plan.starts + entry0[i])
+            ends.append(plan.ends + entry0[i])
+            sc, bb = layer._epilogue(k, bn, kb)
+            scales.append(sc)
+            bias.append(bb)
+            bounds.append(kernels._balanced_bounds(plan.ends - plan.starts, T) + row0[i])
+            los.append(0.0 if relu else -np.inf)
+        K0 = parts[0][0].csr.shape[1]
+        in_rows = [0] + [K0 + int(r) for r in row0[:-2]]  # layer i reads layer i-1's output
+        table = np.array([[in_rows[i], K0 + int(row0[i]), int(row0[i]), parts[i][0].csr.shape[0]]
+                          for i in range(len(parts))], dtype=np.int64)
+        key = (threading.get_ident(), B)
+        acts = self._fused_acts.get(key)
+        if acts is None:
+            if len(self._fused_acts) >= 32:
+                self._fused_acts.clear()
+            acts = self._fused_acts[key] = kernels.aligned_empty((K0 + int(row0[-1]), B))
+        arrays = (table, np.ascontiguousarray(np.concatenate(bounds), dtype=np.int64),
+                  np.ascontiguousarray(np.concatenate(starts), dtype=np.int64),
+                  np.ascontiguousarray(np.concatenate(ends), dtype=np.int64), cols_b, vals_b, code,
+                  np.ascontiguousarray(np.concatenate(scales), dtype=np.float32),
+                  np.ascontiguousarray(np.concatenate(bias), dtype=np.float32), np.array(los, dtype=np.float32), T)
+        return _FusedLinears(kernels._kernel("chain_par" if T > 1 else "chain_ser"), acts, arrays,
+                             parts[-1][0].csr.shape[0])
 
     @staticmethod
     def _load_input(x: torch.Tensor, buf: np.ndarray, shape: tuple) -> None:
