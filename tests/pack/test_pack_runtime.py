@@ -525,7 +525,7 @@ def _fused_states(chain):
 @pytest.mark.parametrize("dtype", ["float32", "int8"])
 def test_linear_only_chain_runs_as_one_call_equal_at_every_level(tmp_path, dtype):
     m, rt, chain = _linear_chain_rt(tmp_path, dtype)
-    for batch in (2, 5, 67):
+    for batch in (1, 2, 5, 67):  # 1: the typed SpMV rows; 67: parallel layers and a serial small one
         for layer in rt.sparse_layers():
             layer.mode.update({(k, batch): "sparse" for k in range(SPEC.num_levels)})
         x = torch.randn(batch, 4, 5)
@@ -536,7 +536,9 @@ def test_linear_only_chain_runs_as_one_call_equal_at_every_level(tmp_path, dtype
                 torch.testing.assert_close(rt(x, level=k), want, rtol=1e-4, atol=1e-4)
         else:
             _assert_every_level(rt, m, x, calls=2, **tol)
-        assert len(_fused_states(chain)) == SPEC.num_levels * (1 + [2, 5, 67].index(batch))
+        assert len(_fused_states(chain)) == SPEC.num_levels * (1 + [1, 2, 5, 67].index(batch))
+    par = {tuple(s.arrays[0][:, 4]) for s in _fused_states(chain)}
+    assert (0, 0, 0) in par and any(any(p) for p in par)  # both the serial and the parallel layer loops ran
 
 
 def test_linear_chain_goes_layer_by_layer_when_a_layer_runs_dense(tmp_path):

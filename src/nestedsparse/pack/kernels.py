@@ -128,6 +128,11 @@ _F32_LOWEST = np.float32(-np.inf)  # the "no ReLU" floor: -inf outputs stay -inf
 #: visited in random order, so the hardware prefetcher cannot; measured on the Zen3 dev
 #: machine, 1024x1024, batch 64: +15-20% at 5-10% density, neutral at 2%; 6-12 all similar).
 PREFETCH_AHEAD = 8
+#: A Linear chain run as one call (``_chain_par``) runs a layer in parallel from this much work
+#: (non-zeros x batch); at batch 1 from ``CHAIN_MIN_WORK_SPMV``: there is no Python call or
+#: dispatch per layer to amortise, only the fork/join (2% 1024x1024 at batch 1: 37 -> 23 us).
+CHAIN_MIN_WORK = PARALLEL_MIN_WORK
+CHAIN_MIN_WORK_SPMV = 8_192
 _ZERO = np.float32(0.0)
 _DUMMY2 = np.zeros((1, 1), dtype=np.float32)  # x / y placeholder of the feature-major kernel call
 _COL_CODE = {np.dtype(np.uint8): 0, np.dtype(np.uint16): 1, np.dtype(np.int32): 2}
@@ -776,65 +781,91 @@ def _spmm_par(bounds, starts, ends, cols_b, vals_b, code, scales, bias, lo, x, x
             _transpose_region(yn, y, r0, r1, 0, B)
 
 
-def _chain_par(x, y, acts, table, bounds, starts, ends, cols_b, vals_b, code, scales, bias, los, T):  # type: ignore
+def _chain_par(x, y, acts, table, bounds, starts, ends, cols_b, vals_b, code, cols, vals, scales, bias, los,  # type: ignore
+               T):
     """A whole chain of sparse Linear layers in one call: ``x`` ``[B, K]`` (batch-major) is
     transposed into ``acts`` (``[rows, B]``, every layer's feature-major activations), each layer
-    runs :func:`_spmm_par`'s row tiles over ``T`` nnz-balanced row blocks, and the last layer's
-    output is transposed into ``y`` ``[B, R]``.  Layer ``l`` (``table[l] = in_row, out_row, row0,
-    rows``) reads ``acts[in_row + col]`` and writes ``acts[out_row + r - row0]`` for its global
-    rows ``r`` in ``[row0, row0 + rows)`` (blocks ``bounds[l*(T+1) : (l+1)*(T+1)]``); its entries
-    are ``[starts[r], ends[r])`` of the concatenated ``cols_b`` / ``vals_b``, epilogue
-    ``max(scales[r]*acc + bias[r], los[l])``.  One compiled call instead of a Python call, a
-    dispatch and argument checks per layer and per transpose."""
+    runs :func:`_spmm_par`'s row tiles (batch 1: :func:`_spmv_rows` on the typed ``cols`` /
+    ``vals``) over ``T`` nnz-balanced row blocks, in parallel when ``table[l, 4]``, and the last
+    layer's output is transposed into ``y`` ``[B, R]``.  Layer ``l`` (``table[l] = in_row,
+    out_row, row0, rows, parallel``) reads ``acts[in_row + col]`` and writes ``acts[out_row + r -
+    row0]`` for its global rows ``r`` in ``[row0, row0 + rows)`` (blocks ``bounds[l*(T+1) :
+    (l+1)*(T+1)]``); its entries are ``[starts[r], ends[r])`` of the concatenated entries,
+    epilogue ``max(scales[r]*acc + bias[r], los[l])``.  One compiled call instead of a Python
+    call, a dispatch and argument checks per layer and per transpose."""
     B = x.shape[0]
     K = x.shape[1]
     in0 = table[0, 0]
-    step = ((K + T - 1) // T + 7) // 8 * 8
-    for p in prange(T):
-        j0 = min(p * step, K)
-        _transpose_region(x, acts[in0:in0 + K], 0, B, j0, min(j0 + step, K))
+    if B == 1:
+        for j in range(K):
+            acts[in0 + j, 0] = x[0, j]
+    else:
+        step = ((K + T - 1) // T + 7) // 8 * 8
+        for p in prange(T):
+            j0 = min(p * step, K)
+            _transpose_region(x, acts[in0:in0 + K], 0, B, j0, min(j0 + step, K))
+    a1 = acts[:, 0]
     for li in range(table.shape[0]):
         xin = table[li, 0]
         yout = table[li, 1] - table[li, 2]
         lo = los[li]
         b0 = li * (T + 1)
-        for t in prange(T):
-            for r in range(bounds[b0 + t], bounds[b0 + t + 1]):
-                _tile_span(cols_b, vals_b, code, starts[r], ends[r], acts, xin, 0, B, acts[yout + r], scales[r],
-                           bias[r], lo)
+        if table[li, 4] == 0:  # small: on this thread, no fork/join
+            r0 = bounds[b0]
+            r1 = bounds[b0 + T]
+            if B == 1:
+                _spmv_rows(r0, r1, starts, ends, cols, vals, scales, bias, lo, a1[xin:], a1[yout:])
+            else:
+                for r in range(r0, r1):
+                    _tile_span(cols_b, vals_b, code, starts[r], ends[r], acts, xin, 0, B, acts[yout + r],
+                               scales[r], bias[r], lo)
+        elif B == 1:
+            for t in prange(T):
+                _spmv_rows(bounds[b0 + t], bounds[b0 + t + 1], starts, ends, cols, vals, scales, bias, lo, a1[xin:],
+                           a1[yout:])
+        else:
+            for t in prange(T):
+                for r in range(bounds[b0 + t], bounds[b0 + t + 1]):
+                    _tile_span(cols_b, vals_b, code, starts[r], ends[r], acts, xin, 0, B, acts[yout + r],
+                               scales[r], bias[r], lo)
     last = table.shape[0] - 1
     o0 = table[last, 1]
     _transpose_region(acts[o0:o0 + table[last, 3]], y, 0, table[last, 3], 0, B)
 
 
-def _spmv_par(bounds, starts, ends, cols, vals, scales, bias, lo, x, y):  # type: ignore[no-untyped-def]
-    """Batch 1: ``y[r] = max(scales[r] * sum_j vals[j] * x[cols[j]] + bias[r], lo)``.
+def _spmv_rows(r0, r1, starts, ends, cols, vals, scales, bias, lo, x, y):  # type: ignore[no-untyped-def]
+    """Batch 1, rows ``[r0, r1)``: ``y[r] = max(scales[r] * sum_j vals[j] * x[cols[j]] + bias[r], lo)``.
 
     A plain typed loop (numba specialises it per index / value dtype on first use) with four
     independent accumulators; the row loop lives inside the compiled code, so a row costs a
     few cycles beyond its non-zeros (the tile kernels' per-call set-up dominated at batch 1).
     """
+    for r in range(r0, r1):
+        s = starts[r]
+        e = ends[r]
+        a0 = np.float32(0.0)
+        a1 = np.float32(0.0)
+        a2 = np.float32(0.0)
+        a3 = np.float32(0.0)
+        j = s
+        while j + 4 <= e:
+            a0 += np.float32(vals[j]) * x[cols[j]]
+            a1 += np.float32(vals[j + 1]) * x[cols[j + 1]]
+            a2 += np.float32(vals[j + 2]) * x[cols[j + 2]]
+            a3 += np.float32(vals[j + 3]) * x[cols[j + 3]]
+            j += 4
+        while j < e:
+            a0 += np.float32(vals[j]) * x[cols[j]]
+            j += 1
+        v = ((a0 + a1) + (a2 + a3)) * scales[r] + bias[r]
+        y[r] = lo if v < lo else v
+
+
+def _spmv_par(bounds, starts, ends, cols, vals, scales, bias, lo, x, y):  # type: ignore[no-untyped-def]
+    """Batch 1 (:func:`_spmv_rows`) over the row blocks ``bounds``, one task each."""
     nch = bounds.shape[0] - 1
     for ch in prange(nch):
-        for r in range(bounds[ch], bounds[ch + 1]):
-            s = starts[r]
-            e = ends[r]
-            a0 = np.float32(0.0)
-            a1 = np.float32(0.0)
-            a2 = np.float32(0.0)
-            a3 = np.float32(0.0)
-            j = s
-            while j + 4 <= e:
-                a0 += np.float32(vals[j]) * x[cols[j]]
-                a1 += np.float32(vals[j + 1]) * x[cols[j + 1]]
-                a2 += np.float32(vals[j + 2]) * x[cols[j + 2]]
-                a3 += np.float32(vals[j + 3]) * x[cols[j + 3]]
-                j += 4
-            while j < e:
-                a0 += np.float32(vals[j]) * x[cols[j]]
-                j += 1
-            v = ((a0 + a1) + (a2 + a3)) * scales[r] + bias[r]
-            y[r] = lo if v < lo else v
+        _spmv_rows(bounds[ch], bounds[ch + 1], starts, ends, cols, vals, scales, bias, lo, x, y)
 
 
 def _transpose_region(src, dst, i0, i1, j0, j1):  # type: ignore[no-untyped-def]
@@ -1294,7 +1325,8 @@ def _prog_par(xf, of, arena, A, T, N, steps, offs_b, vals_b, code, starts, ends,
 #: every kernel's inner loop, and as a call it measured 4-7% slower (spmm_t, direct conv).
 _INLINE = frozenset({"_tile_span", "_tile_span_np", "_tile_span_npr"})
 _KERNEL_FUNCS: tuple[Callable[..., Any], ...] = (
-    _tile_span, _spmv_par, _transpose_region, _transpose_par, _spmm_par, _chain_par, _conv_rows, _split_image,
+    _tile_span, _spmv_rows, _spmv_par, _transpose_region, _transpose_par, _spmm_par, _chain_par, _conv_rows,
+    _split_image,
     _phase_split_par, _conv_par, _batch_tiles, _convt_par, _copy_rows, _plane_rows, _prog_image, _prog_par)
 
 

@@ -456,9 +456,9 @@ class FeatureMajorChain(nn.Module):
 
     def _fused_linears(self, B: int, force: str | None) -> _FusedLinears | None:
         """Every layer in one compiled call (``kernels._chain_par``) when the chain is Linear
-        only, ``B > 1``, every layer is on the sparse path at the call's levels and all share one
-        value dtype; else None (the layer-by-layer sequence)."""
-        if B < 2 or any(k != "linear" for k in self.kinds) or not kernels.have_numba():
+        only, every layer is on the sparse path at the call's levels and all share one value
+        dtype; else None (the layer-by-layer sequence)."""
+        if any(k != "linear" for k in self.kinds) or not kernels.have_numba():
             return None
         parts = [self._parts(u) for u in self.units]
         if len({layer.csr.values.dtype for layer, _, _ in parts}) != 1:
@@ -477,9 +477,10 @@ class FeatureMajorChain(nn.Module):
             row0 = np.cumsum([0] + [layer.csr.shape[0] for layer, _, _ in parts])
             code = 2 * kernels._COL_CODE[cols.dtype] + kernels._VAL_CODE[vals.dtype]
             self._fused_static = (cols.view(np.uint8), vals.view(np.uint8), code, cols, vals, entry0, row0)
-        cols_b, vals_b, code, _, _, entry0, row0 = self._fused_static
+        cols_b, vals_b, code, cols, vals, entry0, row0 = self._fused_static
         T = max(1, kernels._threads())
-        starts, ends, scales, bias, bounds, los = [], [], [], [], [], []
+        min_work = kernels.CHAIN_MIN_WORK_SPMV if B == 1 else kernels.CHAIN_MIN_WORK
+        starts, ends, scales, bias, bounds, los, par = [], [], [], [], [], [], []
         for i, ((layer, bn, relu), (k, kb)) in enumerate(zip(parts, ks)):
             plan = kernels.plan_for(layer.csr, k)
             starts.append(plan.starts + entry0[i])
@@ -489,9 +490,10 @@ class FeatureMajorChain(nn.Module):
             bias.append(bb)
             bounds.append(kernels._balanced_bounds(plan.ends - plan.starts, T) + row0[i])
             los.append(0.0 if relu else -np.inf)
+            par.append(int(T > 1 and plan.nnz * B >= min_work))
         K0 = parts[0][0].csr.shape[1]
         in_rows = [0] + [K0 + int(r) for r in row0[:-2]]  # layer i reads layer i-1's output
-        table = np.array([[in_rows[i], K0 + int(row0[i]), int(row0[i]), parts[i][0].csr.shape[0]]
+        table = np.array([[in_rows[i], K0 + int(row0[i]), int(row0[i]), parts[i][0].csr.shape[0], par[i]]
                           for i in range(len(parts))], dtype=np.int64)
         key = (threading.get_ident(), B)
         acts = self._fused_acts.get(key)
@@ -501,10 +503,10 @@ class FeatureMajorChain(nn.Module):
             acts = self._fused_acts[key] = kernels.aligned_empty((K0 + int(row0[-1]), B))
         arrays = (table, np.ascontiguousarray(np.concatenate(bounds), dtype=np.int64),
                   np.ascontiguousarray(np.concatenate(starts), dtype=np.int64),
-                  np.ascontiguousarray(np.concatenate(ends), dtype=np.int64), cols_b, vals_b, code,
+                  np.ascontiguousarray(np.concatenate(ends), dtype=np.int64), cols_b, vals_b, code, cols, vals,
                   np.ascontiguousarray(np.concatenate(scales), dtype=np.float32),
                   np.ascontiguousarray(np.concatenate(bias), dtype=np.float32), np.array(los, dtype=np.float32), T)
-        return _FusedLinears(kernels._kernel("chain_par" if T > 1 else "chain_ser"), acts, arrays,
+        return _FusedLinears(kernels._kernel("chain_par" if any(par) else "chain_ser"), acts, arrays,
                              parts[-1][0].csr.shape[0])
 
     @staticmethod
