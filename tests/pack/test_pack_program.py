@@ -14,8 +14,8 @@ from nestedsparse.pack.runtime import FeatureMajorChain, PackedRuntime
 SPEC = ns.LevelSpec((0.1, 0.4, 1.0))
 
 
-def _calibrated(m, shape):
-    ns.nestify_(m, SPEC)
+def _calibrated(m, shape, block=(1, 1)):
+    ns.nestify_(m, SPEC, block=block)
     m.train()
     for k in range(SPEC.num_levels):  # per-level BatchNorm statistics that differ
         with ns.use_level(m, k), torch.no_grad():
@@ -23,9 +23,9 @@ def _calibrated(m, shape):
     return m.eval()
 
 
-def _registry(tmp_path, name, kwargs, shape, dtype="float32"):
+def _registry(tmp_path, name, kwargs, shape, dtype="float32", block=(1, 1)):
     torch.manual_seed(0)
-    m = _calibrated(models.create(name, **kwargs), shape)
+    m = _calibrated(models.create(name, **kwargs), shape, block)
     pack(m, dtype=dtype, model_name=name, model_kwargs=kwargs).save(tmp_path / "m.nsp")
     return m, load_packed(tmp_path / "m.nsp")
 
@@ -266,3 +266,31 @@ def test_program_rejects_units_out_of_order(tmp_path):
     prog = _programs(rt)[0]
     with pytest.raises(ValueError, match="in order"):
         PlaneProgram([("conv", 1, 0, -1), ("conv", 0, 1, -1)], list(prog.units))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "int8"])
+def test_block_pruned_rows_run_four_at_a_time(tmp_path, dtype):
+    """4x1 block pruning (``nestify_(..., block=(4, 1))``): four output rows share their columns at
+    every level, and the program runs them together (``_rows4``: 24-position tiles, the remainder
+    row by row, with and without a residual); every level still equals the unit path and the
+    nested model. Sizes 16 (288 positions: no remainder), 11 and 32 (remainders)."""
+    m, rt = _registry(tmp_path, "resnet20", {"shortcut": "B"}, (3, 16, 16), dtype=dtype, block=(4, 1))
+    (prog,) = _programs(rt)
+    units = PackedRuntime(rt.model, rt.spec, programs=False)
+    for batch in (1, 3):
+        _all_sparse(rt, batch)
+        for size in (16, 11, 32):
+            x = torch.randn(batch, 3, size, size)
+            for k in range(SPEC.num_levels):
+                torch.testing.assert_close(rt(x, level=k), units(x, level=k), rtol=1e-4, atol=1e-5)
+            if dtype == "float32":
+                _assert_levels(rt, m, x, rtol=1e-3, atol=1e-4)
+    blk = [prog._arrays(k)[4] for k in range(SPEC.num_levels)]
+    assert all(b.sum() >= 30 for b in blk)  # most 3x3 convs' rows are in blocks at every level
+    assert _ran(prog)
+
+
+def test_unstructured_rows_are_not_blocked(tmp_path):
+    _, rt = _registry(tmp_path, "resnet20", {"shortcut": "B"}, (3, 16, 16))
+    (prog,) = _programs(rt)
+    assert all(prog._arrays(k)[4].sum() == 0 for k in range(SPEC.num_levels - 1))

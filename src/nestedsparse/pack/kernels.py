@@ -418,6 +418,143 @@ def _make_intrinsics(nb: Any) -> dict[str, Any]:
                 return typer(cols_b, vals_b, code, s, e, xn, xoff, b0, yr, ())
         return tile
 
+    def _make_rows4(residual: bool) -> Any:
+        """``_rows4[r](cols_b, vals_b, code, starts, r, n, xn, xoff, b0, yr, ystride, scales, bias, lo,
+        ntiles[, roff])``: four output rows ``r..r+3`` that share their columns (a 4x1 block-sparse
+        conv or Linear: rows ``r+k`` have ``n`` entries from ``starts[r+k]``, with row ``r``'s
+        columns), over ``ntiles`` tiles of 24 positions (``p < 24*ntiles``): ``yr[b0 + k*ystride + p] = max(scales[r+k] * sum_i vals[starts[r+k] + i] *
+        xn[xoff + cols[starts[r] + i], b0 + p] + bias[r+k] (+ yr[... + roff]), lo)``. Each input
+        load feeds four FMAs (12 accumulators), where a single-row tile does one FMA per load;
+        per row and lane the sum runs in entry order, as in the single-row tiles."""
+
+        def typer(cols_b: Any, vals_b: Any, code: Any, starts: Any, r: Any, n: Any, xn: Any, xoff: Any, b0: Any,
+                  yr: Any, ystride: Any, scales: Any, bias: Any, lo: Any, extra: tuple) -> Any:
+            ok = (isinstance(xn, types.Array) and xn.dtype == types.float32 and xn.ndim == 2
+                  and _f32_arrays(yr, scales, bias) and isinstance(starts, types.Array)
+                  and starts.dtype == types.int64)
+            if not ok:
+                return None
+            sig = types.void(cols_b, vals_b, code, starts, r, n, xn, xoff, b0, yr, ystride, scales, bias,
+                             types.float32, types.int64, *extra)
+
+            def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+                at = signature.args
+
+                def as64(k: int) -> Any:
+                    return context.cast(builder, args[k], at[k], types.int64)
+
+                code_v, r_v, n_v, xoff_v, b0_v, ys_v = as64(2), as64(4), as64(5), as64(7), as64(8), as64(10)
+                lo_v = args[13]
+                nt_v = as64(14)
+                cptr = builder.bitcast(context.make_array(at[0])(context, builder, args[0]).data, i8p)
+                vptr = builder.bitcast(context.make_array(at[1])(context, builder, args[1]).data, i8p)
+                st_p = builder.bitcast(context.make_array(at[3])(context, builder, args[3]).data,
+                                       ir.IntType(64).as_pointer())
+                sc_p = builder.bitcast(context.make_array(at[11])(context, builder, args[11]).data, f32.as_pointer())
+                bb_p = builder.bitcast(context.make_array(at[12])(context, builder, args[12]).data, f32.as_pointer())
+                xary = context.make_array(at[6])(context, builder, args[6])
+                xstride = cgutils.unpack_tuple(builder, xary.strides, 2)[0]
+                xbase = builder.gep(builder.bitcast(xary.data, i8p), [builder.mul(b0_v, i64(4))])
+                ydata = builder.bitcast(context.make_array(at[9])(context, builder, args[9]).data, i8p)
+                rows = [builder.add(r_v, i64(k)) for k in range(4)]
+                starts_k = [builder.load(builder.gep(st_p, [rk])) for rk in rows]
+                ybase = [builder.gep(ydata, [builder.mul(builder.add(b0_v, builder.mul(ys_v, i64(k))), i64(4))])
+                         for k in range(4)]
+                fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(f8, [f8, f8, f8]),
+                                                     "llvm.fmuladd.v8f32")
+
+                def splat(v: Any) -> Any:
+                    u = ir.Constant(f8, ir.Undefined)
+                    t = builder.insert_element(u, v, ir.Constant(ir.IntType(32), 0))
+                    return builder.shuffle_vector(t, u, ir.Constant(ir.VectorType(ir.IntType(32), 8), [0] * 8))
+
+                zero = ir.Constant(f8, None)
+                fn = builder.function
+                end_bb = fn.append_basic_block("r4_end")
+                default_bb = fn.append_basic_block("r4_default")
+                sw = builder.switch(code_v, default_bb)
+                with builder.goto_block(default_bb):
+                    builder.branch(end_bb)
+                for ci, (ct, csigned, csz) in enumerate(cols_t):
+                    for vi, (vtyp, vsz) in enumerate(vals_t):
+                        case_bb = fn.append_basic_block(f"r4_c{ci}v{vi}")
+                        sw.add_case(ir.Constant(i64, ci * 2 + vi), case_bb)
+                        builder.position_at_end(case_bb)
+                        los = splat(lo_v)  # the epilogue's constants, loaded once per call
+                        scs = [splat(builder.load(builder.gep(sc_p, [rk]))) for rk in rows]
+                        bbs = [splat(builder.load(builder.gep(bb_p, [rk]))) for rk in rows]
+                        # -- tiles of 24 positions, ntiles of them (the code switch once per call)
+                        t_hdr, t_body = fn.append_basic_block("r4_t_hdr"), fn.append_basic_block("r4_t_body")
+                        builder.branch(t_hdr)
+                        builder.position_at_end(t_hdr)
+                        t = builder.phi(i64)
+                        t.add_incoming(i64(0), case_bb)
+                        builder.cbranch(builder.icmp_signed("<", t, nt_v), t_body, end_bb)
+                        builder.position_at_end(t_body)
+                        toff = builder.mul(t, i64(96))
+                        xb_t = builder.gep(xbase, [toff])
+                        yb_t = [builder.gep(yb, [toff]) for yb in ybase]
+                        start_bb = t_body
+                        hdr, body, exit_ = (fn.append_basic_block(nm) for nm in ("r4_hdr", "r4_body", "r4_exit"))
+                        builder.branch(hdr)
+                        builder.position_at_end(hdr)
+                        i = builder.phi(i64)
+                        i.add_incoming(i64(0), start_bb)
+                        accs = [[builder.phi(f8) for _ in range(3)] for _ in range(4)]
+                        for a in accs:
+                            for ph in a:
+                                ph.add_incoming(zero, start_bb)
+                        builder.cbranch(builder.icmp_signed("<", i, n_v), body, exit_)
+                        builder.position_at_end(body)
+                        cp = builder.gep(cptr, [builder.mul(builder.add(starts_k[0], i), i64(csz))])
+                        c = builder.load(builder.bitcast(cp, ct.as_pointer()), align=1)
+                        c = builder.sext(c, i64) if csigned else builder.zext(c, i64)
+                        xrow = builder.gep(xb_t, [builder.mul(builder.add(c, xoff_v), xstride)])
+                        xv = [builder.load(builder.bitcast(builder.gep(xrow, [i64(32 * m)]), f8.as_pointer()), align=4)
+                              for m in range(3)]
+                        new = []
+                        for k in range(4):
+                            vp = builder.gep(vptr, [builder.mul(builder.add(starts_k[k], i), i64(vsz))])
+                            v = builder.load(builder.bitcast(vp, vtyp.as_pointer()), align=1)
+                            if vtyp is not f32:
+                                v = builder.sitofp(v, f32)
+                            w = splat(v)
+                            new.append([builder.call(fma, [w, xv[m], accs[k][m]]) for m in range(3)])
+                        i.add_incoming(builder.add(i, i64(1)), builder.basic_block)
+                        for k in range(4):
+                            for m in range(3):
+                                accs[k][m].add_incoming(new[k][m], builder.basic_block)
+                        builder.branch(hdr)
+                        builder.position_at_end(exit_)
+                        for k in range(4):
+                            for m in range(3):
+                                tot = builder.call(fma, [accs[k][m], scs[k], bbs[k]])
+                                yp = builder.gep(yb_t[k], [i64(32 * m)])
+                                if residual:
+                                    rp = builder.gep(yp, [builder.mul(as64(15), i64(4))])
+                                    tot = builder.fadd(tot, builder.load(builder.bitcast(rp, f8.as_pointer()), align=4))
+                                tot = builder.select(builder.fcmp_ordered("<", tot, los), los, tot)
+                                builder.store(tot, builder.bitcast(yp, f8.as_pointer()), align=4)
+                        t.add_incoming(builder.add(t, i64(1)), builder.basic_block)
+                        builder.branch(t_hdr)
+                builder.position_at_end(end_bb)
+                return context.get_dummy_value()
+
+            return sig, codegen
+
+        if residual:
+            @nb.extending.intrinsic
+            def rows4(typingctx: Any, cols_b: Any, vals_b: Any, code: Any, starts: Any, r: Any, n: Any, xn: Any,
+                      xoff: Any, b0: Any, yr: Any, ystride: Any, scales: Any, bias: Any, lo: Any, ntiles: Any,
+                      roff: Any) -> Any:
+                return typer(cols_b, vals_b, code, starts, r, n, xn, xoff, b0, yr, ystride, scales, bias, lo, (roff,))
+        else:
+            @nb.extending.intrinsic
+            def rows4(typingctx: Any, cols_b: Any, vals_b: Any, code: Any, starts: Any, r: Any, n: Any, xn: Any,
+                      xoff: Any, b0: Any, yr: Any, ystride: Any, scales: Any, bias: Any, lo: Any, ntiles: Any) -> Any:
+                return typer(cols_b, vals_b, code, starts, r, n, xn, xoff, b0, yr, ystride, scales, bias, lo, ())
+        return rows4
+
     f8 = ir.VectorType(f32, 8)
 
     def mask(idx: list[int]) -> Any:
@@ -471,6 +608,8 @@ def _make_intrinsics(nb: Any) -> dict[str, Any]:
     # residual twins for the plane convs (no prefetch at 64, as _tile64np)
     out.update({f"_tile{w}r": _make_tile(w, prefetch=False, residual=True) for w in (64, 32, 16, 8, 1)})
     out["_tile8mr"] = _make_tile(8, masked=True, residual=True)
+    out["_rows4"] = _make_rows4(False)
+    out["_rows4r"] = _make_rows4(True)
     out["_tr8x8"] = tr8x8
 
     def _flat_ptr(context: Any, builder: Any, aty: Any, arr: Any, off: Any, offty: Any) -> Any:
@@ -1106,25 +1245,48 @@ def _copy_rows(dst, d0, dpitch, dplane, src, s0, spitch, splane, C, H, W):  # ty
             _vcopy(dst, d0 + c * dplane + i * dpitch, src, s0 + c * splane + i * spitch, W)
 
 
-def _plane_rows(offs_b, vals_b, code, starts, ends, scales, bias, arena, arena2, src, dst, row0, O, rpg,  # type: ignore
+def _plane_rows(offs_b, vals_b, code, starts, ends, scales, bias, blk, arena, arena2, src, dst, row0, O, rpg,  # type: ignore
                 gstride, dplane, L, tlo, has_res, roff):
     """Rows ``[row0, row0 + O)`` of a direct plane conv, each over its ``L`` wide positions, stored
     at ``dst + rr*dplane``; ``has_res``: plus the residual plane ``roff`` floats further on, in
-    the tiles' epilogue (a function of its own: inlined into the program's big loop, the tile
-    loop's invariants spilled to the stack)."""
-    for rr in range(O):  # row by row: a row's tiles share its loop lengths (predicted)
+    the tiles' epilogue. Where ``blk[r]``, rows ``r..r+3`` share their columns (a 4x1 block) and
+    run together in 24-position tiles (``_rows4``), the remainder row by row (a function of its
+    own: inlined into the program's big loop, the tile loop's invariants spilled to the stack)."""
+    rr = 0
+    while rr < O:  # row by row: a row's tiles share its loop lengths (predicted)
         r = row0 + rr
         yb = dst + rr * dplane
         xb = src + (rr // rpg) * gstride
+        if blk[r] != 0:
+            n = ends[r] - starts[r]
+            q = (L // 24) * 24
+            if has_res:
+                _rows4r(offs_b, vals_b, code, starts, r, n, arena2, xb - yb, yb, arena, dplane, scales, bias, tlo,
+                        L // 24, roff)
+            else:
+                _rows4(offs_b, vals_b, code, starts, r, n, arena2, xb - yb, yb, arena, dplane, scales, bias, tlo,
+                       L // 24)
+            if q < L:
+                for k in range(4):
+                    y0 = yb + k * dplane
+                    if has_res:
+                        _tile_span_npr(offs_b, vals_b, code, starts[r + k], ends[r + k], arena2, xb - y0, y0 + q,
+                                       L - q, arena, scales[r + k], bias[r + k], tlo, roff)
+                    else:
+                        _tile_span_np(offs_b, vals_b, code, starts[r + k], ends[r + k], arena2, xb - y0, y0 + q,
+                                      L - q, arena, scales[r + k], bias[r + k], tlo)
+            rr += 4
+            continue
         if has_res:
             _tile_span_npr(offs_b, vals_b, code, starts[r], ends[r], arena2, xb - yb, yb, L, arena, scales[r],
                            bias[r], tlo, roff)
         else:
             _tile_span_np(offs_b, vals_b, code, starts[r], ends[r], arena2, xb - yb, yb, L, arena, scales[r],
                           bias[r], tlo)
+        rr += 1
 
 
-def _prog_image(xf, n, of, arena, arena2, base, steps, offs_b, vals_b, code, starts, ends, scales, bias):  # type: ignore
+def _prog_image(xf, n, of, arena, arena2, base, steps, offs_b, vals_b, code, starts, ends, scales, bias, blk):  # type: ignore
     """Run every step of a per-image program on image ``n`` (see :func:`_prog_par`).
 
     Activations live in ``arena`` (this task's region starts at ``base``) as zero-bordered planes
@@ -1228,7 +1390,7 @@ def _prog_image(xf, n, of, arena, arena2, base, steps, offs_b, vals_b, code, sta
             lo = np.float32(0.0) if steps[si, 13] else np.float32(-np.inf)
             tlo = np.float32(-np.inf) if res >= 0 else lo
             if kind == 2:  # the residual (same layout) is added in the tiles' epilogue, then the clamp
-                _plane_rows(offs_b, vals_b, code, starts, ends, scales, bias, arena, arena2, src, dst, row0, O, rpg,
+                _plane_rows(offs_b, vals_b, code, starts, ends, scales, bias, blk, arena, arena2, src, dst, row0, O, rpg,
                             gstride, dplane, L, lo, res >= 0, base + res - dst)
                 gap = Wq - OW
                 for rr in range(O):
@@ -1307,7 +1469,7 @@ def _prog_image(xf, n, of, arena, arena2, base, steps, offs_b, vals_b, code, sta
                         _gather_f32(arena, o, arena, src + (c - before) * splane + i * st * spitch, Wo, st)
 
 
-def _prog_par(xf, of, arena, A, T, N, steps, offs_b, vals_b, code, starts, ends, scales, bias):  # type: ignore
+def _prog_par(xf, of, arena, A, T, N, steps, offs_b, vals_b, code, starts, ends, scales, bias, blk):  # type: ignore
     """A per-image program (:func:`_prog_image`) over images ``[0, N)``: ``T`` tasks, each a
     contiguous run of images in its own arena region ``[t*A, (t+1)*A)``, the whole program per
     image, so an image's activations stay in that core's cache from the first layer to the last."""
@@ -1316,7 +1478,8 @@ def _prog_par(xf, of, arena, A, T, N, steps, offs_b, vals_b, code, starts, ends,
         n0 = (t * N) // T
         n1 = ((t + 1) * N) // T
         for n in range(n0, n1):
-            _prog_image(xf, n, of, arena, arena2, t * A, steps, offs_b, vals_b, code, starts, ends, scales, bias)
+            _prog_image(xf, n, of, arena, arena2, t * A, steps, offs_b, vals_b, code, starts, ends, scales, bias,
+                        blk)
 
 # Kernels whose source goes into the generated module, callees first.  Each
 # ``*_par`` function also gets a serial twin ``*_ser``: the same source with

@@ -55,6 +55,23 @@ def _round16(n: int) -> int:
     return (n + 15) // 16 * 16
 
 
+def _blocks4(layer, plan) -> np.ndarray:
+    """Per row of ``layer`` at ``plan``'s level: 1 where rows ``r..r+3`` start a 4x1 block (same
+    group, ``r % 4 == 0``, the same non-empty column list), else 0."""
+    O = layer.csr.shape[0]
+    rpg = O // layer.geo.groups
+    cols = layer.csr.col_indices
+    out = np.zeros(O, np.int8)
+    lens = plan.ends - plan.starts
+    for g in range(0, O - 3, 4):
+        if g // rpg != (g + 3) // rpg or lens[g] == 0 or not (lens[g:g + 4] == lens[g]).all():
+            continue
+        c0 = cols[plan.starts[g]:plan.ends[g]]
+        if all(np.array_equal(c0, cols[plan.starts[g + k]:plan.ends[g + k]]) for k in (1, 2, 3)):
+            out[g] = 1
+    return out
+
+
 class _Geometry:
     """A program compiled for one input shape: step table, tap offsets, arena size, output dims."""
 
@@ -142,14 +159,14 @@ class PlaneProgram(nn.Module):
             st = self._states[key] = self._state(N, tuple(x.shape[1:]), force, levels)
         if st is None:
             return self._unit_path(x, force)
-        geo, (starts, ends, scales, bias) = st
+        geo, (starts, ends, scales, bias, blk) = st
         T = max(1, min(kernels._threads(), N))
         arena = self._arena(geo, T, tuple(x.shape[1:]))
         xa = x.detach().contiguous().numpy().reshape(-1)
         out = torch.empty((N, *geo.out_dims), dtype=torch.float32)
         kern = kernels._kernel("prog_par" if T > 1 else "prog_ser")
         kern(xa, out.numpy().reshape(-1), arena, geo.arena, T, N, geo.steps, geo.offs_b, self._vals.view(np.uint8),
-             self._code, starts, ends, scales, bias)
+             self._code, starts, ends, scales, bias, blk)
         return out
 
     def _state(self, N: int, in_shape: tuple, force: str | None, levels):
@@ -178,16 +195,19 @@ class PlaneProgram(nn.Module):
         return got
 
     def _arrays(self, levels) -> tuple:
-        """Per-row ``(starts, ends, scales, bias)`` over all the region's convs at ``levels``."""
+        """Per-row ``(starts, ends, scales, bias, blk)`` over all the region's convs at ``levels``;
+        ``blk[r] = 1`` where rows ``r..r+3`` (one group, the first a multiple of 4 into its conv)
+        have the same columns at their level: a 4x1 block, run four rows per tile."""
         got = self._level_arrays.get(levels)
         if got is not None:
             return got
-        starts, ends, scales, bias = [], [], [], []
+        starts, ends, scales, bias, blk = [], [], [], [], []
         for i, u in enumerate(self.units):
             layer, bn = _parts(u)[:2]
             k = _level_for(layer.name, layer.top)
             kb = -1 if bn is None else _level_for(bn.name, bn.top)
             plan = kernels.plan_for(layer.csr, k)
+            blk.append(_blocks4(layer, plan))
             starts.append(plan.starts + self._entry0[i])
             ends.append(plan.ends + self._entry0[i])
             sc, bb = layer._epilogue(k, bn, kb)
@@ -196,7 +216,8 @@ class PlaneProgram(nn.Module):
         got = (np.ascontiguousarray(np.concatenate(starts), dtype=np.int64),
                np.ascontiguousarray(np.concatenate(ends), dtype=np.int64),
                np.ascontiguousarray(np.concatenate(scales), dtype=np.float32),
-               np.ascontiguousarray(np.concatenate(bias), dtype=np.float32))
+               np.ascontiguousarray(np.concatenate(bias), dtype=np.float32),
+               np.ascontiguousarray(np.concatenate(blk), dtype=np.int8))
         if len(self._level_arrays) > 64:
             self._level_arrays.clear()
         self._level_arrays[levels] = got
