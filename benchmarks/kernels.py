@@ -8,6 +8,9 @@ for timing; threads fixed to 2 for torch, numba and ONNX Runtime):
   Targets at batch 64: >= 8.5x ONNX Runtime dense at 2%, >= 5.3x at 5%, >= 3.5x at 10%.
 - ``lenet5`` (1x28x28) and ``resnet20`` (3x32x32), levels 0.05, 0.1, 1.0. Target at batch 64:
   >= 0.5 / density x dense PyTorch.
+- ``resnet20_4x1``: the same ResNet-20 with 4x1 block pruning (``nestify_(..., block=(4, 1))``:
+  four output channels share their taps, so the programs run four rows per tile). Not one of
+  the issue's configurations: reported, with only the >= 1.0x target.
 - Every row (every level, every batch): >= 1.0x dense PyTorch (the runtime's ``tune()`` falls
   back to the dense matmul where the sparse kernel is slower).
 
@@ -49,12 +52,15 @@ from nestedsparse.report import format_table
 RESULTS = Path(__file__).parent / "results"
 THREADS = 2
 
-#: name -> (registry model, kwargs, densities)
+#: name -> (registry model, kwargs, densities[, nestify_ kwargs])
 CONFIGS = {
     "mlp1024": ("mlp_1024", {"image_size": 32}, (0.02, 0.05, 0.1, 0.2, 0.5, 1.0)),
     "lenet5": ("lenet5", {}, (0.05, 0.1, 1.0)),
     "resnet20": ("resnet20", {"in_channels": 3}, (0.05, 0.1, 1.0)),
+    "resnet20_4x1": ("resnet20", {"in_channels": 3}, (0.05, 0.1, 1.0), {"block": (4, 1)}),
 }
+#: configurations the issue sets a 0.5 / density target for
+DENSITY_TARGETS = ("lenet5", "resnet20")
 #: MLP targets vs ONNX Runtime dense at batch 64, by density (the BENCHMARKS.md anchors).
 ORT_TARGETS = {0.02: 8.5, 0.05: 5.3, 0.1: 3.5}
 TARGET_BATCH = 64
@@ -63,7 +69,7 @@ TARGET_BATCH = 64
 def targets(config: str, batch: int, density: float) -> tuple[float, float | None]:
     """(minimum speedup vs dense PyTorch, minimum speedup vs ONNX Runtime dense or None)."""
     vs_torch = 1.0
-    if config != "mlp1024" and batch == TARGET_BATCH:
+    if config in DENSITY_TARGETS and batch == TARGET_BATCH:
         vs_torch = max(vs_torch, 0.5 / density)
     vs_ort = ORT_TARGETS.get(density) if config == "mlp1024" and batch == TARGET_BATCH else None
     return vs_torch, vs_ort
@@ -116,10 +122,10 @@ def wait_quiet(threshold: float, max_wait: float) -> float:
 
 
 def run_config(name: str, batches, repeats: dict, tmp: Path, quiet: tuple[float, float] = (1.0, 0.0)) -> list[dict]:
-    model_name, kwargs, densities = CONFIGS[name]
+    model_name, kwargs, densities, *nest_kw = CONFIGS[name]
     torch.manual_seed(0)
     model = models.create(model_name, **kwargs).eval()
-    nestify_(model, LevelSpec(densities))
+    nestify_(model, LevelSpec(densities), **(nest_kw[0] if nest_kw else {}))
     path = tmp / f"{name}.nsp"
     pack(model, model_name=model_name, model_kwargs=kwargs).save(path)
     rows = []
