@@ -47,7 +47,7 @@ from nestedsparse.levels import LevelSpec
 from nestedsparse.nest import nestify_
 from nestedsparse.pack import pack
 from nestedsparse.pack.bench import bench_packed
-from nestedsparse.report import format_table
+from nestedsparse.report import cpu_name, format_table
 
 RESULTS = Path(__file__).parent / "results"
 THREADS = 2
@@ -77,23 +77,13 @@ def targets(config: str, batch: int, density: float) -> tuple[float, float | Non
 
 def versions() -> dict:
     out = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
-           "machine": platform.machine(), "cpu": _cpu_name(), "threads": THREADS}
+           "machine": platform.machine(), "cpu": cpu_name(), "threads": THREADS}
     for mod in ("numba", "onnxruntime"):
         try:
             out[mod] = __import__(mod).__version__
         except ImportError:
             out[mod] = None
     return out
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def cpu_busy(seconds: float = 1.0) -> float:

@@ -21,27 +21,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 
 import numpy as np
 
 from nestedsparse.pack import kernels as K
-from nestedsparse.report import format_table
+from nestedsparse.report import cpu_name, format_table
 
 RESULTS = Path(__file__).parent / "results"
 CASES = (("aligned", 8, 0), ("+1 float", 8, 1), ("+4 floats", 8, 4), ("mixed", 1, 0))
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.machine()
 
 
 def main() -> None:
@@ -86,7 +75,7 @@ def main() -> None:
            for n in calls]
     meta = {"nnz_per_row": args.nnz, "tiles_per_row": args.tiles, "rows_per_call": args.rows, "rounds": args.rounds,
             "method": "median of interleaved rounds; one serial call = rows x tiles x nnz tile steps",
-            "cpu": _cpu_name(), "numba": numba.__version__}
+            "cpu": cpu_name(), "numba": numba.__version__}
     Path(args.out + ".json").write_text(json.dumps({"meta": meta, "rows": out}, indent=1) + "\n")
     table = format_table(out)
     Path(args.out + ".md").write_text(f"# Tap alignment and the 64-wide plane tile\n\n{json.dumps(meta)}\n\n"

@@ -6,7 +6,20 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["format_table", "plot_pareto", "read_eval"]
+__all__ = ["cpu_name", "format_table", "plot_pareto", "read_eval"]
+
+
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else the platform's: for benchmark metadata."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform  # noqa: PLC0415
+
+    return platform.processor() or platform.machine() or "unknown"
 
 
 def _fmt(v) -> str:
