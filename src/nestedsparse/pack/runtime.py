@@ -488,7 +488,9 @@ class FeatureMajorChain(nn.Module):
             sc, bb = layer._epilogue(k, bn, kb)
             scales.append(sc)
             bias.append(bb)
-            bounds.append(kernels._balanced_bounds(plan.ends - plan.starts, T) + row0[i])
+            b = kernels._balanced_bounds(plan.ends - plan.starts, T)  # fewer blocks than T when rows < T
+            b = np.concatenate([b, np.full(T + 1 - b.shape[0], b[-1], np.int64)])  # the kernel reads T + 1 each
+            bounds.append(b + row0[i])
             los.append(0.0 if relu else -np.inf)
             par.append(int(T > 1 and plan.nnz * B >= min_work))
         K0 = parts[0][0].csr.shape[1]
