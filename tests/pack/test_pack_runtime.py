@@ -604,3 +604,41 @@ def test_linear_chain_with_fewer_rows_than_threads(tmp_path):
             assert states and all(s.arrays[1].shape[0] == 2 * (s.arrays[-1] + 1) for s in states)
     finally:
         numba.set_num_threads(n)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "int8"])
+def test_block_pruned_linear_chain_runs_four_rows_per_tile(tmp_path, dtype):
+    """4x1 block pruning on Linear layers: the one-call chain runs each block's four rows together
+    over 24-column batch tiles (the rest of the batch, and rows not in blocks, row by row; a
+    7-row layer ends with 3 single rows); equal to the layer-by-layer runtime at every level,
+    on one thread and on two (blocks split across the threads' row ranges)."""
+    import numba
+
+    torch.manual_seed(5)
+    m = WideMLP()
+    ns.nestify_(m, SPEC, block=(4, 1))
+    m.train()
+    for k in range(SPEC.num_levels):
+        with ns.use_level(m, k), torch.no_grad():
+            m(torch.randn(16, 4, 5) * (k + 1))
+    m.eval()
+    path = tmp_path / "b.nsp"
+    pack(m, dtype=dtype).save(path)
+    n = numba.get_num_threads()
+    try:
+        for threads in sorted({1, 2, n}):
+            numba.set_num_threads(threads)
+            rt = load_packed(path, WideMLP)
+            (chain,) = [u for u in rt.units() if isinstance(u, FeatureMajorChain)]
+            units = PackedRuntime(rt.model, SPEC, fuse=False)
+            for batch in (2, 24, 67):
+                for layer in rt.sparse_layers():
+                    layer.mode.update({(k, batch): "sparse" for k in range(SPEC.num_levels)})
+                x = torch.randn(batch, 4, 5)
+                for k in range(SPEC.num_levels):
+                    torch.testing.assert_close(rt(x, level=k), units(x, level=k), rtol=1e-5, atol=1e-5)
+            blk = [s.arrays[-2] for s in _fused_states(chain) if s.acts.shape[1] >= 24]
+            assert len(blk) == SPEC.num_levels * 2 and all(b.sum() >= 20 for b in blk)
+            assert max(b.sum() for b in blk) == 75 + 10 + 1  # full level: every block of 4 rows
+    finally:
+        numba.set_num_threads(n)

@@ -920,18 +920,44 @@ def _spmm_par(bounds, starts, ends, cols_b, vals_b, code, scales, bias, lo, x, x
             _transpose_region(yn, y, r0, r1, 0, B)
 
 
+def _linear_rows(r0, r1, rb, blk, cols_b, vals_b, code, starts, ends, scales, bias, lo, acts, af, xin, yout):  # type: ignore
+    """Rows ``[r0, r1)`` of one feature-major Linear layer (its first row is ``rb``): row ``r``
+    reads ``acts[xin + col]`` and writes ``acts[yout + r]``; where ``blk[r]``, rows ``r..r+3`` (a
+    4x1 block) run together over 24-column tiles of the batch (``_rows4``, the rest of the batch
+    row by row). A block that starts before ``r0`` belongs to the previous task."""
+    B = acts.shape[1]
+    nt = B // 24
+    r = r0
+    k = (r - rb) % 4
+    if k != 0 and blk[r - k] != 0:
+        r += 4 - k
+    while r < r1:
+        if blk[r] != 0 and nt > 0:
+            _rows4(cols_b, vals_b, code, starts, r, ends[r] - starts[r], acts, xin, 0, af[(yout + r) * B:], B,
+                   scales, bias, lo, nt)
+            for i in range(4):
+                _tile_span(cols_b, vals_b, code, starts[r + i], ends[r + i], acts, xin, nt * 24, B - nt * 24,
+                           acts[yout + r + i], scales[r + i], bias[r + i], lo)
+            r += 4
+        else:
+            _tile_span(cols_b, vals_b, code, starts[r], ends[r], acts, xin, 0, B, acts[yout + r], scales[r], bias[r],
+                       lo)
+            r += 1
+
+
 def _chain_par(x, y, acts, table, bounds, starts, ends, cols_b, vals_b, code, cols, vals, scales, bias, los,  # type: ignore
-               T):
+               blk, T):
     """A whole chain of sparse Linear layers in one call: ``x`` ``[B, K]`` (batch-major) is
     transposed into ``acts`` (``[rows, B]``, every layer's feature-major activations), each layer
-    runs :func:`_spmm_par`'s row tiles (batch 1: :func:`_spmv_rows` on the typed ``cols`` /
-    ``vals``) over ``T`` nnz-balanced row blocks, in parallel when ``table[l, 4]``, and the last
-    layer's output is transposed into ``y`` ``[B, R]``.  Layer ``l`` (``table[l] = in_row,
-    out_row, row0, rows, parallel``) reads ``acts[in_row + col]`` and writes ``acts[out_row + r -
-    row0]`` for its global rows ``r`` in ``[row0, row0 + rows)`` (blocks ``bounds[l*(T+1) :
-    (l+1)*(T+1)]``); its entries are ``[starts[r], ends[r])`` of the concatenated entries,
-    epilogue ``max(scales[r]*acc + bias[r], los[l])``.  One compiled call instead of a Python
-    call, a dispatch and argument checks per layer and per transpose."""
+    runs :func:`_linear_rows` (batch 1: :func:`_spmv_rows` on the typed ``cols`` / ``vals``) over
+    ``T`` nnz-balanced row blocks, in parallel when ``table[l, 4]``, and the last layer's output
+    is transposed into ``y`` ``[B, R]``.  Layer ``l`` (``table[l] = in_row, out_row, row0, rows,
+    parallel``) reads ``acts[in_row + col]`` and writes ``acts[out_row + r - row0]`` for its
+    global rows ``r`` in ``[row0, row0 + rows)`` (blocks ``bounds[l*(T+1) : (l+1)*(T+1)]``); its
+    entries are ``[starts[r], ends[r])`` of the concatenated entries, epilogue
+    ``max(scales[r]*acc + bias[r], los[l])``; ``blk[r]``: rows ``r..r+3`` are a 4x1 block.  One
+    compiled call instead of a Python call, a dispatch and argument checks per layer and per
+    transpose."""
     B = x.shape[0]
     K = x.shape[1]
     in0 = table[0, 0]
@@ -944,29 +970,27 @@ def _chain_par(x, y, acts, table, bounds, starts, ends, cols_b, vals_b, code, co
             j0 = min(p * step, K)
             _transpose_region(x, acts[in0:in0 + K], 0, B, j0, min(j0 + step, K))
     a1 = acts[:, 0]
+    af = acts.reshape(-1)
     for li in range(table.shape[0]):
         xin = table[li, 0]
         yout = table[li, 1] - table[li, 2]
+        rb = table[li, 2]
         lo = los[li]
         b0 = li * (T + 1)
         if table[li, 4] == 0:  # small: on this thread, no fork/join
-            r0 = bounds[b0]
-            r1 = bounds[b0 + T]
             if B == 1:
-                _spmv_rows(r0, r1, starts, ends, cols, vals, scales, bias, lo, a1[xin:], a1[yout:])
+                _spmv_rows(bounds[b0], bounds[b0 + T], starts, ends, cols, vals, scales, bias, lo, a1[xin:], a1[yout:])
             else:
-                for r in range(r0, r1):
-                    _tile_span(cols_b, vals_b, code, starts[r], ends[r], acts, xin, 0, B, acts[yout + r],
-                               scales[r], bias[r], lo)
+                _linear_rows(bounds[b0], bounds[b0 + T], rb, blk, cols_b, vals_b, code, starts, ends, scales, bias, lo,
+                             acts, af, xin, yout)
         elif B == 1:
             for t in prange(T):
                 _spmv_rows(bounds[b0 + t], bounds[b0 + t + 1], starts, ends, cols, vals, scales, bias, lo, a1[xin:],
                            a1[yout:])
         else:
             for t in prange(T):
-                for r in range(bounds[b0 + t], bounds[b0 + t + 1]):
-                    _tile_span(cols_b, vals_b, code, starts[r], ends[r], acts, xin, 0, B, acts[yout + r],
-                               scales[r], bias[r], lo)
+                _linear_rows(bounds[b0 + t], bounds[b0 + t + 1], rb, blk, cols_b, vals_b, code, starts, ends, scales,
+                             bias, lo, acts, af, xin, yout)
     last = table.shape[0] - 1
     o0 = table[last, 1]
     _transpose_region(acts[o0:o0 + table[last, 3]], y, 0, table[last, 3], 0, B)
@@ -1488,7 +1512,8 @@ def _prog_par(xf, of, arena, A, T, N, steps, offs_b, vals_b, code, starts, ends,
 #: every kernel's inner loop, and as a call it measured 4-7% slower (spmm_t, direct conv).
 _INLINE = frozenset({"_tile_span", "_tile_span_np", "_tile_span_npr"})
 _KERNEL_FUNCS: tuple[Callable[..., Any], ...] = (
-    _tile_span, _spmv_rows, _spmv_par, _transpose_region, _transpose_par, _spmm_par, _chain_par, _conv_rows,
+    _tile_span, _spmv_rows, _spmv_par, _transpose_region, _transpose_par, _spmm_par, _linear_rows, _chain_par,
+    _conv_rows,
     _split_image,
     _phase_split_par, _conv_par, _batch_tiles, _convt_par, _copy_rows, _plane_rows, _prog_image, _prog_par)
 
@@ -1633,6 +1658,24 @@ class _Plan:
         self.cols_b = cols.view(np.uint8)  # byte views: dtype dispatched inside the kernel
         self.vals_b = vals.view(np.uint8)
         self.code = 2 * _COL_CODE[cols.dtype] + _VAL_CODE[vals.dtype]
+
+
+def row_blocks4(csr: NestedCSR, plan: "_Plan", groups: int = 1) -> np.ndarray:
+    """Per row at ``plan``'s level: 1 where rows ``r..r+3`` are a 4x1 block -- one group,
+    ``r % 4 == 0``, the same non-empty column list (what ``nestify_(..., block=(4, 1))`` gives at
+    every level) -- else 0. The kernels run such rows four per tile (``_rows4``)."""
+    O = csr.shape[0]
+    rpg = O // groups
+    cols = csr.col_indices
+    out = np.zeros(O, np.int8)
+    lens = plan.ends - plan.starts
+    for g in range(0, O - 3, 4):
+        if g // rpg != (g + 3) // rpg or lens[g] == 0 or not (lens[g:g + 4] == lens[g]).all():
+            continue
+        c0 = cols[plan.starts[g]:plan.ends[g]]
+        if all(np.array_equal(c0, cols[plan.starts[g + k]:plan.ends[g + k]]) for k in (1, 2, 3)):
+            out[g] = 1
+    return out
 
 
 def _balanced_bounds(lens: np.ndarray, parts: int) -> np.ndarray:

@@ -55,23 +55,6 @@ def _round16(n: int) -> int:
     return (n + 15) // 16 * 16
 
 
-def _blocks4(layer, plan) -> np.ndarray:
-    """Per row of ``layer`` at ``plan``'s level: 1 where rows ``r..r+3`` start a 4x1 block (same
-    group, ``r % 4 == 0``, the same non-empty column list), else 0."""
-    O = layer.csr.shape[0]
-    rpg = O // layer.geo.groups
-    cols = layer.csr.col_indices
-    out = np.zeros(O, np.int8)
-    lens = plan.ends - plan.starts
-    for g in range(0, O - 3, 4):
-        if g // rpg != (g + 3) // rpg or lens[g] == 0 or not (lens[g:g + 4] == lens[g]).all():
-            continue
-        c0 = cols[plan.starts[g]:plan.ends[g]]
-        if all(np.array_equal(c0, cols[plan.starts[g + k]:plan.ends[g + k]]) for k in (1, 2, 3)):
-            out[g] = 1
-    return out
-
-
 class _Geometry:
     """A program compiled for one input shape: step table, tap offsets, arena size, output dims."""
 
@@ -207,7 +190,7 @@ class PlaneProgram(nn.Module):
             k = _level_for(layer.name, layer.top)
             kb = -1 if bn is None else _level_for(bn.name, bn.top)
             plan = kernels.plan_for(layer.csr, k)
-            blk.append(_blocks4(layer, plan))
+            blk.append(kernels.row_blocks4(layer.csr, plan, layer.geo.groups))
             starts.append(plan.starts + self._entry0[i])
             ends.append(plan.ends + self._entry0[i])
             sc, bb = layer._epilogue(k, bn, kb)

@@ -480,11 +480,12 @@ class FeatureMajorChain(nn.Module):
         cols_b, vals_b, code, cols, vals, entry0, row0 = self._fused_static
         T = max(1, kernels._threads())
         min_work = kernels.CHAIN_MIN_WORK_SPMV if B == 1 else kernels.CHAIN_MIN_WORK
-        starts, ends, scales, bias, bounds, los, par = [], [], [], [], [], [], []
+        starts, ends, scales, bias, bounds, los, par, blk = [], [], [], [], [], [], [], []
         for i, ((layer, bn, relu), (k, kb)) in enumerate(zip(parts, ks)):
             plan = kernels.plan_for(layer.csr, k)
             starts.append(plan.starts + entry0[i])
             ends.append(plan.ends + entry0[i])
+            blk.append(kernels.row_blocks4(layer.csr, plan) if B > 1 else np.zeros(plan.rows, np.int8))
             sc, bb = layer._epilogue(k, bn, kb)
             scales.append(sc)
             bias.append(bb)
@@ -507,7 +508,8 @@ class FeatureMajorChain(nn.Module):
                   np.ascontiguousarray(np.concatenate(starts), dtype=np.int64),
                   np.ascontiguousarray(np.concatenate(ends), dtype=np.int64), cols_b, vals_b, code, cols, vals,
                   np.ascontiguousarray(np.concatenate(scales), dtype=np.float32),
-                  np.ascontiguousarray(np.concatenate(bias), dtype=np.float32), np.array(los, dtype=np.float32), T)
+                  np.ascontiguousarray(np.concatenate(bias), dtype=np.float32), np.array(los, dtype=np.float32),
+                  np.ascontiguousarray(np.concatenate(blk), dtype=np.int8), T)
         return _FusedLinears(kernels._kernel("chain_par" if any(par) else "chain_ser"), acts, arrays,
                              parts[-1][0].csr.shape[0])
 
