@@ -204,6 +204,32 @@ def _make_intrinsics(nb: Any) -> dict[str, Any]:
     cols_t = [(ir.IntType(8), False, 1), (ir.IntType(16), False, 2), (ir.IntType(32), True, 4)]
     vals_t = [(f32, 4), (ir.IntType(8), 1)]
 
+    def _dtype_cases(builder: Any, code_v: Any, name: str) -> tuple[Any, list]:
+        """A switch on the kernels' dtype code (``2*col_code + val_code``): returns the end block
+        (an unknown code branches straight to it) and, per code, ``(block, (col type, signed,
+        size), (value type, size))``; each case's code starts at its block and ends at the end."""
+        fn = builder.function
+        end_bb = fn.append_basic_block(f"{name}_end")
+        default_bb = fn.append_basic_block(f"{name}_default")
+        sw = builder.switch(code_v, default_bb)
+        with builder.goto_block(default_bb):
+            builder.branch(end_bb)
+        cases = []
+        for ci, col in enumerate(cols_t):
+            for vi, val in enumerate(vals_t):
+                bb = fn.append_basic_block(f"{name}_c{ci}v{vi}")
+                sw.add_case(ir.Constant(i64, ci * 2 + vi), bb)
+                cases.append((bb, col, val))
+        return end_bb, cases
+
+    def _splat(builder: Any, v: Any, lanes: int) -> Any:
+        """A scalar broadcast to ``lanes`` lanes (the scalar itself when ``lanes == 1``)."""
+        if lanes == 1:
+            return v
+        u = ir.Constant(ir.VectorType(v.type, lanes), ir.Undefined)
+        t = builder.insert_element(u, v, ir.Constant(ir.IntType(32), 0))
+        return builder.shuffle_vector(t, u, ir.Constant(ir.VectorType(ir.IntType(32), lanes), [0] * lanes))
+
     def _make_tile(W: int, masked: bool = False, prefetch: bool = True, residual: bool = False) -> Any:
         """``_tileW(cols_b, vals_b, code, s, e, xn, xoff, b0, yr, sc, bb, lo[, nv][, roff])``:
         ``yr[b0:b0+W] = max(sc * sum_{j in [s, e)} vals[j] * xn[xoff + cols[j], b0:b0+W] + bb, lo)``
@@ -225,11 +251,7 @@ def _make_intrinsics(nb: Any) -> dict[str, Any]:
         fname = f"llvm.fmuladd.v{lanes}f32" if lanes > 1 else "llvm.fmuladd.f32"
 
         def splat(builder: Any, v: Any) -> Any:
-            if lanes == 1:
-                return v
-            u = ir.Constant(vt, ir.Undefined)
-            t = builder.insert_element(u, v, ir.Constant(ir.IntType(32), 0))
-            return builder.shuffle_vector(t, u, ir.Constant(ir.VectorType(ir.IntType(32), lanes), [0] * lanes))
+            return _splat(builder, v, lanes)
 
         def typer(cols_b: Any, vals_b: Any, code: Any, s: Any, e: Any, xn: Any, xoff: Any, b0: Any,
                   yr: Any, extra: tuple[Any, ...]) -> Any:
@@ -287,115 +309,107 @@ def _make_intrinsics(nb: Any) -> dict[str, Any]:
                     br.set_metadata("llvm.loop", md)
                 zero = ir.Constant(vt, None)
                 fn = builder.function
-                end_bb = fn.append_basic_block("tile_end")
-                default_bb = fn.append_basic_block("tile_default")
-                sw = builder.switch(code_v, default_bb)
-                with builder.goto_block(default_bb):
-                    builder.branch(end_bb)
+                end_bb, cases = _dtype_cases(builder, code_v, "tile")
+                for start_bb, (ct, csigned, csz), (vtyp, vsz) in cases:
 
-                for ci, (ct, csigned, csz) in enumerate(cols_t):
-                    for vi, (vtyp, vsz) in enumerate(vals_t):
+                    def entry(j: Any) -> tuple[Any, Any]:
+                        cp = builder.gep(cptr, [builder.mul(j, i64(csz))])
+                        c = builder.load(builder.bitcast(cp, ct.as_pointer()), align=1)
+                        c = builder.sext(c, i64) if csigned else builder.zext(c, i64)
+                        row = builder.gep(xbase, [builder.mul(builder.add(c, xoff_v), xstride)])
+                        vp = builder.gep(vptr, [builder.mul(j, i64(vsz))])
+                        v = builder.load(builder.bitcast(vp, vtyp.as_pointer()), align=1)
+                        if vtyp is not f32:
+                            v = builder.sitofp(v, f32)
+                        return row, splat(builder, v)
 
-                        def entry(j: Any) -> tuple[Any, Any]:
-                            cp = builder.gep(cptr, [builder.mul(j, i64(csz))])
-                            c = builder.load(builder.bitcast(cp, ct.as_pointer()), align=1)
-                            c = builder.sext(c, i64) if csigned else builder.zext(c, i64)
-                            row = builder.gep(xbase, [builder.mul(builder.add(c, xoff_v), xstride)])
-                            vp = builder.gep(vptr, [builder.mul(j, i64(vsz))])
-                            v = builder.load(builder.bitcast(vp, vtyp.as_pointer()), align=1)
-                            if vtyp is not f32:
-                                v = builder.sitofp(v, f32)
-                            return row, splat(builder, v)
+                    def xload(row: Any, k: Any) -> Any:
+                        p = builder.bitcast(builder.gep(row, [i64(4 * lanes * k)]), vt.as_pointer())
+                        if masked:
+                            return builder.call(mload, [p, ir.IntType(32)(4), lane_mask, zero])
+                        return builder.load(p, align=4)
 
-                        def xload(row: Any, k: Any) -> Any:
-                            p = builder.bitcast(builder.gep(row, [i64(4 * lanes * k)]), vt.as_pointer())
-                            if masked:
-                                return builder.call(mload, [p, ir.IntType(32)(4), lane_mask, zero])
-                            return builder.load(p, align=4)
-
-                        start_bb = fn.append_basic_block(f"tile_c{ci}v{vi}")
-                        sw.add_case(ir.Constant(i64, ci * 2 + vi), start_bb)
-                        builder.position_at_end(start_bb)
-                        if U > 1:
-                            # -- main loop: U non-zeros per iteration, U*nvec independent accumulators
-                            h1, b1, x1 = (fn.append_basic_block(n) for n in ("u_hdr", "u_body", "u_exit"))
-                            builder.branch(h1)
-                            builder.position_at_end(h1)
-                            j = builder.phi(i64)
-                            j.add_incoming(s_v, start_bb)
-                            accs = [[builder.phi(vt) for _ in range(nvec)] for _ in range(U)]
-                            for a in accs:
-                                for p in a:
-                                    p.add_incoming(zero, start_bb)
-                            j_next = builder.add(j, i64(U))
-                            builder.cbranch(builder.icmp_signed("<=", j_next, e_v), b1, x1)
-                            builder.position_at_end(b1)
-                            new = []
-                            for u in range(U):
-                                row, vs = entry(builder.add(j, i64(u)))
-                                new.append([builder.call(fma, [vs, xload(row, k), accs[u][k]]) for k in range(nvec)])
-                            j.add_incoming(j_next, builder.basic_block)
-                            for u in range(U):
-                                for k in range(nvec):
-                                    accs[u][k].add_incoming(new[u][k], builder.basic_block)
-                            latch(builder.branch(h1))
-                            builder.position_at_end(x1)
-                            j_rem, acc_rem, pre_rem = j, accs, x1
-                        else:  # W == 64: 8 accumulators already, a single loop
-                            j_rem, acc_rem, pre_rem = s_v, [[zero] * nvec], start_bb
-                        # -- remainder (< U non-zeros; all of them for W == 64): one per
-                        # iteration, rotating through the U accumulator sets so that
-                        # consecutive FMAs stay independent (SSA rotation = renaming only)
-                        h2, b2, x2 = (fn.append_basic_block(n) for n in ("r_hdr", "r_body", "r_exit"))
-                        builder.branch(h2)
-                        builder.position_at_end(h2)
-                        j2 = builder.phi(i64)
-                        j2.add_incoming(j_rem, pre_rem)
-                        acc2 = [[builder.phi(vt) for _ in range(nvec)] for _ in acc_rem]
-                        for u, a in enumerate(acc_rem):
+                    builder.position_at_end(start_bb)
+                    if U > 1:
+                        # -- main loop: U non-zeros per iteration, U*nvec independent accumulators
+                        h1, b1, x1 = (fn.append_basic_block(n) for n in ("u_hdr", "u_body", "u_exit"))
+                        builder.branch(h1)
+                        builder.position_at_end(h1)
+                        j = builder.phi(i64)
+                        j.add_incoming(s_v, start_bb)
+                        accs = [[builder.phi(vt) for _ in range(nvec)] for _ in range(U)]
+                        for a in accs:
+                            for p in a:
+                                p.add_incoming(zero, start_bb)
+                        j_next = builder.add(j, i64(U))
+                        builder.cbranch(builder.icmp_signed("<=", j_next, e_v), b1, x1)
+                        builder.position_at_end(b1)
+                        new = []
+                        for u in range(U):
+                            row, vs = entry(builder.add(j, i64(u)))
+                            new.append([builder.call(fma, [vs, xload(row, k), accs[u][k]]) for k in range(nvec)])
+                        j.add_incoming(j_next, builder.basic_block)
+                        for u in range(U):
                             for k in range(nvec):
-                                acc2[u][k].add_incoming(a[k], pre_rem)
-                        builder.cbranch(builder.icmp_signed("<", j2, e_v), b2, x2)
-                        builder.position_at_end(b2)
-                        row, vs = entry(j2)
-                        if W == 64 and not masked and prefetch:  # prefetch the x row of a later entry (random rows in L2)
-                            ahead = builder.add(j2, i64(PREFETCH_AHEAD))
-                            ahead = builder.select(builder.icmp_signed("<", ahead, e_v), ahead, j2)
-                            prow, _ = entry(ahead)
-                            pf = cgutils.get_or_insert_function(
-                                builder.module, ir.FunctionType(ir.VoidType(), [i8p, ir.IntType(32), ir.IntType(32),
-                                                                                ir.IntType(32)]), "llvm.prefetch.p0")
-                            for line in range(0, 4 * W, 64):
-                                builder.call(pf, [builder.gep(prow, [i64(line)]), ir.IntType(32)(0),
-                                                  ir.IntType(32)(3), ir.IntType(32)(1)])
-                        new2 = [builder.call(fma, [vs, xload(row, k), acc2[0][k]]) for k in range(nvec)]
-                        j2.add_incoming(builder.add(j2, i64(1)), builder.basic_block)
-                        rotated = acc2[1:] + [new2]
-                        for u in range(len(acc2)):
-                            for k in range(nvec):
-                                acc2[u][k].add_incoming(rotated[u][k], builder.basic_block)
-                        latch(builder.branch(h2))
-                        # -- tree-reduce the accumulator sets, scale + bias + clamp, store the tile
-                        builder.position_at_end(x2)
-                        scs, bbs, los = splat(builder, sc_v), splat(builder, bb_v), splat(builder, lo_v)
+                                accs[u][k].add_incoming(new[u][k], builder.basic_block)
+                        latch(builder.branch(h1))
+                        builder.position_at_end(x1)
+                        j_rem, acc_rem, pre_rem = j, accs, x1
+                    else:  # W == 64: 8 accumulators already, a single loop
+                        j_rem, acc_rem, pre_rem = s_v, [[zero] * nvec], start_bb
+                    # -- remainder (< U non-zeros; all of them for W == 64): one per
+                    # iteration, rotating through the U accumulator sets so that
+                    # consecutive FMAs stay independent (SSA rotation = renaming only)
+                    h2, b2, x2 = (fn.append_basic_block(n) for n in ("r_hdr", "r_body", "r_exit"))
+                    builder.branch(h2)
+                    builder.position_at_end(h2)
+                    j2 = builder.phi(i64)
+                    j2.add_incoming(j_rem, pre_rem)
+                    acc2 = [[builder.phi(vt) for _ in range(nvec)] for _ in acc_rem]
+                    for u, a in enumerate(acc_rem):
                         for k in range(nvec):
-                            part = [a[k] for a in acc2]
-                            while len(part) > 1:
-                                part = [builder.fadd(part[i], part[i + 1]) if i + 1 < len(part) else part[i]
-                                        for i in range(0, len(part), 2)]
-                            tot = builder.call(fma, [part[0], scs, bbs])
-                            if residual:
-                                rp = builder.bitcast(builder.gep(rbase, [i64(4 * lanes * k)]), vt.as_pointer())
-                                rv = (builder.call(mload, [rp, ir.IntType(32)(4), lane_mask, zero]) if masked
-                                      else builder.load(rp, align=4))
-                                tot = builder.fadd(tot, rv)
-                            tot = builder.select(builder.fcmp_ordered("<", tot, los), los, tot)
-                            p = builder.bitcast(builder.gep(ybase, [i64(4 * lanes * k)]), vt.as_pointer())
-                            if masked:
-                                builder.call(mstore, [tot, p, ir.IntType(32)(4), lane_mask])
-                            else:
-                                builder.store(tot, p, align=4)
-                        builder.branch(end_bb)
+                            acc2[u][k].add_incoming(a[k], pre_rem)
+                    builder.cbranch(builder.icmp_signed("<", j2, e_v), b2, x2)
+                    builder.position_at_end(b2)
+                    row, vs = entry(j2)
+                    if W == 64 and not masked and prefetch:  # prefetch the x row of a later entry (random rows in L2)
+                        ahead = builder.add(j2, i64(PREFETCH_AHEAD))
+                        ahead = builder.select(builder.icmp_signed("<", ahead, e_v), ahead, j2)
+                        prow, _ = entry(ahead)
+                        pf = cgutils.get_or_insert_function(
+                            builder.module, ir.FunctionType(ir.VoidType(), [i8p, ir.IntType(32), ir.IntType(32),
+                                                                            ir.IntType(32)]), "llvm.prefetch.p0")
+                        for line in range(0, 4 * W, 64):
+                            builder.call(pf, [builder.gep(prow, [i64(line)]), ir.IntType(32)(0),
+                                              ir.IntType(32)(3), ir.IntType(32)(1)])
+                    new2 = [builder.call(fma, [vs, xload(row, k), acc2[0][k]]) for k in range(nvec)]
+                    j2.add_incoming(builder.add(j2, i64(1)), builder.basic_block)
+                    rotated = acc2[1:] + [new2]
+                    for u in range(len(acc2)):
+                        for k in range(nvec):
+                            acc2[u][k].add_incoming(rotated[u][k], builder.basic_block)
+                    latch(builder.branch(h2))
+                    # -- tree-reduce the accumulator sets, scale + bias + clamp, store the tile
+                    builder.position_at_end(x2)
+                    scs, bbs, los = splat(builder, sc_v), splat(builder, bb_v), splat(builder, lo_v)
+                    for k in range(nvec):
+                        part = [a[k] for a in acc2]
+                        while len(part) > 1:
+                            part = [builder.fadd(part[i], part[i + 1]) if i + 1 < len(part) else part[i]
+                                    for i in range(0, len(part), 2)]
+                        tot = builder.call(fma, [part[0], scs, bbs])
+                        if residual:
+                            rp = builder.bitcast(builder.gep(rbase, [i64(4 * lanes * k)]), vt.as_pointer())
+                            rv = (builder.call(mload, [rp, ir.IntType(32)(4), lane_mask, zero]) if masked
+                                  else builder.load(rp, align=4))
+                            tot = builder.fadd(tot, rv)
+                        tot = builder.select(builder.fcmp_ordered("<", tot, los), los, tot)
+                        p = builder.bitcast(builder.gep(ybase, [i64(4 * lanes * k)]), vt.as_pointer())
+                        if masked:
+                            builder.call(mstore, [tot, p, ir.IntType(32)(4), lane_mask])
+                        else:
+                            builder.store(tot, p, align=4)
+                    builder.branch(end_bb)
                 builder.position_at_end(end_bb)
                 return context.get_dummy_value()
 
@@ -464,79 +478,70 @@ def _make_intrinsics(nb: Any) -> dict[str, Any]:
                                                      "llvm.fmuladd.v8f32")
 
                 def splat(v: Any) -> Any:
-                    u = ir.Constant(f8, ir.Undefined)
-                    t = builder.insert_element(u, v, ir.Constant(ir.IntType(32), 0))
-                    return builder.shuffle_vector(t, u, ir.Constant(ir.VectorType(ir.IntType(32), 8), [0] * 8))
+                    return _splat(builder, v, 8)
 
                 zero = ir.Constant(f8, None)
                 fn = builder.function
-                end_bb = fn.append_basic_block("r4_end")
-                default_bb = fn.append_basic_block("r4_default")
-                sw = builder.switch(code_v, default_bb)
-                with builder.goto_block(default_bb):
-                    builder.branch(end_bb)
-                for ci, (ct, csigned, csz) in enumerate(cols_t):
-                    for vi, (vtyp, vsz) in enumerate(vals_t):
-                        case_bb = fn.append_basic_block(f"r4_c{ci}v{vi}")
-                        sw.add_case(ir.Constant(i64, ci * 2 + vi), case_bb)
-                        builder.position_at_end(case_bb)
-                        los = splat(lo_v)  # the epilogue's constants, loaded once per call
-                        scs = [splat(builder.load(builder.gep(sc_p, [rk]))) for rk in rows]
-                        bbs = [splat(builder.load(builder.gep(bb_p, [rk]))) for rk in rows]
-                        # -- tiles of 24 positions, ntiles of them (the code switch once per call)
-                        t_hdr, t_body = fn.append_basic_block("r4_t_hdr"), fn.append_basic_block("r4_t_body")
-                        builder.branch(t_hdr)
-                        builder.position_at_end(t_hdr)
-                        t = builder.phi(i64)
-                        t.add_incoming(i64(0), case_bb)
-                        builder.cbranch(builder.icmp_signed("<", t, nt_v), t_body, end_bb)
-                        builder.position_at_end(t_body)
-                        toff = builder.mul(t, i64(96))
-                        xb_t = builder.gep(xbase, [toff])
-                        yb_t = [builder.gep(yb, [toff]) for yb in ybase]
-                        start_bb = t_body
-                        hdr, body, exit_ = (fn.append_basic_block(nm) for nm in ("r4_hdr", "r4_body", "r4_exit"))
-                        builder.branch(hdr)
-                        builder.position_at_end(hdr)
-                        i = builder.phi(i64)
-                        i.add_incoming(i64(0), start_bb)
-                        accs = [[builder.phi(f8) for _ in range(3)] for _ in range(4)]
-                        for a in accs:
-                            for ph in a:
-                                ph.add_incoming(zero, start_bb)
-                        builder.cbranch(builder.icmp_signed("<", i, n_v), body, exit_)
-                        builder.position_at_end(body)
-                        cp = builder.gep(cptr, [builder.mul(builder.add(starts_k[0], i), i64(csz))])
-                        c = builder.load(builder.bitcast(cp, ct.as_pointer()), align=1)
-                        c = builder.sext(c, i64) if csigned else builder.zext(c, i64)
-                        xrow = builder.gep(xb_t, [builder.mul(builder.add(c, xoff_v), xstride)])
-                        xv = [builder.load(builder.bitcast(builder.gep(xrow, [i64(32 * m)]), f8.as_pointer()), align=4)
-                              for m in range(3)]
-                        new = []
-                        for k in range(4):
-                            vp = builder.gep(vptr, [builder.mul(builder.add(starts_k[k], i), i64(vsz))])
-                            v = builder.load(builder.bitcast(vp, vtyp.as_pointer()), align=1)
-                            if vtyp is not f32:
-                                v = builder.sitofp(v, f32)
-                            w = splat(v)
-                            new.append([builder.call(fma, [w, xv[m], accs[k][m]]) for m in range(3)])
-                        i.add_incoming(builder.add(i, i64(1)), builder.basic_block)
-                        for k in range(4):
-                            for m in range(3):
-                                accs[k][m].add_incoming(new[k][m], builder.basic_block)
-                        builder.branch(hdr)
-                        builder.position_at_end(exit_)
-                        for k in range(4):
-                            for m in range(3):
-                                tot = builder.call(fma, [accs[k][m], scs[k], bbs[k]])
-                                yp = builder.gep(yb_t[k], [i64(32 * m)])
-                                if residual:
-                                    rp = builder.gep(yp, [builder.mul(as64(15), i64(4))])
-                                    tot = builder.fadd(tot, builder.load(builder.bitcast(rp, f8.as_pointer()), align=4))
-                                tot = builder.select(builder.fcmp_ordered("<", tot, los), los, tot)
-                                builder.store(tot, builder.bitcast(yp, f8.as_pointer()), align=4)
-                        t.add_incoming(builder.add(t, i64(1)), builder.basic_block)
-                        builder.branch(t_hdr)
+                end_bb, cases = _dtype_cases(builder, code_v, "r4")
+                for case_bb, (ct, csigned, csz), (vtyp, vsz) in cases:
+                    builder.position_at_end(case_bb)
+                    los = splat(lo_v)  # the epilogue's constants, loaded once per call
+                    scs = [splat(builder.load(builder.gep(sc_p, [rk]))) for rk in rows]
+                    bbs = [splat(builder.load(builder.gep(bb_p, [rk]))) for rk in rows]
+                    # -- tiles of 24 positions, ntiles of them (the code switch once per call)
+                    t_hdr, t_body = fn.append_basic_block("r4_t_hdr"), fn.append_basic_block("r4_t_body")
+                    builder.branch(t_hdr)
+                    builder.position_at_end(t_hdr)
+                    t = builder.phi(i64)
+                    t.add_incoming(i64(0), case_bb)
+                    builder.cbranch(builder.icmp_signed("<", t, nt_v), t_body, end_bb)
+                    builder.position_at_end(t_body)
+                    toff = builder.mul(t, i64(96))
+                    xb_t = builder.gep(xbase, [toff])
+                    yb_t = [builder.gep(yb, [toff]) for yb in ybase]
+                    start_bb = t_body
+                    hdr, body, exit_ = (fn.append_basic_block(nm) for nm in ("r4_hdr", "r4_body", "r4_exit"))
+                    builder.branch(hdr)
+                    builder.position_at_end(hdr)
+                    i = builder.phi(i64)
+                    i.add_incoming(i64(0), start_bb)
+                    accs = [[builder.phi(f8) for _ in range(3)] for _ in range(4)]
+                    for a in accs:
+                        for ph in a:
+                            ph.add_incoming(zero, start_bb)
+                    builder.cbranch(builder.icmp_signed("<", i, n_v), body, exit_)
+                    builder.position_at_end(body)
+                    cp = builder.gep(cptr, [builder.mul(builder.add(starts_k[0], i), i64(csz))])
+                    c = builder.load(builder.bitcast(cp, ct.as_pointer()), align=1)
+                    c = builder.sext(c, i64) if csigned else builder.zext(c, i64)
+                    xrow = builder.gep(xb_t, [builder.mul(builder.add(c, xoff_v), xstride)])
+                    xv = [builder.load(builder.bitcast(builder.gep(xrow, [i64(32 * m)]), f8.as_pointer()), align=4)
+                          for m in range(3)]
+                    new = []
+                    for k in range(4):
+                        vp = builder.gep(vptr, [builder.mul(builder.add(starts_k[k], i), i64(vsz))])
+                        v = builder.load(builder.bitcast(vp, vtyp.as_pointer()), align=1)
+                        if vtyp is not f32:
+                            v = builder.sitofp(v, f32)
+                        w = splat(v)
+                        new.append([builder.call(fma, [w, xv[m], accs[k][m]]) for m in range(3)])
+                    i.add_incoming(builder.add(i, i64(1)), builder.basic_block)
+                    for k in range(4):
+                        for m in range(3):
+                            accs[k][m].add_incoming(new[k][m], builder.basic_block)
+                    builder.branch(hdr)
+                    builder.position_at_end(exit_)
+                    for k in range(4):
+                        for m in range(3):
+                            tot = builder.call(fma, [accs[k][m], scs[k], bbs[k]])
+                            yp = builder.gep(yb_t[k], [i64(32 * m)])
+                            if residual:
+                                rp = builder.gep(yp, [builder.mul(as64(15), i64(4))])
+                                tot = builder.fadd(tot, builder.load(builder.bitcast(rp, f8.as_pointer()), align=4))
+                            tot = builder.select(builder.fcmp_ordered("<", tot, los), los, tot)
+                            builder.store(tot, builder.bitcast(yp, f8.as_pointer()), align=4)
+                    t.add_incoming(builder.add(t, i64(1)), builder.basic_block)
+                    builder.branch(t_hdr)
                 builder.position_at_end(end_bb)
                 return context.get_dummy_value()
 
