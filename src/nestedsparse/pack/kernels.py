@@ -129,10 +129,12 @@ _F32_LOWEST = np.float32(-np.inf)  # the "no ReLU" floor: -inf outputs stay -inf
 #: machine, 1024x1024, batch 64: +15-20% at 5-10% density, neutral at 2%; 6-12 all similar).
 PREFETCH_AHEAD = 8
 #: A Linear chain run as one call (``_chain_par``) runs a layer in parallel from this much work
-#: (non-zeros x batch); at batch 1 from ``CHAIN_MIN_WORK_SPMV``: there is no Python call or
-#: dispatch per layer to amortise, only the fork/join (2% 1024x1024 at batch 1: 37 -> 23 us).
+#: (non-zeros x batch), at batch 1 from ``CHAIN_MIN_WORK_SPMV``. Measured: 2% 1024x1024 at batch
+#: 1 took 23 us on two threads vs 37 on one back to back, but on a loaded host a whole batch-1
+#: MLP forward was 2x slower with parallel layers (each waits for the other core), so batch 1
+#: keeps the standalone SpMV's threshold.
 CHAIN_MIN_WORK = PARALLEL_MIN_WORK
-CHAIN_MIN_WORK_SPMV = 8_192
+CHAIN_MIN_WORK_SPMV = PARALLEL_MIN_WORK_SPMV
 _ZERO = np.float32(0.0)
 _DUMMY2 = np.zeros((1, 1), dtype=np.float32)  # x / y placeholder of the feature-major kernel call
 _COL_CODE = {np.dtype(np.uint8): 0, np.dtype(np.uint16): 1, np.dtype(np.int32): 2}

@@ -1,0 +1,176 @@
+"""A/B timings of two runtime paths inside one process: each pair runs the same model, level and
+input, interleaved round by round, so a loaded host slows both alike.
+
+* ``chain``: MLP 1024x3 (``benchmarks/kernels.py``'s, random init, uniform levels) at 2%: the
+  one-call Linear chain (``kernels._chain_par``, what ``rt(x)`` runs) against the layer-by-layer
+  sequence it replaced (input transpose, one bound kernel call per layer, output transpose; the
+  chain's own code path with the fusion turned off), batch 64 and batch 1.
+* ``blocks_conv``: ResNet-20 with 4x1 block pruning at 5%, one image through its depth-first
+  program on one core: four rows per tile (``_rows4``) against the same rows one by one (the
+  program's block flags zeroed).
+* ``blocks_linear``: MLP 1024x3 with 4x1 block pruning at 2%, batch 64: the one-call chain with
+  and without its block flags.
+
+Rows: median and 10th percentile of each side (microseconds), and ``b_over_a`` = median B /
+median A.
+
+    python benchmarks/runtime_ab.py      # writes benchmarks/results/runtime_ab.{json,md}
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from nestedsparse import models
+from nestedsparse.levels import LevelSpec
+from nestedsparse.nest import nestify_
+from nestedsparse.pack import kernels, load_packed, pack
+from nestedsparse.pack.program import PlaneProgram
+from nestedsparse.pack.runtime import _LEVEL, FeatureMajorChain, _FusedLinears
+from nestedsparse.report import cpu_name, format_table
+
+RESULTS = Path(__file__).parent / "results"
+MLP_LEVELS = (0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+
+
+def ab(a: Callable, b: Callable, rounds: int, calls: int) -> dict:
+    """Interleaved rounds of ``calls`` calls each; per-call medians and 10th percentiles (us)."""
+    for _ in range(max(3, rounds // 10)):
+        a()
+        b()
+    ta, tb = [], []
+    for _ in range(rounds):
+        for f, t in ((a, ta), (b, tb)):
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                f()
+            t.append((time.perf_counter() - t0) / calls * 1e6)
+    ma, mb = float(np.median(ta)), float(np.median(tb))
+    return {"a_us": round(ma, 1), "a_p10_us": round(float(np.percentile(ta, 10)), 1), "b_us": round(mb, 1),
+            "b_p10_us": round(float(np.percentile(tb, 10)), 1), "b_over_a": round(mb / ma, 3)}
+
+
+def _packed(name: str, kwargs: dict, levels: tuple, tmp: Path, block=(1, 1)):
+    torch.manual_seed(0)
+    m = models.create(name, **kwargs).eval()
+    nestify_(m, LevelSpec(levels), block=block)
+    path = tmp / f"{name}_{block[0]}x{block[1]}.nsp"
+    pack(m, model_name=name, model_kwargs=kwargs).save(path)
+    return load_packed(path)
+
+
+def _chain(rt) -> FeatureMajorChain:
+    (chain,) = [u for u in rt.units() if isinstance(u, FeatureMajorChain)]
+    return chain
+
+
+def _sparse(rt, level: int, batch: int) -> None:
+    for layer in rt.sparse_layers():
+        layer.mode[(level, batch)] = "sparse"
+
+
+def chain_rows(tmp: Path, rounds: int) -> list[dict]:
+    """A: the layer-by-layer sequence; B: the one-call chain."""
+    rt = _packed("mlp_1024", {"image_size": 32}, MLP_LEVELS, tmp)
+    chain = _chain(rt)
+    rows = []
+    for batch in (64, 1):
+        _sparse(rt, 0, batch)
+        x = torch.randn(batch, 1024)
+        token = _LEVEL.set(0)
+        try:
+            fused = chain._fused_linears(batch, None)
+            assert isinstance(fused, _FusedLinears)
+            shapes = chain._plan_shapes((1024,))
+            bufs = chain._act_buffers(batch, (1024,))
+            prog = chain._compile(batch, (1024,), None, bufs)
+        finally:
+            _LEVEL.reset(token)
+
+        def sequence(x=x, bufs=bufs, prog=prog, batch=batch):  # FeatureMajorChain.forward's replay
+            chain._load_input(x, bufs[0], shapes[0])
+            for fn in prog:
+                fn()
+            out = bufs[-1].reshape(1, -1).copy() if batch == 1 else kernels.transpose(bufs[-1])
+            return torch.from_numpy(out).reshape(batch, -1)
+
+        torch.testing.assert_close(fused(x), sequence(), rtol=1e-5, atol=1e-5)
+        got = ab(sequence, lambda x=x, fused=fused: fused(x), rounds, 10 if batch > 1 else 50)
+        rows.append({"pair": "chain", "model": "mlp1024 2%", "batch": batch, "a": "layer-by-layer sequence",
+                     "b": "one call", **got})
+    return rows
+
+
+def blocks_conv_rows(tmp: Path, rounds: int) -> list[dict]:
+    rt = _packed("resnet20", {"in_channels": 3}, (0.05, 0.1, 1.0), tmp, block=(4, 1))
+    (prog,) = [u for u in rt.units() if isinstance(u, PlaneProgram)]
+    shape = (3, 32, 32)
+    x = torch.randn(1, *shape)
+    _sparse(rt, 0, 1)
+    rt(x, level=0)
+    geo = prog._geometry(shape)
+    lv = prog._arrays(0)
+    arena = prog._arena(geo, 1, shape)
+    xa = x.numpy().reshape(-1)
+    kern = kernels._kernel("prog_ser")
+    outs = [np.empty(geo.out_size, np.float32) for _ in range(2)]
+
+    def run(arrays, out):
+        return lambda: kern(xa, out, arena, geo.arena, 1, 1, geo.steps, geo.offs_b, prog._vals.view(np.uint8),
+                            prog._code, *arrays)
+
+    one_by_one = run(lv[:4] + (np.zeros_like(lv[4]),), outs[0])
+    blocks = run(lv, outs[1])
+    one_by_one()
+    blocks()
+    np.testing.assert_allclose(outs[1], outs[0], rtol=1e-5, atol=1e-6)
+    got = ab(one_by_one, blocks, rounds, 20)
+    return [{"pair": "blocks_conv", "model": f"resnet20 4x1 5% ({int(lv[4].sum())} blocks)", "batch": 1,
+             "a": "rows one by one", "b": "4-row tiles", **got}]
+
+
+def blocks_linear_rows(tmp: Path, rounds: int) -> list[dict]:
+    rt = _packed("mlp_1024", {"image_size": 32}, MLP_LEVELS, tmp, block=(4, 1))
+    chain = _chain(rt)
+    _sparse(rt, 0, 64)
+    x = torch.randn(64, 1024)
+    token = _LEVEL.set(0)
+    try:
+        fused = chain._fused_linears(64, None)
+    finally:
+        _LEVEL.reset(token)
+    plain = _FusedLinears(fused.kern, fused.acts, fused.arrays[:-2] + (np.zeros_like(fused.arrays[-2]),
+                                                                       fused.arrays[-1]), fused.out_features)
+    torch.testing.assert_close(fused(x), plain(x), rtol=1e-5, atol=1e-5)
+    got = ab(lambda: plain(x), lambda: fused(x), rounds, 10)
+    return [{"pair": "blocks_linear", "model": f"mlp1024 4x1 2% ({int(fused.arrays[-2].sum())} blocks)",
+             "batch": 64, "a": "rows one by one", "b": "4-row tiles", **got}]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--rounds", type=int, default=60)
+    p.add_argument("--out", default=str(RESULTS / "runtime_ab"))
+    args = p.parse_args()
+    torch.set_num_threads(2)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
+        for fn in (chain_rows, blocks_conv_rows, blocks_linear_rows):
+            rows += fn(Path(tmp), args.rounds)
+    meta = {"rounds": args.rounds, "threads": kernels._threads(), "cpu": cpu_name(), "torch": torch.__version__,
+            "method": "one process, A and B interleaved per round; per-call median and p10, us"}
+    Path(args.out + ".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    table = format_table(rows)
+    Path(args.out + ".md").write_text(f"# Runtime paths, A/B in one process\n\n{json.dumps(meta)}\n\n```\n{table}\n```\n")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
