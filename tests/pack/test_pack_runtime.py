@@ -642,3 +642,31 @@ def test_block_pruned_linear_chain_runs_four_rows_per_tile(tmp_path, dtype):
             assert max(b.sum() for b in blk) == 75 + 10 + 1  # full level: every block of 4 rows
     finally:
         numba.set_num_threads(n)
+
+
+@pytest.mark.parametrize("one_call_faster", [True, False])
+def test_tune_times_the_one_call_chain(tmp_path, monkeypatch, one_call_faster):
+    """Per-layer timings cannot see the one-call chain (it runs only when every layer is sparse):
+    when a layer chose dense, tune times the whole chain as one call against the chosen path and
+    makes every layer sparse if the one call is faster. Timings faked: every layer alone is
+    faster dense; the one call is faster or slower."""
+    from nestedsparse.pack import runtime as R
+
+    m, rt, chain = _linear_chain_rt(tmp_path)
+
+    def fake(fns, repeats):
+        if set(fns) == {"one call", "chosen"}:
+            return {"one call": 1.0, "chosen": 2.0} if one_call_faster else {"one call": 2.0, "chosen": 1.0}
+        if set(fns) == {"sparse", "dense"}:
+            return {"sparse": 2.0, "dense": 1.0}
+        return {k: 1.0 for k in fns}  # the whole-level guard: a tie keeps the choices
+
+    monkeypatch.setattr(R, "_median_times", fake)
+    x = torch.randn(6, 4, 5)
+    rt.tune(x, levels=[0])
+    ways = {layer.mode[(0, 6)] for layer in rt.sparse_layers()}
+    assert ways == ({"sparse"} if one_call_faster else {"dense"})
+    monkeypatch.undo()
+    _assert_every_level(rt, m, x)
+    level0 = [s for k, s in chain._progs.items() if k[3] == 0 and k[1] == (6, 20) and k[4] == R._MODE_EPOCH[0]]
+    assert len(level0) == 1 and (level0[0] in _fused_states(chain)) == one_call_faster

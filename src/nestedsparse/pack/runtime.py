@@ -637,7 +637,26 @@ class FeatureMajorChain(nn.Module):
             if keys is not None:
                 keys.add((layer, B))
             self._bind(i, u, bufs[i], bufs[i + 1], None)()  # the next layer's input, by the chosen path
+        self._tune_one_call(x0, B, levels, out, repeats)
         return out
+
+    def _tune_one_call(self, x: torch.Tensor, B: int, levels, out: dict, repeats: int) -> None:
+        """A Linear-only chain whose layers are all sparse runs as one call (``_fused_linears``),
+        which the per-layer timings above do not see: when some layer chose dense, time the whole
+        chain both ways and, if the one call is at least 5% faster, make every layer sparse at
+        this level and batch."""
+        parts = [self._parts(u)[0] for u in self.units]
+        ks = [_level_for(layer.name, layer.top) for layer in parts]
+        if any(k != "linear" for k in self.kinds) or all(layer.choice(k, B) == "sparse" for layer, k in zip(parts, ks)):
+            return
+        fused = self._fused_linears(B, "sparse")
+        if fused is None:
+            return
+        self._unit_only.discard((levels, B, None))
+        t = _median_times({"one call": lambda: fused(x), "chosen": lambda: self.forward(x)}, repeats)
+        if t["one call"] < 0.95 * t["chosen"]:
+            for layer, k in zip(parts, ks):
+                layer.mode[(k, B)] = out[(layer.name, k)] = "sparse"
 
 
 LinearChain = FeatureMajorChain  # the name of its first, Linear-only form
