@@ -120,7 +120,10 @@ PARALLEL_MIN_WORK: int = 40_000
 #: Batch 1 (SpMV) goes parallel only from this many non-zeros: a call is tens of microseconds,
 #: about what waking a parked worker thread costs when the process is not in a tight loop
 #: (measured: 1024x1024 at 5%, serial ~65 us, 2 threads ~50 us back to back but slower than
-#: serial inside a whole batch-1 forward interleaved with other work).
+#: serial inside a whole batch-1 forward interleaved with other work). The one-call Linear chain
+#: (``_chain_par``) uses the same thresholds per layer: with no per-layer dispatch left, 2%
+#: 1024x1024 took 23 us on two threads vs 37 on one back to back, but on a loaded host a whole
+#: batch-1 MLP forward was 2x slower with parallel layers (each waits for the other core).
 PARALLEL_MIN_WORK_SPMV: int = 150_000
 
 _F32_LOWEST = np.float32(-np.inf)  # the "no ReLU" floor: -inf outputs stay -inf, NaN stays NaN
@@ -128,13 +131,6 @@ _F32_LOWEST = np.float32(-np.inf)  # the "no ReLU" floor: -inf outputs stay -inf
 #: visited in random order, so the hardware prefetcher cannot; measured on the Zen3 dev
 #: machine, 1024x1024, batch 64: +15-20% at 5-10% density, neutral at 2%; 6-12 all similar).
 PREFETCH_AHEAD = 8
-#: A Linear chain run as one call (``_chain_par``) runs a layer in parallel from this much work
-#: (non-zeros x batch), at batch 1 from ``CHAIN_MIN_WORK_SPMV``. Measured: 2% 1024x1024 at batch
-#: 1 took 23 us on two threads vs 37 on one back to back, but on a loaded host a whole batch-1
-#: MLP forward was 2x slower with parallel layers (each waits for the other core), so batch 1
-#: keeps the standalone SpMV's threshold.
-CHAIN_MIN_WORK = PARALLEL_MIN_WORK
-CHAIN_MIN_WORK_SPMV = PARALLEL_MIN_WORK_SPMV
 _ZERO = np.float32(0.0)
 _DUMMY2 = np.zeros((1, 1), dtype=np.float32)  # x / y placeholder of the feature-major kernel call
 _COL_CODE = {np.dtype(np.uint8): 0, np.dtype(np.uint16): 1, np.dtype(np.int32): 2}
@@ -223,6 +219,10 @@ def _make_intrinsics(nb: Any) -> dict[str, Any]:
                 sw.add_case(ir.Constant(i64, ci * 2 + vi), bb)
                 cases.append((bb, col, val))
         return end_bb, cases
+
+    #: shuffle masks: the even / odd lanes of two concatenated 8-float vectors
+    even8 = ir.Constant(ir.VectorType(ir.IntType(32), 8), list(range(0, 16, 2)))
+    odd8 = ir.Constant(ir.VectorType(ir.IntType(32), 8), list(range(1, 16, 2)))
 
     def _splat(builder: Any, v: Any, lanes: int) -> Any:
         """A scalar broadcast to ``lanes`` lanes (the scalar itself when ``lanes == 1``)."""
@@ -721,8 +721,6 @@ def _make_intrinsics(nb: Any) -> dict[str, Any]:
             pt = context.cast(builder, args[5], at[5], types.int64)
             v8 = f8.as_pointer()
             nvec = builder.sdiv(n_, i64(8))
-            even = ir.Constant(ir.VectorType(ir.IntType(32), 8), list(range(0, 16, 2)))
-            odd = ir.Constant(ir.VectorType(ir.IntType(32), 8), list(range(1, 16, 2)))
             with cgutils.for_range(builder, nvec) as loop:
                 base = builder.mul(loop.index, i64(16))
 
@@ -731,7 +729,7 @@ def _make_intrinsics(nb: Any) -> dict[str, Any]:
                 a0, a1 = ld(base), ld(builder.add(base, i64(8)))
                 b0, b1 = ld(builder.add(base, pt)), ld(builder.add(builder.add(base, pt), i64(8)))
                 m0, m1 = _nanmax(builder, a0, b0), _nanmax(builder, a1, b1)
-                r = _nanmax(builder, builder.shuffle_vector(m0, m1, even), builder.shuffle_vector(m0, m1, odd))
+                r = _nanmax(builder, builder.shuffle_vector(m0, m1, even8), builder.shuffle_vector(m0, m1, odd8))
                 builder.store(r, builder.bitcast(builder.gep(d, [builder.mul(loop.index, i64(8))]), v8), align=4)
             with cgutils.for_range(builder, builder.sub(n_, builder.mul(nvec, i64(8)))) as loop:
                 i = builder.add(builder.mul(nvec, i64(8)), loop.index)
@@ -763,15 +761,13 @@ def _make_intrinsics(nb: Any) -> dict[str, Any]:
             n_ = context.cast(builder, args[5], at[5], types.int64)
             v8 = f8.as_pointer()
             nvec = builder.sdiv(n_, i64(8))
-            even = ir.Constant(ir.VectorType(ir.IntType(32), 8), list(range(0, 16, 2)))
-            odd = ir.Constant(ir.VectorType(ir.IntType(32), 8), list(range(1, 16, 2)))
             with cgutils.for_range(builder, nvec) as loop:
                 b = builder.mul(loop.index, i64(16))
                 a0 = builder.load(builder.bitcast(builder.gep(s_, [b]), v8), align=4)
                 a1 = builder.load(builder.bitcast(builder.gep(s_, [builder.add(b, i64(8))]), v8), align=4)
                 o = builder.mul(loop.index, i64(8))
-                builder.store(builder.shuffle_vector(a0, a1, even), builder.bitcast(builder.gep(e_, [o]), v8), align=4)
-                builder.store(builder.shuffle_vector(a0, a1, odd), builder.bitcast(builder.gep(o_, [o]), v8), align=4)
+                builder.store(builder.shuffle_vector(a0, a1, even8), builder.bitcast(builder.gep(e_, [o]), v8), align=4)
+                builder.store(builder.shuffle_vector(a0, a1, odd8), builder.bitcast(builder.gep(o_, [o]), v8), align=4)
             with cgutils.for_range(builder, builder.sub(n_, builder.mul(nvec, i64(8)))) as loop:
                 j = builder.add(builder.mul(nvec, i64(8)), loop.index)
                 t = builder.mul(j, i64(2))

@@ -479,7 +479,6 @@ class FeatureMajorChain(nn.Module):
             self._fused_static = (cols.view(np.uint8), vals.view(np.uint8), code, cols, vals, entry0, row0)
         cols_b, vals_b, code, cols, vals, entry0, row0 = self._fused_static
         T = max(1, kernels._threads())
-        min_work = kernels.CHAIN_MIN_WORK_SPMV if B == 1 else kernels.CHAIN_MIN_WORK
         starts, ends, scales, bias, bounds, los, par, blk = [], [], [], [], [], [], [], []
         for i, ((layer, bn, relu), (k, kb)) in enumerate(zip(parts, ks)):
             plan = kernels.plan_for(layer.csr, k)
@@ -493,7 +492,7 @@ class FeatureMajorChain(nn.Module):
             b = np.concatenate([b, np.full(T + 1 - b.shape[0], b[-1], np.int64)])  # the kernel reads T + 1 each
             bounds.append(b + row0[i])
             los.append(0.0 if relu else -np.inf)
-            par.append(int(T > 1 and plan.nnz * B >= min_work))
+            par.append(int(kernels._use_parallel(None, plan.nnz * B, B)))
         K0 = parts[0][0].csr.shape[1]
         in_rows = [0] + [K0 + int(r) for r in row0[:-2]]  # layer i reads layer i-1's output
         table = np.array([[in_rows[i], K0 + int(row0[i]), int(row0[i]), parts[i][0].csr.shape[0], par[i]]
