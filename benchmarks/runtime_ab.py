@@ -10,6 +10,10 @@ input, interleaved round by round, so a loaded host slows both alike.
   program's block flags zeroed).
 * ``blocks_linear``: MLP 1024x3 with 4x1 block pruning at 2%, batch 64: the one-call chain with
   and without its block flags.
+* ``strips``: ResNet-20 at 5% (unstructured), its depth-first program with the 8x8 stage on
+  strip planes (``program.STRIP_PLANES``: pitch 16, one cache line per row) against the same
+  program compiled with plain planes (pitch 10); one image on one core, and batch 64 on every
+  core (``kernels._prog_par``, what ``rt(x)`` runs).
 
 Rows: median and 10th percentile of each side (microseconds), and ``b_over_a`` = median B /
 median A.
@@ -31,7 +35,7 @@ import torch
 from nestedsparse import models
 from nestedsparse.levels import LevelSpec
 from nestedsparse.nest import nestify_
-from nestedsparse.pack import kernels, load_packed, pack
+from nestedsparse.pack import kernels, load_packed, pack, program
 from nestedsparse.pack.program import PlaneProgram
 from nestedsparse.pack.runtime import _LEVEL, FeatureMajorChain, _FusedLinears
 from nestedsparse.report import cpu_name, format_table
@@ -154,6 +158,45 @@ def blocks_linear_rows(tmp: Path, rounds: int) -> list[dict]:
              "batch": 64, "a": "rows one by one", "b": "4-row tiles", **got}]
 
 
+def strips_rows(tmp: Path, rounds: int) -> list[dict]:
+    """A: plain planes everywhere; B: strip planes for the 8-wide stage (two geometries of one program)."""
+    rt = _packed("resnet20", {"in_channels": 3}, (0.05, 0.1, 1.0), tmp)
+    (prog,) = [u for u in rt.units() if isinstance(u, PlaneProgram)]
+    shape = (3, 32, 32)
+    geos = {}
+    for flag in (False, True):
+        program.STRIP_PLANES = flag
+        try:
+            geos[flag] = prog._compile(shape)
+        finally:
+            program.STRIP_PLANES = True
+    assert int(geos[True].steps[:, 19].sum()) > 0 and int(geos[False].steps[:, 19].sum()) == 0
+    token = _LEVEL.set(0)  # the arrays follow the call's level (a context variable), as in rt(x, level=0)
+    try:
+        lv = prog._arrays(0)
+    finally:
+        _LEVEL.reset(token)
+    rows = []
+    for batch in (1, 64):
+        T = max(1, min(kernels._threads(), batch))
+        kern = kernels._kernel("prog_par" if T > 1 else "prog_ser")
+        xa = torch.randn(batch, *shape).numpy().reshape(-1)
+        calls, outs = {}, {}
+        for flag, geo in geos.items():
+            arena = kernels.aligned_empty((T * geo.arena,))
+            arena.fill(0.0)
+            out = outs[flag] = np.empty(batch * geo.out_size, np.float32)
+            calls[flag] = (lambda geo=geo, arena=arena, out=out: kern(
+                xa, out, arena, geo.arena, T, batch, geo.steps, geo.offs_b, prog._vals.view(np.uint8), prog._code,
+                *lv))
+            calls[flag]()
+        np.testing.assert_allclose(outs[True], outs[False], rtol=1e-5, atol=1e-5)
+        got = ab(calls[False], calls[True], rounds, 20 if batch == 1 else 2)
+        rows.append({"pair": "strips", "model": "resnet20 5%", "batch": batch, "a": "plain planes",
+                     "b": "8x8 stage on strip planes", **got})
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rounds", type=int, default=60)
@@ -162,7 +205,7 @@ def main() -> None:
     torch.set_num_threads(2)
     rows = []
     with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
-        for fn in (chain_rows, blocks_conv_rows, blocks_linear_rows):
+        for fn in (chain_rows, blocks_conv_rows, blocks_linear_rows, strips_rows):
             rows += fn(Path(tmp), args.rounds)
     meta = {"rounds": args.rounds, "threads": kernels._threads(), "cpu": cpu_name(), "torch": torch.__version__,
             "method": "one process, A and B interleaved per round; per-call median and p10, us"}

@@ -294,3 +294,64 @@ def test_unstructured_rows_are_not_blocked(tmp_path):
     _, rt = _registry(tmp_path, "resnet20", {"shortcut": "B"}, (3, 16, 16))
     (prog,) = _programs(rt)
     assert all(prog._arrays(k)[4].sum() == 0 for k in range(SPEC.num_levels - 1))
+
+
+def _strip_convs(prog, shape):
+    geo = prog._geometry(shape)
+    return int(((geo.steps[:, 0] == 2) & (geo.steps[:, 19] != 0)).sum())
+
+
+@pytest.mark.parametrize("dtype, shortcut", [("float32", "A"), ("float32", "B"), ("int8", "B")])
+def test_eight_wide_stage_runs_on_strip_planes(tmp_path, dtype, shortcut):
+    """8-wide planes (ResNet stage 3 at 32 px) are strip planes: pitch 16, one cache line per row;
+    their convs compute the 8 valid columns only, in tiles of 8 / 4 / 2 / 1 rows (heights 8,
+    5 = 4 + 1, 3 = 2 + 1, 16 = 8 + 8), with and without a residual, the stride-2 convs into the
+    stage on strip phases; every level equals the unit path and the nested model, also under a
+    level map and at batch 1."""
+    m, rt = _registry(tmp_path, "resnet20", {"shortcut": shortcut}, (3, 16, 16), dtype=dtype)
+    (prog,) = _programs(rt)
+    units = PackedRuntime(rt.model, rt.spec, programs=False)
+    for batch in (1, 3):
+        _all_sparse(rt, batch)
+        for hw in ((32, 32), (20, 32), (12, 32), (64, 32)):
+            x = torch.randn(batch, 3, *hw)
+            for k in range(SPEC.num_levels):
+                torch.testing.assert_close(rt(x, level=k), units(x, level=k), rtol=1e-4, atol=1e-5)
+            if dtype == "float32":
+                _assert_levels(rt, m, x, rtol=1e-3, atol=1e-4)
+                _assert_levels(rt, m, x, {"": 0, "layer3.1": 2, "layer3.2.bn2": 1}, rtol=1e-3, atol=1e-4)
+            # the stage's five stride-1 convs, its stride-2 conv (and option B's 1x1 projection)
+            assert _strip_convs(prog, (3, *hw)) == (6 if shortcut == "A" else 7)
+            split = prog._geometry((3, *hw)).steps
+            assert [tuple(r[10:12]) for r in split[split[:, 0] == 1]][-1] == (16, 4)  # strip phases
+    assert _strip_convs(prog, (3, 16, 64)) == 0  # stages 64 / 32 / 16 wide: plain planes
+    assert _ran(prog)
+
+
+class EightWide(nn.Module):
+    """Stride-1 convs on 8-wide planes with other kernel widths, paddings and a dilation: strip
+    planes where every tap stays in a row's line (padding <= 4), plain planes where one does not."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 5, padding=2)
+        self.c2 = nn.Conv2d(8, 8, 3, padding=2, dilation=2)
+        self.c3 = nn.Conv2d(8, 8, (1, 9), padding=(0, 4))
+        self.c4 = nn.Conv2d(8, 4, (3, 11), padding=(1, 5))
+
+    def forward(self, x):
+        a = F.relu(self.c1(x))
+        b = F.relu(self.c2(a) + a)
+        return self.c4(self.c3(b))
+
+
+def test_strip_planes_with_other_kernels(tmp_path):
+    m, rt = _custom(EightWide, tmp_path)
+    (prog,) = _programs(rt)
+    _all_sparse(rt, 2)
+    for h in (8, 7, 11):
+        x = torch.randn(2, 3, h, 8)
+        _assert_levels(rt, m, x, rtol=1e-4, atol=1e-5)
+        # c1, c2 on strips; c3 reads b, whose pitch c4's padding 5 forces past 16; c4: plain
+        assert _strip_convs(prog, (3, h, 8)) == 2
+    assert _ran(prog)

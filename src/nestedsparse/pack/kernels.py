@@ -131,6 +131,9 @@ _F32_LOWEST = np.float32(-np.inf)  # the "no ReLU" floor: -inf outputs stay -inf
 #: visited in random order, so the hardware prefetcher cannot; measured on the Zen3 dev
 #: machine, 1024x1024, batch 64: +15-20% at 5-10% density, neutral at 2%; 6-12 all similar).
 PREFETCH_AHEAD = 8
+#: Row pitch (floats) of a strip plane: an 8-wide plane whose every row is one 64-byte line,
+#: the 8 values at columns 4..11 and zeros around them (see ``pack/program.py``).
+STRIP_PITCH = 16
 _ZERO = np.float32(0.0)
 _DUMMY2 = np.zeros((1, 1), dtype=np.float32)  # x / y placeholder of the feature-major kernel call
 _COL_CODE = {np.dtype(np.uint8): 0, np.dtype(np.uint16): 1, np.dtype(np.int32): 2}
@@ -232,7 +235,8 @@ def _make_intrinsics(nb: Any) -> dict[str, Any]:
         t = builder.insert_element(u, v, ir.Constant(ir.IntType(32), 0))
         return builder.shuffle_vector(t, u, ir.Constant(ir.VectorType(ir.IntType(32), lanes), [0] * lanes))
 
-    def _make_tile(W: int, masked: bool = False, prefetch: bool = True, residual: bool = False) -> Any:
+    def _make_tile(W: int, masked: bool = False, prefetch: bool = True, residual: bool = False,
+                   vstride: int = 0) -> Any:
         """``_tileW(cols_b, vals_b, code, s, e, xn, xoff, b0, yr, sc, bb, lo[, nv][, roff])``:
         ``yr[b0:b0+W] = max(sc * sum_{j in [s, e)} vals[j] * xn[xoff + cols[j], b0:b0+W] + bb, lo)``
         (the max propagates NaN from the sum).  ``masked`` (W = 8): only the first
@@ -240,7 +244,9 @@ def _make_intrinsics(nb: Any) -> dict[str, Any]:
         batch remainder is one pass instead of ``nv`` scalar passes.  ``residual``: the
         residual ``yr[b0+roff : b0+roff+W]`` is added after the bias and before the clamp
         (``max((sc*acc + bb) + r, lo)``, the order of a separate residual pass), so the
-        output is written once and never read back.
+        output is written once and never read back.  ``vstride`` (floats, default the
+        vector width): the tile's 8-float vectors lie that far apart in ``xn``'s rows and in
+        ``yr`` (rows of a strip plane, see ``_strip_rows``) instead of back to back.
 
         ``cols_b``/``vals_b`` are uint8 byte views, ``code = 2*col_code + val_code``
         (cols uint8/uint16/int32 = 0/1/2, values float32/int8 = 0/1), ``xn`` a 2-D
@@ -248,6 +254,7 @@ def _make_intrinsics(nb: Any) -> dict[str, Any]:
         """
         lanes = min(W, 8)
         nvec = W // lanes
+        vstep = 4 * (vstride or lanes)  # bytes from one vector of the tile to the next
         U = 4 if W == 1 else max(1, 8 // nvec)  # non-zeros per iteration (U*nvec accumulators; 4 suffice for W=1)
         vt = ir.VectorType(f32, lanes) if lanes > 1 else f32
         fname = f"llvm.fmuladd.v{lanes}f32" if lanes > 1 else "llvm.fmuladd.f32"
@@ -326,7 +333,7 @@ def _make_intrinsics(nb: Any) -> dict[str, Any]:
                         return row, splat(builder, v)
 
                     def xload(row: Any, k: Any) -> Any:
-                        p = builder.bitcast(builder.gep(row, [i64(4 * lanes * k)]), vt.as_pointer())
+                        p = builder.bitcast(builder.gep(row, [i64(vstep * k)]), vt.as_pointer())
                         if masked:
                             return builder.call(mload, [p, ir.IntType(32)(4), lane_mask, zero])
                         return builder.load(p, align=4)
@@ -401,12 +408,12 @@ def _make_intrinsics(nb: Any) -> dict[str, Any]:
                                     for i in range(0, len(part), 2)]
                         tot = builder.call(fma, [part[0], scs, bbs])
                         if residual:
-                            rp = builder.bitcast(builder.gep(rbase, [i64(4 * lanes * k)]), vt.as_pointer())
+                            rp = builder.bitcast(builder.gep(rbase, [i64(vstep * k)]), vt.as_pointer())
                             rv = (builder.call(mload, [rp, ir.IntType(32)(4), lane_mask, zero]) if masked
                                   else builder.load(rp, align=4))
                             tot = builder.fadd(tot, rv)
                         tot = builder.select(builder.fcmp_ordered("<", tot, los), los, tot)
-                        p = builder.bitcast(builder.gep(ybase, [i64(4 * lanes * k)]), vt.as_pointer())
+                        p = builder.bitcast(builder.gep(ybase, [i64(vstep * k)]), vt.as_pointer())
                         if masked:
                             builder.call(mstore, [tot, p, ir.IntType(32)(4), lane_mask])
                         else:
@@ -615,6 +622,10 @@ def _make_intrinsics(nb: Any) -> dict[str, Any]:
     # residual twins for the plane convs (no prefetch at 64, as _tile64np)
     out.update({f"_tile{w}r": _make_tile(w, prefetch=False, residual=True) for w in (64, 32, 16, 8, 1)})
     out["_tile8mr"] = _make_tile(8, masked=True, residual=True)
+    # strip-plane twins: 8 / 4 / 2 vectors one 64-byte line apart (an 8-wide plane at pitch 16)
+    out.update({f"_tile{w}s": _make_tile(w, prefetch=False, vstride=STRIP_PITCH) for w in (64, 32, 16)})
+    out.update({f"_tile{w}sr": _make_tile(w, prefetch=False, residual=True, vstride=STRIP_PITCH)
+                for w in (64, 32, 16)})
     out["_rows4"] = _make_rows4(False)
     out["_rows4r"] = _make_rows4(True)
     out["_tr8x8"] = tr8x8
@@ -1313,6 +1324,47 @@ def _plane_rows(offs_b, vals_b, code, starts, ends, scales, bias, blk, arena, ar
         rr += 1
 
 
+def _strip_rows(offs_b, vals_b, code, starts, ends, scales, bias, arena, arena2, src, dst, row0, O, rpg, gstride,  # type: ignore
+                dplane, OH, lo, has_res, roff):
+    """Rows ``[row0, row0 + O)`` of a stride-1 conv between strip planes (8 wide, pitch 16): the
+    ``OH`` output rows of a channel are ``OH`` vectors one cache line apart, computed as tiles of
+    8 / 4 / 2 / 1 of them (``_tile{64,32,16}s``, ``_tile8``).  Each tap's 8 floats lie inside one
+    line, so no load splits a line, and no junk column is computed or written."""
+    for rr in range(O):
+        r = row0 + rr
+        yb = dst + rr * dplane
+        xo = src + (rr // rpg) * gstride - yb
+        s = starts[r]
+        e = ends[r]
+        sc = scales[r]
+        bb = bias[r]
+        oy = 0
+        if has_res:
+            while oy + 8 <= OH:
+                _tile64sr(offs_b, vals_b, code, s, e, arena2, xo, yb + oy * 16, arena, sc, bb, lo, roff)
+                oy += 8
+            if oy + 4 <= OH:
+                _tile32sr(offs_b, vals_b, code, s, e, arena2, xo, yb + oy * 16, arena, sc, bb, lo, roff)
+                oy += 4
+            if oy + 2 <= OH:
+                _tile16sr(offs_b, vals_b, code, s, e, arena2, xo, yb + oy * 16, arena, sc, bb, lo, roff)
+                oy += 2
+            if oy < OH:
+                _tile8r(offs_b, vals_b, code, s, e, arena2, xo, yb + oy * 16, arena, sc, bb, lo, roff)
+        else:
+            while oy + 8 <= OH:
+                _tile64s(offs_b, vals_b, code, s, e, arena2, xo, yb + oy * 16, arena, sc, bb, lo)
+                oy += 8
+            if oy + 4 <= OH:
+                _tile32s(offs_b, vals_b, code, s, e, arena2, xo, yb + oy * 16, arena, sc, bb, lo)
+                oy += 4
+            if oy + 2 <= OH:
+                _tile16s(offs_b, vals_b, code, s, e, arena2, xo, yb + oy * 16, arena, sc, bb, lo)
+                oy += 2
+            if oy < OH:
+                _tile8(offs_b, vals_b, code, s, e, arena2, xo, yb + oy * 16, arena, sc, bb, lo)
+
+
 def _prog_image(xf, n, of, arena, arena2, base, steps, offs_b, vals_b, code, starts, ends, scales, bias, blk):  # type: ignore
     """Run every step of a per-image program on image ``n`` (see :func:`_prog_par`).
 
@@ -1321,13 +1373,15 @@ def _prog_image(xf, n, of, arena, arena2, base, steps, offs_b, vals_b, code, sta
 
     * ``COPY_IN dst C H W pitch plane``: image ``n`` of ``xf`` (flat NCHW) into a plane interior
       (``dst`` points at the interior's first element).
-    * ``SPLIT src dst C Hp Wp sh sw Hq Wq``: stride-phase split of a whole bordered plane,
-      ``dst[(c*sh + a)*sw + b, i, j] = src[c, i*sh + a, j*sw + b]`` (0 outside).
+    * ``SPLIT src dst C Hp Wp sh sw Hq Wq Wd cd``: stride-phase split of a whole bordered plane,
+      ``dst[(c*sh + a)*sw + b, i, cd + j] = src[c, i*sh + a, j*sw + b]`` (0 outside), phase rows
+      at pitch ``Wd`` (``Wq`` and ``cd = 0``; or strip rows: ``Wd = 16``, ``cd = 4``).
     * ``CONV_DIRECT src dst row0 O rpg gstride L Wq OH OW dplane res relu``: a stride-1 conv whose
-      output pitch equals its input pitch ``Wq``: tiles of 64 output positions (outer) x output
-      channels (inner, so the input window stays in L1) store straight into the output plane
+      output pitch equals its input pitch ``Wq``: per output channel, its ``L`` positions as
+      64/32/16/8-wide tiles (:func:`_plane_rows`) stored straight into the output plane
       (``dst`` = interior start); the columns past ``OW`` land on the border and are zeroed
       after; ``res >= 0``: a residual plane of the same layout is added before the clamp.
+      Field 19 set: both planes are strip planes (``OW == 8``, pitch 16, :func:`_strip_rows`).
     * ``CONV_WIDE src dst row0 O rpg gstride L Wq OH OW dplane res relu dpitch wide pool rpitch
       rplane``: any other conv: each channel's ``OH x Wq`` wide result goes to the ``wide``
       scratch, then its ``OW`` valid columns (+ residual, clamp; or the ``pool x pool`` max-pool)
@@ -1360,16 +1414,18 @@ def _prog_image(xf, n, of, arena, arena2, base, steps, offs_b, vals_b, code, sta
             sw = steps[si, 7]
             Hq = steps[si, 8]
             Wq = steps[si, 9]
+            Wd = steps[si, 10]  # phase rows' pitch (Wq, or a strip plane's 16) ...
+            cd = steps[si, 11]  # ... and the column their first value goes to
             if sw == 2:  # the usual stride: both column phases of a row in one pass
                 h0 = min((Wp + 1) // 2, Wq)  # columns 0, 2, 4, ... -> phase 0; 1, 3, ... -> phase 1
                 h1 = min(Wp // 2, Wq)
                 for c in range(C):
                     for a in range(sh):
-                        p0 = dst + ((c * sh + a) * 2) * Hq * Wq
+                        p0 = dst + ((c * sh + a) * 2) * Hq * Wd + cd
                         for i in range(Hq):
                             r = i * sh + a
-                            o0 = np.uint64(p0 + i * Wq)
-                            o1 = o0 + np.uint64(Hq * Wq)
+                            o0 = np.uint64(p0 + i * Wd)
+                            o1 = o0 + np.uint64(Hq * Wd)
                             if r >= Hp:
                                 _zero_f32(arena, o0, Wq)
                                 _zero_f32(arena, o1, Wq)
@@ -1386,11 +1442,11 @@ def _prog_image(xf, n, of, arena, arena2, base, steps, offs_b, vals_b, code, sta
             for c in range(C):
                 for a in range(sh):
                     for b in range(sw):
-                        pbase = dst + ((c * sh + a) * sw + b) * Hq * Wq
+                        pbase = dst + ((c * sh + a) * sw + b) * Hq * Wd + cd
                         j1 = min((Wp - b + sw - 1) // sw, Wq)
                         for i in range(Hq):
                             r = i * sh + a
-                            o = pbase + i * Wq
+                            o = pbase + i * Wd
                             if r >= Hp:
                                 _zero_f32(arena, o, Wq)
                                 continue
@@ -1416,7 +1472,10 @@ def _prog_image(xf, n, of, arena, arena2, base, steps, offs_b, vals_b, code, sta
             res = steps[si, 12]
             lo = np.float32(0.0) if steps[si, 13] else np.float32(-np.inf)
             tlo = np.float32(-np.inf) if res >= 0 else lo
-            if kind == 2:  # the residual (same layout) is added in the tiles' epilogue, then the clamp
+            if kind == 2 and steps[si, 19] != 0:  # strip planes: valid columns only, nothing to clear
+                _strip_rows(offs_b, vals_b, code, starts, ends, scales, bias, arena, arena2, src, dst, row0, O, rpg,
+                            gstride, dplane, OH, lo, res >= 0, base + res - dst)
+            elif kind == 2:  # the residual (same layout) is added in the tiles' epilogue, then the clamp
                 _plane_rows(offs_b, vals_b, code, starts, ends, scales, bias, blk, arena, arena2, src, dst, row0, O, rpg,
                             gstride, dplane, L, lo, res >= 0, base + res - dst)
                 gap = Wq - OW
@@ -1518,7 +1577,8 @@ _KERNEL_FUNCS: tuple[Callable[..., Any], ...] = (
     _tile_span, _spmv_rows, _spmv_par, _transpose_region, _transpose_par, _spmm_par, _linear_rows, _chain_par,
     _conv_rows,
     _split_image,
-    _phase_split_par, _conv_par, _batch_tiles, _convt_par, _copy_rows, _plane_rows, _prog_image, _prog_par)
+    _phase_split_par, _conv_par, _batch_tiles, _convt_par, _copy_rows, _plane_rows, _strip_rows, _prog_image,
+    _prog_par)
 
 
 def _span_twin(src: str, kind: str) -> str:

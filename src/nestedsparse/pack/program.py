@@ -39,6 +39,12 @@ from .runtime import _unit_parts as _parts
 
 __all__ = ["PlaneProgram", "plane_programs"]
 
+#: Lay 8-wide planes out as strip planes where a stride-1 conv reads or writes them (see
+#: ``_compile``); a switch for in-process A/B runs (``benchmarks/runtime_ab.py``), read when a
+#: program compiles an input shape.
+STRIP_PLANES = True
+_STRIP_COL = 4  # a strip plane's first value column (its left border)
+
 #: (kind, unit index or -1, source value, residual value or -1); value 0 is the region's input,
 #: op ``i`` produces value ``i + 1``
 Op = tuple[str, int, int, int]
@@ -257,8 +263,14 @@ class PlaneProgram(nn.Module):
             if res >= 0:
                 uses[alias[res]] = i
             if kind == "conv":
-                ph, pw = _parts(self.units[ui])[0].geo.padding
-                border[s] = (max(border[s][0], ph), max(border[s][1], pw))
+                layer, _, _, pool, _ = _parts(self.units[ui])
+                ph, pw = layer.geo.padding
+                bw = pw
+                if (STRIP_PLANES and layer.geo.stride == (1, 1) and pool == 1 and shape[s][2] == shape[i + 1][2] == 8
+                        and pw <= _STRIP_COL):  # every tap inside the row's line
+                    bw = _STRIP_COL  # strip planes (pitch 16): see the strip flag below
+                    border[i + 1] = (border[i + 1][0], max(border[i + 1][1], _STRIP_COL))
+                border[s] = (max(border[s][0], ph), max(border[s][1], bw))
         uses[out_val] = len(self.ops)  # the output is read at the end
         for _ in range(len(self.ops)):  # a residual and its sum share a border: the add then runs in place, in one pass
             changed = False
@@ -332,16 +344,26 @@ class PlaneProgram(nn.Module):
                 (sh, sw), (ph, pw), (dh, dw) = geo.stride, geo.padding, geo.dilation
                 bh, bw = border[s]
                 Hp = Hs + 2 * bh
-                if (sh, sw) == (1, 1):
+                OH, OW = geo.out_hw(Hs, Ws)
+                Co, Ho, Wo, po, plo, ino = layout(v)
+                strided = (sh, sw) != (1, 1)
+                if not strided:
                     view, Hq, Wq = slot[s], Hp, ps
                 else:
-                    k = (s, sh, sw)
+                    # phases as strip rows (pitch 16, values from column 4) when the output is a
+                    # strip plane and every tap stays inside a row's line: a direct strip conv
+                    Hq, Wq = -(-Hp // sh), -(-ps // sw)
+                    qx_max = ((kw - 1) * dw + bw - pw) // sw
+                    strip = (STRIP_PLANES and pool == 1 and OW == 8 and po == kernels.STRIP_PITCH
+                             and Wq + _STRIP_COL <= kernels.STRIP_PITCH and qx_max <= kernels.STRIP_PITCH - 8 - _STRIP_COL)
+                    Wd, cd = (kernels.STRIP_PITCH, _STRIP_COL) if strip else (Wq, 0)
+                    k = (s, sh, sw, strip)
                     if k not in splits:
-                        Hq, Wq = -(-Hp // sh), -(-ps // sw)
-                        off = alloc(("split", Cs, Hq, Wq, sh, sw), Cs * sh * sw * Hq * Wq)
-                        splits[k] = (off, Hq, Wq)
-                        steps.append([PROG_SPLIT, slot[s], off, Cs, Hp, ps, sh, sw, Hq, Wq])
-                    view, Hq, Wq = splits[k]
+                        key = ("split", Cs, Hq, Wd, sh, sw)
+                        off = alloc(key, Cs * sh * sw * Hq * Wd)
+                        splits[k] = (off, key)
+                        steps.append([PROG_SPLIT, slot[s], off, Cs, Hp, ps, sh, sw, Hq, Wq, Wd, cd])
+                    view, Wq = splits[k][0] + cd, Wd
                 col = layer.csr.col_indices.astype(np.int64)
                 c, tap = np.divmod(col, kh * kw)
                 ky, kx = np.divmod(tap, kw)
@@ -352,17 +374,20 @@ class PlaneProgram(nn.Module):
                 if gstride * geo.groups >= 2**31:
                     return None
                 offs_parts.append(offs.astype(np.int32))
-                OH, OW = geo.out_hw(Hs, Ws)
                 L = OH * Wq
                 if offs.size:
                     max_read = max(max_read, view + (geo.groups - 1) * gstride + int(offs.max()) + L)
-                Co, Ho, Wo, po, plo, ino = layout(v)
                 slot[v] = alloc(plane_key(v), Co * plo)
                 r = alias[res] if res >= 0 else -1
-                direct = (sh, sw) == (1, 1) and pool == 1 and Wq == po and (r < 0 or border[r] == border[v])
+                direct = ((not strided or cd > 0) and pool == 1 and Wq == po
+                          and (r < 0 or border[r] == border[v]))
                 row = [0] * PROG_FIELDS
                 row[:14] = [PROG_CONV_DIRECT if direct else PROG_CONV_WIDE, view, slot[v] + ino,
                             self._row0[ui], O, O // geo.groups, gstride, L, Wq, OH, OW, plo, -1, int(relu)]
+                # strip planes: 8 wide at pitch 16, each row one 64-byte line (the slots and plane
+                # sizes are multiples of 16 floats), so no tap load splits a line and the conv
+                # computes the 8 valid columns only (kernels._strip_rows)
+                row[19] = int(direct and OW == 8 and Wq == kernels.STRIP_PITCH)
                 if r >= 0:
                     rC, rH, rW, rp, rpl, rin = layout(r)
                     row[12] = slot[r] + rin
@@ -376,10 +401,9 @@ class PlaneProgram(nn.Module):
             for val in {s, alias[res] if res >= 0 else s}:
                 if uses.get(val) == i and val != out_val:
                     free.setdefault(plane_key(val), []).append(slot[val])
-            for k, last in split_last.items():
-                if last == i and k in splits:
-                    off, Hq, Wq = splits.pop(k)
-                    free.setdefault(("split", shape[k[0]][0], Hq, Wq, k[1], k[2]), []).append(off)
+            for k in [k for k in splits if split_last[k[:3]] == i]:
+                off, key = splits.pop(k)
+                free.setdefault(key, []).append(off)
         Co, Ho, Wo, po, plo, ino = layout(out_val)
         if not gap:
             steps.append([PROG_COPY_OUT, slot[out_val] + ino, Co, Ho, Wo, po, plo])
