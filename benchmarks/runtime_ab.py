@@ -14,6 +14,9 @@ input, interleaved round by round, so a loaded host slows both alike.
   strip planes (``program.STRIP_PLANES``: pitch 16, one cache line per row) against the same
   program compiled with plain planes (pitch 10); one image on one core, and batch 64 on every
   core (``kernels._prog_par``, what ``rt(x)`` runs).
+* ``strided``: the same, with the 16x16 stage's stride-2 convs reading phases split at their
+  output's pitch and writing straight into their output plane
+  (``program.PHASE_AT_OUTPUT_PITCH``) against a wide scratch row and a copy per output row.
 
 Rows: median and 10th percentile of each side (microseconds), and ``b_over_a`` = median B /
 median A.
@@ -158,19 +161,20 @@ def blocks_linear_rows(tmp: Path, rounds: int) -> list[dict]:
              "batch": 64, "a": "rows one by one", "b": "4-row tiles", **got}]
 
 
-def strips_rows(tmp: Path, rounds: int) -> list[dict]:
-    """A: plain planes everywhere; B: strip planes for the 8-wide stage (two geometries of one program)."""
+def _program_ab(tmp: Path, rounds: int, switch: str, pair: str, a: str, b: str) -> list[dict]:
+    """ResNet-20 5%: its program compiled with the layout switch ``program.<switch>`` off (A) and
+    on (B), two geometries of one program; one image on one core and batch 64 on every core."""
     rt = _packed("resnet20", {"in_channels": 3}, (0.05, 0.1, 1.0), tmp)
     (prog,) = [u for u in rt.units() if isinstance(u, PlaneProgram)]
     shape = (3, 32, 32)
     geos = {}
     for flag in (False, True):
-        program.STRIP_PLANES = flag
+        setattr(program, switch, flag)
         try:
             geos[flag] = prog._compile(shape)
         finally:
-            program.STRIP_PLANES = True
-    assert int(geos[True].steps[:, 19].sum()) > 0 and int(geos[False].steps[:, 19].sum()) == 0
+            setattr(program, switch, True)
+    assert not np.array_equal(geos[False].steps, geos[True].steps)
     token = _LEVEL.set(0)  # the arrays follow the call's level (a context variable), as in rt(x, level=0)
     try:
         lv = prog._arrays(0)
@@ -192,9 +196,17 @@ def strips_rows(tmp: Path, rounds: int) -> list[dict]:
             calls[flag]()
         np.testing.assert_allclose(outs[True], outs[False], rtol=1e-5, atol=1e-5)
         got = ab(calls[False], calls[True], rounds, 20 if batch == 1 else 2)
-        rows.append({"pair": "strips", "model": "resnet20 5%", "batch": batch, "a": "plain planes",
-                     "b": "8x8 stage on strip planes", **got})
+        rows.append({"pair": pair, "model": "resnet20 5%", "batch": batch, "a": a, "b": b, **got})
     return rows
+
+
+def strips_rows(tmp: Path, rounds: int) -> list[dict]:
+    return _program_ab(tmp, rounds, "STRIP_PLANES", "strips", "plain planes", "8x8 stage on strip planes")
+
+
+def strided_rows(tmp: Path, rounds: int) -> list[dict]:
+    return _program_ab(tmp, rounds, "PHASE_AT_OUTPUT_PITCH", "strided", "stride-2 conv via wide scratch",
+                       "phases at the output pitch (direct)")
 
 
 def main() -> None:
@@ -205,7 +217,7 @@ def main() -> None:
     torch.set_num_threads(2)
     rows = []
     with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
-        for fn in (chain_rows, blocks_conv_rows, blocks_linear_rows, strips_rows):
+        for fn in (chain_rows, blocks_conv_rows, blocks_linear_rows, strips_rows, strided_rows):
             rows += fn(Path(tmp), args.rounds)
     meta = {"rounds": args.rounds, "threads": kernels._threads(), "cpu": cpu_name(), "torch": torch.__version__,
             "method": "one process, A and B interleaved per round; per-call median and p10, us"}

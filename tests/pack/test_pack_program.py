@@ -355,3 +355,21 @@ def test_strip_planes_with_other_kernels(tmp_path):
         # c1, c2 on strips; c3 reads b, whose pitch c4's padding 5 forces past 16; c4: plain
         assert _strip_convs(prog, (3, h, 8)) == 2
     assert _ran(prog)
+
+
+@pytest.mark.parametrize("shortcut", ["A", "B"])
+def test_stride_two_convs_write_straight_into_their_output(tmp_path, shortcut):
+    """A stride-2 conv's phases are split at its output plane's pitch (when a phase row fits), so
+    it runs direct like a stride-1 conv: no ResNet conv goes through the wide scratch at even or
+    odd sizes, and every level equals the nested model.  (At 16 px the second one's input is an
+    8-wide strip plane, whose wider border makes its phase rows too wide: wide scratch there.)"""
+    m, rt = _registry(tmp_path, "resnet20", {"shortcut": shortcut}, (3, 16, 16))
+    (prog,) = _programs(rt)
+    _all_sparse(rt, 2)
+    for size in (11, 13, 24, 32):
+        _assert_levels(rt, m, torch.randn(2, 3, size, size), rtol=1e-3, atol=1e-4)
+        steps = prog._geometry((3, size, size)).steps
+        assert 3 not in steps[:, 0].tolist()  # no wide conv
+        splits = steps[steps[:, 0] == 1]
+        assert len(splits) == 2 and all(r[10] > r[9] for r in splits)  # phase pitch > phase width
+    assert _ran(prog)

@@ -44,6 +44,8 @@ __all__ = ["PlaneProgram", "plane_programs"]
 #: program compiles an input shape.
 STRIP_PLANES = True
 _STRIP_COL = 4  # a strip plane's first value column (its left border)
+#: Split a stride-2 conv's input into phase rows at its output's pitch, so it runs direct (A/B switch).
+PHASE_AT_OUTPUT_PITCH = True
 
 #: (kind, unit index or -1, source value, residual value or -1); value 0 is the region's input,
 #: op ``i`` produces value ``i + 1``
@@ -350,14 +352,19 @@ class PlaneProgram(nn.Module):
                 if not strided:
                     view, Hq, Wq = slot[s], Hp, ps
                 else:
-                    # phases as strip rows (pitch 16, values from column 4) when the output is a
-                    # strip plane and every tap stays inside a row's line: a direct strip conv
+                    # phase rows at the output's pitch when they fit in it: the conv then writes
+                    # straight into its output plane (direct), as a stride-1 conv; as strip rows
+                    # (pitch 16, values from column 4) when the output is a strip plane and every
+                    # tap stays inside a row's line (a strip conv)
                     Hq, Wq = -(-Hp // sh), -(-ps // sw)
                     qx_max = ((kw - 1) * dw + bw - pw) // sw
-                    strip = (STRIP_PLANES and pool == 1 and OW == 8 and po == kernels.STRIP_PITCH
-                             and Wq + _STRIP_COL <= kernels.STRIP_PITCH and qx_max <= kernels.STRIP_PITCH - 8 - _STRIP_COL)
-                    Wd, cd = (kernels.STRIP_PITCH, _STRIP_COL) if strip else (Wq, 0)
-                    k = (s, sh, sw, strip)
+                    Wd, cd = Wq, 0
+                    if (STRIP_PLANES and pool == 1 and OW == 8 and po == kernels.STRIP_PITCH
+                            and Wq + _STRIP_COL <= po and qx_max <= po - 8 - _STRIP_COL):
+                        Wd, cd = po, _STRIP_COL
+                    elif pool == 1 and Wq <= po and PHASE_AT_OUTPUT_PITCH:
+                        Wd = po
+                    k = (s, sh, sw, Wd, cd)
                     if k not in splits:
                         key = ("split", Cs, Hq, Wd, sh, sw)
                         off = alloc(key, Cs * sh * sw * Hq * Wd)
@@ -379,8 +386,7 @@ class PlaneProgram(nn.Module):
                     max_read = max(max_read, view + (geo.groups - 1) * gstride + int(offs.max()) + L)
                 slot[v] = alloc(plane_key(v), Co * plo)
                 r = alias[res] if res >= 0 else -1
-                direct = ((not strided or cd > 0) and pool == 1 and Wq == po
-                          and (r < 0 or border[r] == border[v]))
+                direct = pool == 1 and Wq == po and (r < 0 or border[r] == border[v])
                 row = [0] * PROG_FIELDS
                 row[:14] = [PROG_CONV_DIRECT if direct else PROG_CONV_WIDE, view, slot[v] + ino,
                             self._row0[ui], O, O // geo.groups, gstride, L, Wq, OH, OW, plo, -1, int(relu)]
