@@ -9,9 +9,11 @@ their fused BatchNorm, residual add, ReLU, max-pool), identities, option-A ResNe
 core takes a run of images and runs the *whole region* on
 one image before the next (``kernels._prog_par``). An image's activations (74 KiB for 16x32x32)
 stay in that core's L2 from the first layer to the last, kept as zero-bordered planes so a
-stride-1 conv writes straight into the next conv's padded input (no copy, no re-padding); the
-output tiles of 64 positions run outer and output channels inner, so each tile's input window
-stays in L1. Batch 1 runs the same program on the calling thread with no fork/join at all.
+conv writes straight into the next conv's padded input (no copy, no re-padding; a stride-2 conv
+through phases split at its output's pitch); per output channel its positions run as 64-wide
+register tiles. 8-wide planes are strip planes (pitch 16, one cache line per row): their convs
+compute the valid columns only and no tap load splits a line. Batch 1 runs the same program on
+the calling thread with no fork/join at all.
 
 The program is compiled per input shape (steps, tap offsets, activation slots reused by liveness)
 and its per-level arrays per level map; per thread it keeps one arena (zeroed once: borders stay
