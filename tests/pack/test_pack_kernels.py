@@ -307,3 +307,41 @@ def test_hostile_arrays_rejected_or_consistent(csr):
         ref = x @ to_dense(csr, k).T
         np.testing.assert_allclose(K.spmm_t(csr, np.ascontiguousarray(x.T), k).T, ref, atol=1e-4, rtol=1e-5)
         np.testing.assert_allclose(K.spmm(csr, x[:1], k), ref[:1], atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(1024, 1024), (10, 1024), (7, 3), (1, 1)])
+@pytest.mark.parametrize("relu", [False, True])
+def test_gemv_matches_torch(shape, relu):
+    """The batch-1 dense path: ``max(w @ x + b, lo)`` over row blocks (parallel from 150k
+    multiply-adds, serial below), with and without bias; NaN and -inf propagate as in torch."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(shape, generator=g)
+    x = torch.randn(shape[1], generator=g)
+    b = torch.randn(shape[0], generator=g)
+    for bias in (b, None):
+        ref = w @ x + (0 if bias is None else bias)
+        ref = ref.relu() if relu else ref
+        got = K.gemv(w.numpy(), x.numpy(), None if bias is None else bias.numpy(), relu)
+        torch.testing.assert_close(torch.from_numpy(got), ref, rtol=1e-4, atol=1e-4)
+    x[0] = float("nan")
+    got = K.gemv(w.numpy(), x.numpy(), b.numpy(), relu)
+    assert np.isnan(got).all()
+    w[0, :] = 0.0
+    w[0, 0] = 1.0
+    x[0] = float("-inf")
+    got = K.gemv(w.numpy(), x.numpy(), b.numpy(), relu)
+    assert got[0] == (0.0 if relu else -np.inf)
+
+
+def test_bind_gemv_rejects_wrong_buffers():
+    w = np.zeros((4, 3), np.float32)
+    x, b, y = np.zeros(3, np.float32), np.zeros(4, np.float32), np.zeros(4, np.float32)
+    K.bind_gemv(w, x, b, False, y)()
+    with pytest.raises(ValueError, match="C-contiguous 2-D float32"):
+        K.bind_gemv(w.T, np.zeros(4, np.float32), np.zeros(3, np.float32), False, np.zeros(3, np.float32))
+    with pytest.raises(ValueError, match="C-contiguous 2-D float32"):
+        K.bind_gemv(w.astype(np.float64), x, b, False, y)
+    with pytest.raises(ValueError, match=r"x must be .* shape \(3,\)"):
+        K.bind_gemv(w, np.zeros(4, np.float32), b, False, y)
+    with pytest.raises(ValueError, match=r"y must be .* shape \(4,\)"):
+        K.bind_gemv(w, x, b, False, np.zeros((4, 1), np.float32))

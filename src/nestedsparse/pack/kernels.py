@@ -1078,6 +1078,21 @@ def _spmv_par(bounds, starts, ends, cols, vals, scales, bias, lo, x, y):  # type
         _spmv_rows(bounds[ch], bounds[ch + 1], starts, ends, cols, vals, scales, bias, lo, x, y)
 
 
+def _gemv_par(bounds, w, K, x, bias, lo, y):  # type: ignore[no-untyped-def]
+    """Dense batch 1: ``y[r] = max(sum_k w[r*K + k] * x[k] + bias[r], lo)`` (``w`` a flat
+    row-major matrix), row blocks ``bounds`` one task each.  Each row is one contiguous dot
+    product, vectorised (fastmath reassociates it into 8-lane partial sums); unsigned row offsets
+    keep numba's negative-index wraparound out of the loop."""
+    for t in prange(bounds.shape[0] - 1):
+        for r in range(bounds[t], bounds[t + 1]):
+            base = np.uint64(r) * np.uint64(K)
+            acc = np.float32(0.0)
+            for k in range(K):
+                acc += w[base + np.uint64(k)] * x[k]
+            v = acc + bias[r]
+            y[r] = lo if v < lo else v
+
+
 def _transpose_region(src, dst, i0, i1, j0, j1):  # type: ignore[no-untyped-def]
     """``dst[j, i] = src[i, j]`` for ``i in [i0, i1)``, ``j in [j0, j1)`` (float32 2-D).
 
@@ -1607,7 +1622,7 @@ def _prog_par(xf, of, arena, A, T, N, steps, offs_b, vals_b, code, starts, ends,
 #: every kernel's inner loop, and as a call it measured 4-7% slower (spmm_t, direct conv).
 _INLINE = frozenset({"_tile_span", "_tile_span_np", "_tile_span_npr"})
 _KERNEL_FUNCS: tuple[Callable[..., Any], ...] = (
-    _tile_span, _spmv_rows, _spmv_par, _transpose_region, _transpose_par, _spmm_par, _linear_rows, _chain_par,
+    _tile_span, _spmv_rows, _spmv_par, _gemv_par, _transpose_region, _transpose_par, _spmm_par, _linear_rows, _chain_par,
     _conv_rows,
     _split_image,
     _phase_split_par, _conv_par, _batch_tiles, _convt_par, _copy_rows, _plane_rows, _strip_rows, _prog_image,
@@ -2139,6 +2154,43 @@ def bind_linear_t(plan: _Plan, xt: np.ndarray, yt: np.ndarray, scales: np.ndarra
         kern(*args)
 
     return fn
+
+
+def bind_gemv(w: np.ndarray, x: np.ndarray, bias: np.ndarray, relu: bool, y: np.ndarray,
+              parallel: Optional[bool] = None) -> Callable[[], None]:
+    """A dense matrix-vector product bound to its arrays: ``fn()`` writes
+    ``y = max(w @ x + bias, 0 if relu else -inf)``. ``w`` ``[R, K]`` (C-contiguous float32), ``x``
+    ``[K]``, ``bias`` and ``y`` ``[R]``. The batch-1 path of a dense-chosen Linear layer: torch's
+    GEMV (``addmv`` / ``F.linear`` on one row) took 2.2x the time on 1024x1024 layers, two threads
+    (``docs/design.md``). Parallel over row blocks from ``PARALLEL_MIN_WORK_SPMV`` multiply-adds."""
+    if not (isinstance(w, np.ndarray) and w.ndim == 2 and w.dtype == np.float32 and w.flags.c_contiguous):
+        raise ValueError(f"bind_gemv: w must be a C-contiguous 2-D float32 array, got {getattr(w, 'dtype', type(w))} "
+                         f"{getattr(w, 'shape', '')}")
+    R, K = w.shape
+    _check_buf("x", x, (K,))
+    _check_buf("bias", bias, (R,))
+    _check_buf("y", y, (R,))
+    T = _threads() if _use_parallel(parallel, R * K, 1) else 1
+    bounds = np.array([(t * R) // T for t in range(T + 1)], dtype=np.int64)
+    kern = _kernel("gemv_par" if T > 1 else "gemv_ser")
+    args = (bounds, w.reshape(-1), K, x, bias, _ZERO if relu else _F32_LOWEST, y)
+
+    def fn() -> None:
+        kern(*args)
+
+    return fn
+
+
+def gemv(w: np.ndarray, x: np.ndarray, bias: Optional[np.ndarray], relu: bool = False,
+         out: Optional[np.ndarray] = None) -> np.ndarray:
+    """:func:`bind_gemv` once: ``max(w @ x + bias, 0 if relu else -inf)`` into ``out`` (new if
+    None); ``bias`` None is zeros."""
+    R = w.shape[0] if getattr(w, "ndim", 0) == 2 else -1
+    if bias is None:
+        bias = np.zeros(max(R, 0), np.float32)
+    y = np.empty(max(R, 0), np.float32) if out is None else out
+    bind_gemv(w, x, bias, relu, y)()
+    return y
 
 
 def _convt_offsets(csr: NestedCSR, geo: "ConvGeometry", Hp: int, Wp: int) -> np.ndarray:
