@@ -373,3 +373,44 @@ def test_stride_two_convs_write_straight_into_their_output(tmp_path, shortcut):
         splits = steps[steps[:, 0] == 1]
         assert len(splits) == 2 and all(r[10] > r[9] for r in splits)  # phase pitch > phase width
     assert _ran(prog)
+
+
+@pytest.mark.parametrize("model", ["resnet_a", "strided_residual"])
+def test_all_dense_region_runs_channels_last(tmp_path, model):
+    """When every conv of a region runs dense, the unit path keeps its activations channels-last
+    (oneDNN's faster layout), returns NCHW-contiguous results (a 4-D output too) equal to the
+    nested model; batch 1 and a region with a sparse conv stay NCHW."""
+    if model == "resnet_a":
+        m, rt = _registry(tmp_path, "resnet20", {"shortcut": "A"}, (3, 16, 16))
+        shape = (3, 16, 16)
+    else:
+        m, rt = _custom(StridedResidual, tmp_path, (3, 13, 13))
+        shape = (3, 13, 13)
+    (prog,) = _programs(rt)
+    seen = []
+    hooks = [u.register_forward_pre_hook(
+        lambda mod, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last) and args[0].shape[0] > 1
+                                      and args[0].shape[2] * args[0].shape[3] > 1))
+        for u in prog.units]
+    try:
+        for batch in (3, 1):
+            for layer in rt.sparse_layers():
+                layer.mode.update({(k, batch): "dense" for k in range(SPEC.num_levels)})
+            x = torch.randn(batch, *shape)
+            seen.clear()
+            for k in range(SPEC.num_levels):
+                with ns.use_level(m, k), torch.no_grad():
+                    ref = m(x)
+                got = rt(x, level=k)
+                torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+                assert got.is_contiguous()
+            assert seen and all(seen) == (batch > 1) and (any(seen) or batch == 1)
+        for layer in rt.sparse_layers():
+            layer.mode[(0, 3)] = "dense"
+        rt.sparse_layers()[1].mode[(0, 3)] = "sparse"
+        seen.clear()
+        rt(torch.randn(3, *shape), level=0)
+        assert seen and not any(seen)
+    finally:
+        for h in hooks:
+            h.remove()

@@ -113,7 +113,24 @@ class PlaneProgram(nn.Module):
 
     # ------------------------------------------------------------------ unit path
     def _unit_path(self, x: torch.Tensor, force: str | None = None) -> torch.Tensor:
-        return self._run_ops(x, lambda u, v, r: _call_unit(u, v, r, force))
+        """The region unit by unit. When every conv in it runs dense at this call, its
+        activations are channels-last (oneDNN's faster conv layout on CPU: ResNet-20 at full
+        density, batch 64, 0.80x the time of NCHW) and a 4-D result is returned as NCHW again."""
+        cl = (x.dim() == 4 and x.device.type == "cpu" and x.dtype == torch.float32 and x.shape[0] > 1
+              and self._all_dense(x.shape[0], force))
+        if cl:
+            x = x.contiguous(memory_format=torch.channels_last)
+        y = self._run_ops(x, lambda u, v, r: _call_unit(u, v, r, force))
+        return y.contiguous() if cl and isinstance(y, torch.Tensor) else y
+
+    def _all_dense(self, N: int, force: str | None) -> bool:
+        if force is not None:
+            return force == "dense"
+        for u in self.units:
+            layer = _parts(u)[0]
+            if layer.choice(_level_for(layer.name, layer.top), N) != "dense":
+                return False
+        return True
 
     def _run_ops(self, x: torch.Tensor, conv: Callable) -> torch.Tensor:
         """The region op by op in torch; each conv unit through ``conv(unit, input, residual)``."""
