@@ -5,6 +5,8 @@ input, interleaved round by round, so a loaded host slows both alike.
   one-call Linear chain (``kernels._chain_par``, what ``rt(x)`` runs) against the layer-by-layer
   sequence it replaced (input transpose, one bound kernel call per layer, output transpose; the
   chain's own code path with the fusion turned off), batch 64 and batch 1.
+* ``entry_prefetch``: the same chain at 2% and 5%, batch 64, with each Linear row prefetching the
+  entries of the row ``kernels.LINEAR_PREFETCH_ROWS`` on (what runs) against no prefetch.
 * ``blocks_conv``: ResNet-20 with 4x1 block pruning at 5%, one image through its depth-first
   program on one core: four rows per tile (``_rows4``) against the same rows one by one (the
   program's block flags zeroed).
@@ -115,6 +117,30 @@ def chain_rows(tmp: Path, rounds: int) -> list[dict]:
     return rows
 
 
+def prefetch_rows(tmp: Path, rounds: int) -> list[dict]:
+    """MLP 1024x3 one-call chain at batch 64: each Linear row prefetching the entries of the row
+    ``kernels.LINEAR_PREFETCH_ROWS`` on (B, what runs) against no prefetch (A: table column 5 = 0)."""
+    rt = _packed("mlp_1024", {"image_size": 32}, MLP_LEVELS, tmp)
+    chain = _chain(rt)
+    rows = []
+    for level, density in ((0, "2%"), (1, "5%")):
+        _sparse(rt, level, 64)
+        token = _LEVEL.set(level)
+        try:
+            fused = chain._fused_linears(64, None)
+        finally:
+            _LEVEL.reset(token)
+        table = fused.arrays[0].copy()
+        table[:, 5] = 0
+        plain = _FusedLinears(fused.kern, fused.acts, (table,) + fused.arrays[1:], fused.out_features)
+        x = torch.randn(64, 1024)
+        torch.testing.assert_close(fused(x), plain(x), rtol=0, atol=0)
+        got = ab(lambda: plain(x), lambda: fused(x), rounds, 10)
+        rows.append({"pair": "entry_prefetch", "model": f"mlp1024 {density}", "batch": 64, "a": "no prefetch",
+                     "b": f"entries {kernels.LINEAR_PREFETCH_ROWS} rows ahead", **got})
+    return rows
+
+
 def blocks_conv_rows(tmp: Path, rounds: int) -> list[dict]:
     rt = _packed("resnet20", {"in_channels": 3}, (0.05, 0.1, 1.0), tmp, block=(4, 1))
     (prog,) = [u for u in rt.units() if isinstance(u, PlaneProgram)]
@@ -217,7 +243,7 @@ def main() -> None:
     torch.set_num_threads(2)
     rows = []
     with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
-        for fn in (chain_rows, blocks_conv_rows, blocks_linear_rows, strips_rows, strided_rows):
+        for fn in (chain_rows, prefetch_rows, blocks_conv_rows, blocks_linear_rows, strips_rows, strided_rows):
             rows += fn(Path(tmp), args.rounds)
     meta = {"rounds": args.rounds, "threads": kernels._threads(), "cpu": cpu_name(), "torch": torch.__version__,
             "method": "one process, A and B interleaved per round; per-call median and p10, us"}

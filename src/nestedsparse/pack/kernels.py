@@ -133,6 +133,8 @@ _F32_LOWEST = np.float32(-np.inf)  # the "no ReLU" floor: -inf outputs stay -inf
 PREFETCH_AHEAD = 8
 #: Batch-1 rows prefetch the entries of the row this many rows on (``_spmv_rows``).
 SPMV_PREFETCH_ROWS = 8
+#: ... and the one-call chain's Linear rows (``_linear_rows``, its table's column 5) the row this many on.
+LINEAR_PREFETCH_ROWS = 4
 #: Row pitch (floats) of a strip plane: an 8-wide plane whose every row is one 64-byte line,
 #: the 8 values at columns 4..11 and zeros around them (see ``pack/program.py``).
 STRIP_PITCH = 16
@@ -958,18 +960,28 @@ def _spmm_par(bounds, starts, ends, cols_b, vals_b, code, scales, bias, lo, x, x
             _transpose_region(yn, y, r0, r1, 0, B)
 
 
-def _linear_rows(r0, r1, rb, blk, cols_b, vals_b, code, starts, ends, scales, bias, lo, acts, af, xin, yout):  # type: ignore
+def _linear_rows(r0, r1, rb, blk, cols_b, vals_b, code, starts, ends, scales, bias, lo, acts, af, xin, yout,  # type: ignore
+                 pfd):
     """Rows ``[r0, r1)`` of one feature-major Linear layer (its first row is ``rb``): row ``r``
     reads ``acts[xin + col]`` and writes ``acts[yout + r]``; where ``blk[r]``, rows ``r..r+3`` (a
     4x1 block) run together over 24-column tiles of the batch (``_rows4``, the rest of the batch
-    row by row). A block that starts before ``r0`` belongs to the previous task."""
+    row by row). A block that starts before ``r0`` belongs to the previous task. Each row
+    prefetches the entries of the row ``pfd`` on (0: none); a level is a short prefix of each
+    row, rows far apart (``LINEAR_PREFETCH_ROWS``)."""
     B = acts.shape[1]
     nt = B // 24
+    csz = 1 << (code >> 1)  # bytes per column index (uint8 / uint16 / int32) ...
+    vsz = 1 if code & 1 else 4  # ... and per value (int8 / float32)
     r = r0
     k = (r - rb) % 4
     if k != 0 and blk[r - k] != 0:
         r += 4 - k
     while r < r1:
+        if pfd > 0 and r + pfd < r1:
+            p = starts[r + pfd]
+            _prefetch(cols_b, p * csz)
+            _prefetch(vals_b, p * vsz)
+            _prefetch(vals_b, p * vsz + 64)
         if blk[r] != 0 and nt > 0:
             _rows4(cols_b, vals_b, code, starts, r, ends[r] - starts[r], acts, xin, 0, af[(yout + r) * B:], B,
                    scales, bias, lo, nt)
@@ -990,7 +1002,7 @@ def _chain_par(x, y, acts, table, bounds, starts, ends, cols_b, vals_b, code, co
     runs :func:`_linear_rows` (batch 1: :func:`_spmv_rows` on the typed ``cols`` / ``vals``) over
     ``T`` nnz-balanced row blocks, in parallel when ``table[l, 4]``, and the last layer's output
     is transposed into ``y`` ``[B, R]``.  Layer ``l`` (``table[l] = in_row, out_row, row0, rows,
-    parallel``) reads ``acts[in_row + col]`` and writes ``acts[out_row + r - row0]`` for its
+    parallel, prefetch rows``) reads ``acts[in_row + col]`` and writes ``acts[out_row + r - row0]`` for its
     global rows ``r`` in ``[row0, row0 + rows)`` (blocks ``bounds[l*(T+1) : (l+1)*(T+1)]``); its
     entries are ``[starts[r], ends[r])`` of the concatenated entries, epilogue
     ``max(scales[r]*acc + bias[r], los[l])``; ``blk[r]``: rows ``r..r+3`` are a 4x1 block.  One
@@ -1020,7 +1032,7 @@ def _chain_par(x, y, acts, table, bounds, starts, ends, cols_b, vals_b, code, co
                 _spmv_rows(bounds[b0], bounds[b0 + T], starts, ends, cols, vals, scales, bias, lo, a1[xin:], a1[yout:])
             else:
                 _linear_rows(bounds[b0], bounds[b0 + T], rb, blk, cols_b, vals_b, code, starts, ends, scales, bias, lo,
-                             acts, af, xin, yout)
+                             acts, af, xin, yout, table[li, 5])
         elif B == 1:
             for t in prange(T):
                 _spmv_rows(bounds[b0 + t], bounds[b0 + t + 1], starts, ends, cols, vals, scales, bias, lo, a1[xin:],
@@ -1028,7 +1040,7 @@ def _chain_par(x, y, acts, table, bounds, starts, ends, cols_b, vals_b, code, co
         else:
             for t in prange(T):
                 _linear_rows(bounds[b0 + t], bounds[b0 + t + 1], rb, blk, cols_b, vals_b, code, starts, ends, scales,
-                             bias, lo, acts, af, xin, yout)
+                             bias, lo, acts, af, xin, yout, table[li, 5])
     last = table.shape[0] - 1
     o0 = table[last, 1]
     _transpose_region(acts[o0:o0 + table[last, 3]], y, 0, table[last, 3], 0, B)

@@ -502,8 +502,8 @@ class FeatureMajorChain(nn.Module):
             par.append(int(kernels._use_parallel(None, plan.nnz * B, B)))
         K0 = parts[0][0].csr.shape[1]
         in_rows = [0] + [K0 + int(r) for r in row0[:-2]]  # layer i reads layer i-1's output
-        table = np.array([[in_rows[i], K0 + int(row0[i]), int(row0[i]), parts[i][0].csr.shape[0], par[i]]
-                          for i in range(len(parts))], dtype=np.int64)
+        table = np.array([[in_rows[i], K0 + int(row0[i]), int(row0[i]), parts[i][0].csr.shape[0], par[i],
+                           kernels.LINEAR_PREFETCH_ROWS] for i in range(len(parts))], dtype=np.int64)
         key = (threading.get_ident(), B)
         acts = self._fused_acts.get(key)
         if acts is None:
