@@ -693,3 +693,20 @@ def test_dense_linear_at_batch_1_runs_our_gemv(packed, monkeypatch):
     finally:
         rt.graph = graph
     assert "gemv" in calls
+
+
+def test_dense_batch_1_wrong_width_keeps_torchs_error(tmp_path):
+    """A batch-1 input of the wrong width on a dense-chosen Linear gets torch's shape error (the
+    GEMV path only takes inputs that fit), in the chain and in the plain module tree."""
+    _, rt, _ = _linear_chain_rt(tmp_path)
+    for layer in rt.sparse_layers():
+        layer.mode.update({(k, 1): "dense" for k in range(SPEC.num_levels)})
+    x = torch.randn(1, 4, 6)
+    with pytest.raises(RuntimeError, match="cannot be multiplied"):
+        rt(x, level=0)
+    graph, rt.graph = rt.graph, None
+    try:
+        with pytest.raises(RuntimeError, match="cannot be multiplied"):
+            rt(x, level=0)
+    finally:
+        rt.graph = graph

@@ -1388,8 +1388,10 @@ def _strip_rows(offs_b, vals_b, code, starts, ends, scales, bias, arena, arena2,
                 dplane, OH, lo, has_res, roff):
     """Rows ``[row0, row0 + O)`` of a stride-1 conv between strip planes (8 wide, pitch 16): the
     ``OH`` output rows of a channel are ``OH`` vectors one cache line apart, computed as tiles of
-    8 / 4 / 2 / 1 of them (``_tile{64,32,16}s``, ``_tile8``).  Each tap's 8 floats lie inside one
-    line, so no load splits a line, and no junk column is computed or written."""
+    8 / 4 / 2 / 1 of them (``_tile{64,32,16}s``, ``_tile8``).  No junk column is computed or
+    written; on strip planes and strip phases (values from column 4) each tap's 8 floats lie
+    inside one line, so no load splits a line (phases split at pitch 16 from column 0, when a
+    wider border forces it, may)."""
     for rr in range(O):
         r = row0 + rr
         yb = dst + rr * dplane

@@ -195,7 +195,8 @@ class SparseLinear(_SparseBase):
     """A nested Linear run from its NestedCSR at the call's level."""
 
     def _dense_forward(self, x, w, b):
-        if (x.dim() == 2 and x.shape[0] == 1 and x.dtype == w.dtype == torch.float32 and x.device.type == "cpu"
+        if (x.dim() == 2 and x.shape[0] == 1 and x.shape[1] == w.shape[1] and x.dtype == w.dtype == torch.float32
+                and x.device.type == "cpu"
                 and not (x.requires_grad or w.requires_grad) and w.is_contiguous() and kernels.have_numba()):
             # batch 1: our GEMV (torch's took 2.2x the time on 1024x1024, two threads)
             y = torch.empty((1, w.shape[0]), dtype=torch.float32)
@@ -576,7 +577,7 @@ class FeatureMajorChain(nn.Module):
             wb = self._epi_cache[key] = (w, (torch.zeros(w.shape[0]) if b is None else b).reshape(-1, 1).contiguous())
         w, b = wb
         X, Y = torch.from_numpy(xt), torch.from_numpy(yt)
-        if yt.shape[1] == 1 and kernels.have_numba():  # one vector: our GEMV (2.2x faster than addmv)
+        if yt.shape[1] == 1 and kernels.have_numba() and xt.shape[0] == w.shape[1]:  # our GEMV (2.2x addmv's speed)
             return kernels.bind_gemv(w.numpy(), xt.reshape(-1), b.numpy().reshape(-1), relu, yt.reshape(-1))
         if yt.shape[1] == 1:  # one vector: GEMV, as nn.Linear runs at batch 1
             b1, x1, y1 = b.reshape(-1), X.reshape(-1), Y.reshape(-1)
