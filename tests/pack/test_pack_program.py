@@ -414,3 +414,50 @@ def test_all_dense_region_runs_channels_last(tmp_path, model):
     finally:
         for h in hooks:
             h.remove()
+
+
+class _Lambda(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(x)
+
+
+class InlineShortcutNet(nn.Module):
+    """The common CIFAR ResNet's option-A shortcut written inline (``LambdaLayer(lambda x:
+    F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, p, p), "constant", 0))``), once symmetric and once
+    not, and one zero-padding with a non-zero fill (not a shortcut)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn0 = nn.BatchNorm2d(8)
+        self.c1 = nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.c2 = nn.Conv2d(16, 16, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(16)
+        self.short = _Lambda(lambda x: F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, 4, 4), "constant", 0))
+        self.c3 = nn.Conv2d(16, 24, 3, stride=2, padding=1, bias=False)
+        self.c4 = nn.Conv2d(24, 24, 3, padding=1, bias=False)
+        self.fc = nn.Linear(24, 10)
+
+    def forward(self, x):
+        x = F.relu(self.bn0(self.stem(x)))
+        y = F.relu(self.bn2(self.c2(F.relu(self.bn1(self.c1(x))))) + self.short(x))
+        z = F.relu(self.c4(F.relu(self.c3(y))) + F.pad(y[:, :, ::2, ::2], (0, 0, 0, 0, 3, 5)))
+        z = F.adaptive_avg_pool2d(z, 1).flatten(1)
+        return self.fc(z) + F.pad(z[:, :3], (0, 7), value=1.0)[:, :10]
+
+
+def test_inline_option_a_shortcuts_join_the_program(tmp_path):
+    m, rt = _custom(InlineShortcutNet, tmp_path, (3, 16, 16))
+    (prog,) = _programs(rt)
+    assert [sc.before for sc in prog.shortcuts] == [4, 3] and [sc.extra for sc in prog.shortcuts] == [8, 8]
+    assert sum(op[0] == "conv" for op in prog.ops) == 5
+    for batch in (1, 3):
+        _all_sparse(rt, batch)
+        for size in (16, 11):
+            _assert_levels(rt, m, torch.randn(batch, 3, size, size), rtol=1e-4, atol=1e-5)
+    assert _ran(prog)

@@ -33,19 +33,24 @@ SHORTCUTS = ("A", "B")
 class PadShortcut(nn.Module):
     """Option-A shortcut: subsample by ``stride`` and zero-pad the extra channels."""
 
-    def __init__(self, in_planes: int, planes: int, stride: int) -> None:
-        """Map ``in_planes`` channels to ``planes`` (>= in_planes) with stride ``stride``."""
+    def __init__(self, in_planes: int, planes: int, stride: int, before: int | None = None) -> None:
+        """Map ``in_planes`` channels to ``planes`` (>= in_planes) with stride ``stride``; ``before``
+        of the new zero channels go first (default half of them, rounded down)."""
         super().__init__()
         if planes < in_planes:
             raise ValueError(f"option-A shortcut cannot shrink channels: {in_planes} -> {planes}")
+        if stride < 1:
+            raise ValueError(f"option-A shortcut stride must be >= 1, got {stride}")
         self.stride = stride
         self.extra = planes - in_planes
+        self.before = self.extra // 2 if before is None else before
+        if not 0 <= self.before <= self.extra:
+            raise ValueError(f"option-A shortcut: {self.before} leading zero channels of {self.extra} new ones")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Strided identity with zero channels appended on both sides."""
+        """Strided identity with zero channels on both sides."""
         x = x[:, :, :: self.stride, :: self.stride]
-        before = self.extra // 2
-        return F.pad(x, (0, 0, 0, 0, before, self.extra - before))
+        return F.pad(x, (0, 0, 0, 0, self.before, self.extra - self.before))
 
 
 def _projection(

@@ -357,7 +357,7 @@ class PlaneProgram(nn.Module):
                 Co, Ho, Wo, po, plo, ino = layout(v)
                 slot[v] = alloc(plane_key(v), Co * plo)
                 steps.append([PROG_SUBPAD, slot[s] + ins, slot[v] + ino, Cs, Ho, Wo, sc.stride, ps, pls, po, plo,
-                              sc.extra // 2, Co])
+                              sc.before, Co])
             else:
                 layer, _, relu, pool, _ = _parts(self.units[ui])
                 geo = layer.geo

@@ -806,6 +806,56 @@ class PackedRuntime(nn.Module):
             out.update({(m.name, k): "dense" for m, _ in layers})
 
 
+def _pad_shortcut_of(node: torch.fx.Node) -> tuple[torch.fx.Node, int, int, int] | None:
+    """``(x, stride, before, after)`` when ``node`` is ``F.pad(x[:, :, ::s, ::s], (0, 0, 0, 0,
+    before, after))`` with zero fill (the option-A ResNet shortcut written inline, as in the
+    common CIFAR ResNets' ``LambdaLayer``) and the slice feeds nothing else; else None."""
+    if node.op != "call_function" or node.target not in (F.pad, torch._C._nn.pad) or len(node.args) < 2:
+        return None
+    g, pads = node.args[0], node.args[1]
+    extra = dict(zip(("mode", "value"), node.args[2:]), **node.kwargs)
+    if set(extra) - {"mode", "value"} or extra.get("mode", "constant") != "constant" or extra.get("value") not in (
+            None, 0, 0.0):
+        return None
+    if not (isinstance(pads, (tuple, list)) and len(pads) == 6 and all(type(p) is int for p in pads)
+            and tuple(pads[:4]) == (0, 0, 0, 0) and min(pads[4:]) >= 0):
+        return None
+    if not (isinstance(g, torch.fx.Node) and g.op == "call_function" and g.target is operator.getitem
+            and len(g.users) == 1 and isinstance(g.args[0], torch.fx.Node) and isinstance(g.args[1], tuple)
+            and len(g.args[1]) == 4 and all(isinstance(sl, slice) for sl in g.args[1])):
+        return None
+    a, b, h, w = g.args[1]
+    if any(sl != slice(None) for sl in (a, b)) or h != w or h.start is not None or h.stop is not None:
+        return None
+    stride = 1 if h.step is None else h.step
+    if type(stride) is not int or stride < 1:
+        return None
+    return g.args[0], stride, pads[4], pads[5]
+
+
+def _inline_pad_shortcuts(graph: torch.fx.Graph, modules: dict[str, nn.Module]) -> bool:
+    """Each inline option-A shortcut (:func:`_pad_shortcut_of`) becomes a call of a
+    :class:`~nestedsparse.models.resnet.PadShortcut`, so a depth-first program can take it."""
+    from ..models.resnet import PadShortcut  # noqa: PLC0415
+
+    made = False
+    for i, node in enumerate(list(graph.nodes)):
+        got = _pad_shortcut_of(node)
+        if got is None:
+            continue
+        x, stride, before, after = got
+        name = f"_padshortcut{i}"
+        modules[name] = PadShortcut(0, before + after, stride, before=before)
+        with graph.inserting_before(node):
+            new = graph.call_module(name, (x,))
+        node.replace_all_uses_with(new)
+        g = node.args[0]
+        graph.erase_node(node)
+        graph.erase_node(g)
+        made = True
+    return made
+
+
 class _LeafTracer(torch.fx.Tracer):
     """Traces the model's own code; packed layers, per-level BatchNorms and the option-A ResNet
     shortcut (a depth-first program op) stay leaf calls."""
@@ -888,7 +938,7 @@ def _fuse(model: nn.Module, programs: bool = True) -> nn.Module | None:
     except Exception:  # noqa: BLE001 - any tracing failure just means "run unfused"
         return None
     modules = dict(model.named_modules())
-    fused_any = False
+    fused_any = _inline_pad_shortcuts(graph, modules)
     for i, node in enumerate(list(graph.nodes)):
         layer = modules.get(node.target) if node.op == "call_module" else None
         if not isinstance(layer, _SparseBase) or node.kwargs or len(node.args) != 1:
