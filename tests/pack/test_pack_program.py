@@ -361,12 +361,12 @@ def test_strip_planes_with_other_kernels(tmp_path):
 def test_stride_two_convs_write_straight_into_their_output(tmp_path, shortcut):
     """A stride-2 conv's phases are split at its output plane's pitch (when a phase row fits), so
     it runs direct like a stride-1 conv: no ResNet conv goes through the wide scratch at even or
-    odd sizes, and every level equals the nested model.  (At 16 px the second one's input is an
-    8-wide strip plane, whose wider border makes its phase rows too wide: wide scratch there.)"""
+    odd sizes, and every level equals the nested model; at 16 px the second one reads an 8-wide
+    strip plane, whose wider border the split skips (it takes the columns the conv reads)."""
     m, rt = _registry(tmp_path, "resnet20", {"shortcut": shortcut}, (3, 16, 16))
     (prog,) = _programs(rt)
     _all_sparse(rt, 2)
-    for size in (11, 13, 24, 32):
+    for size in (11, 13, 16, 24, 32):
         _assert_levels(rt, m, torch.randn(2, 3, size, size), rtol=1e-3, atol=1e-4)
         steps = prog._geometry((3, size, size)).steps
         assert 3 not in steps[:, 0].tolist()  # no wide conv

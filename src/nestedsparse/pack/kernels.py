@@ -1435,9 +1435,10 @@ def _prog_image(xf, n, of, arena, arena2, base, steps, offs_b, vals_b, code, sta
 
     * ``COPY_IN dst C H W pitch plane``: image ``n`` of ``xf`` (flat NCHW) into a plane interior
       (``dst`` points at the interior's first element).
-    * ``SPLIT src dst C Hp Wp sh sw Hq Wq Wd cd``: stride-phase split of a whole bordered plane,
-      ``dst[(c*sh + a)*sw + b, i, cd + j] = src[c, i*sh + a, j*sw + b]`` (0 outside), phase rows
-      at pitch ``Wd`` (``Wq`` and ``cd = 0``; or strip rows: ``Wd = 16``, ``cd = 4``).
+    * ``SPLIT src dst C Hp Wp sh sw Hq Wq Wd cd x0 Wv``: stride-phase split of a bordered plane,
+      ``dst[(c*sh + a)*sw + b, i, cd + j] = src[c, i*sh + a, x0 + j*sw + b]`` for source columns
+      ``x0 + j*sw + b < x0 + Wv`` (0 outside; ``x0``: border columns the conv does not read),
+      phase rows at pitch ``Wd`` (``Wq`` and ``cd = 0``; or strip rows: ``Wd = 16``, ``cd = 4``).
     * ``CONV_DIRECT src dst row0 O rpg gstride L Wq OH OW dplane res relu``: a stride-1 conv whose
       output pitch equals its input pitch ``Wq``: per output channel, its ``L`` positions as
       64/32/16/8-wide tiles (:func:`_plane_rows`) stored straight into the output plane
@@ -1478,9 +1479,11 @@ def _prog_image(xf, n, of, arena, arena2, base, steps, offs_b, vals_b, code, sta
             Wq = steps[si, 9]
             Wd = steps[si, 10]  # phase rows' pitch (Wq, or a strip plane's 16) ...
             cd = steps[si, 11]  # ... and the column their first value goes to
+            x0 = steps[si, 12]  # the source columns split: [x0, x0 + Wv) of each row (pitch Wp)
+            Wv = steps[si, 13]
             if sw == 2:  # the usual stride: both column phases of a row in one pass
-                h0 = min((Wp + 1) // 2, Wq)  # columns 0, 2, 4, ... -> phase 0; 1, 3, ... -> phase 1
-                h1 = min(Wp // 2, Wq)
+                h0 = min((Wv + 1) // 2, Wq)  # columns 0, 2, 4, ... -> phase 0; 1, 3, ... -> phase 1
+                h1 = min(Wv // 2, Wq)
                 for c in range(C):
                     for a in range(sh):
                         p0 = dst + ((c * sh + a) * 2) * Hq * Wd + cd
@@ -1492,7 +1495,7 @@ def _prog_image(xf, n, of, arena, arena2, base, steps, offs_b, vals_b, code, sta
                                 _zero_f32(arena, o0, Wq)
                                 _zero_f32(arena, o1, Wq)
                                 continue
-                            s0 = np.uint64(src + (c * Hp + r) * Wp)
+                            s0 = np.uint64(src + (c * Hp + r) * Wp + x0)
                             _deint2(arena, o0, o1, arena, s0, h1)
                             if h0 > h1:
                                 arena[o0 + np.uint64(h1)] = arena[s0 + np.uint64(2 * h1)]
@@ -1505,14 +1508,14 @@ def _prog_image(xf, n, of, arena, arena2, base, steps, offs_b, vals_b, code, sta
                 for a in range(sh):
                     for b in range(sw):
                         pbase = dst + ((c * sh + a) * sw + b) * Hq * Wd + cd
-                        j1 = min((Wp - b + sw - 1) // sw, Wq)
+                        j1 = min((Wv - b + sw - 1) // sw, Wq)
                         for i in range(Hq):
                             r = i * sh + a
                             o = pbase + i * Wd
                             if r >= Hp:
                                 _zero_f32(arena, o, Wq)
                                 continue
-                            s0 = src + (c * Hp + r) * Wp + b
+                            s0 = src + (c * Hp + r) * Wp + x0 + b
                             if sw == 1:
                                 _vcopy(arena, o, arena, s0, j1)
                             else:

@@ -339,12 +339,14 @@ class PlaneProgram(nn.Module):
         steps.append([PROG_COPY_IN, slot[0] + inner, C, H, W, pitch, plane])
         splits: dict[tuple, tuple] = {}
         split_last: dict[tuple, int] = {}
+        split_pw: dict[tuple, int] = {}  # the widest padding among a split's readers
         for i, (kind, ui, src, res) in enumerate(self.ops):
             if kind == "conv":
                 geo = _parts(self.units[ui])[0].geo
                 if geo.stride != (1, 1):
                     k = (alias[src], *geo.stride)
                     split_last[k] = i
+                    split_pw[k] = max(split_pw.get(k, 0), geo.padding[1])
         for i, (kind, ui, src, res) in enumerate(self.ops):
             v, s = i + 1, alias[src]
             if kind in ("identity", "flatten"):
@@ -375,26 +377,29 @@ class PlaneProgram(nn.Module):
                     # straight into its output plane (direct), as a stride-1 conv; as strip rows
                     # (pitch 16, values from column 4) when the output is a strip plane and every
                     # tap stays inside a row's line (a strip conv)
-                    Hq, Wq = -(-Hp // sh), -(-ps // sw)
-                    qx_max = ((kw - 1) * dw + bw - pw) // sw
+                    # the source columns its readers use: their widest padding, not a wider border
+                    pwm = split_pw[(s, sh, sw)]
+                    x0, Wv = bw - pwm, Ws + 2 * pwm
+                    Hq, Wq = -(-Hp // sh), -(-Wv // sw)
+                    qx_max = ((kw - 1) * dw + pwm - pw) // sw
                     Wd, cd = Wq, 0
                     if (STRIP_PLANES and pool == 1 and OW == 8 and po == kernels.STRIP_PITCH
                             and Wq + _STRIP_COL <= po and qx_max <= po - 8 - _STRIP_COL):
                         Wd, cd = po, _STRIP_COL
                     elif pool == 1 and Wq <= po and PHASE_AT_OUTPUT_PITCH:
                         Wd = po
-                    k = (s, sh, sw, Wd, cd)
+                    k = (s, sh, sw, Wd, cd, x0)
                     if k not in splits:
-                        key = ("split", Cs, Hq, Wd, sh, sw)
+                        key = ("split", Cs, Hq, Wq, Wd, sh, sw)
                         off = alloc(key, Cs * sh * sw * Hq * Wd)
                         splits[k] = (off, key)
-                        steps.append([PROG_SPLIT, slot[s], off, Cs, Hp, ps, sh, sw, Hq, Wq, Wd, cd])
+                        steps.append([PROG_SPLIT, slot[s], off, Cs, Hp, ps, sh, sw, Hq, Wq, Wd, cd, x0, Wv])
                     view, Wq = splits[k][0] + cd, Wd
                 col = layer.csr.col_indices.astype(np.int64)
                 c, tap = np.divmod(col, kh * kw)
                 ky, kx = np.divmod(tap, kw)
                 qy, ay = np.divmod(ky * dh + bh - ph, sh)
-                qx, ax = np.divmod(kx * dw + bw - pw, sw)
+                qx, ax = np.divmod(kx * dw + bw - pw - (x0 if strided else 0), sw)
                 offs = (((c * sh + ay) * sw + ax) * Hq + qy) * Wq + qx
                 gstride = Cg * sh * sw * Hq * Wq
                 if gstride * geo.groups >= 2**31:
