@@ -75,9 +75,24 @@ def targets(config: str, batch: int, density: float) -> tuple[float, float | Non
     return vs_torch, vs_ort
 
 
+def code_version() -> str | None:
+    """The git commit the benchmarked code is at (``+dirty`` with uncommitted changes), if any."""
+    import subprocess  # noqa: PLC0415
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head + ("+dirty" if dirty else "")
+
+
 def versions() -> dict:
     out = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
-           "machine": platform.machine(), "cpu": cpu_name(), "threads": THREADS}
+           "machine": platform.machine(), "cpu": cpu_name(), "threads": THREADS, "code": code_version()}
     for mod in ("numba", "onnxruntime"):
         try:
             out[mod] = __import__(mod).__version__
