@@ -815,6 +815,35 @@ def _make_intrinsics(nb: Any) -> dict[str, Any]:
         return sig, codegen
 
     @nb.extending.intrinsic
+    def vsum_rows(typingctx: Any, src: Any, soff: Any, n: Any, rows: Any, pitch: Any) -> Any:
+        """``sum`` of ``rows`` rows of ``n`` floats (``n`` a multiple of 8) at ``src.flat[soff +
+        i*pitch]`` in float32: one 8-lane accumulator over every row, then its lanes (no checks)."""
+        if not _f32_arrays(src):
+            return None
+        sig = types.float32(src, soff, n, rows, pitch)
+
+        def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+            at = signature.args
+            s_ = _fptr(context, builder, at, args, 0, 1)
+            nvec = builder.sdiv(context.cast(builder, args[2], at[2], types.int64), i64(8))
+            rows_ = context.cast(builder, args[3], at[3], types.int64)
+            pitch_ = context.cast(builder, args[4], at[4], types.int64)
+            acc = cgutils.alloca_once_value(builder, ir.Constant(f8, None))
+            with cgutils.for_range(builder, rows_) as rl:
+                row = builder.gep(s_, [builder.mul(rl.index, pitch_)])
+                with cgutils.for_range(builder, nvec) as loop:
+                    v = builder.load(builder.bitcast(builder.gep(row, [builder.mul(loop.index, i64(8))]),
+                                                     f8.as_pointer()), align=4)
+                    builder.store(builder.fadd(builder.load(acc), v), acc)
+            a = builder.load(acc)
+            tot = builder.extract_element(a, ir.IntType(32)(0))
+            for k in range(1, 8):
+                tot = builder.fadd(tot, builder.extract_element(a, ir.IntType(32)(k)))
+            return tot
+
+        return sig, codegen
+
+    @nb.extending.intrinsic
     def vsum(typingctx: Any, src: Any, soff: Any, n: Any) -> Any:
         """``sum(src.flat[soff:soff+n])`` in float32: 8 lanes, then the lanes and the tail (no checks)."""
         if not _f32_arrays(src):
@@ -888,6 +917,7 @@ def _make_intrinsics(nb: Any) -> dict[str, Any]:
     out["_pool2_row"] = pool2_row
     out["_deint2"] = deint2
     out["_vsum"] = vsum
+    out["_vsum_rows"] = vsum_rows
     out["_gather_f32"] = gather_f32
     out["_zero_f32"] = zero_f32
     out["_prefetch"] = prefetch
@@ -1592,6 +1622,9 @@ def _prog_image(xf, n, of, arena, arena2, base, steps, offs_b, vals_b, code, sta
             plane = steps[si, 6]
             inv = np.float32(1.0) / np.float32(H * W)
             for c in range(C):
+                if W % 8 == 0:  # one vector accumulator over all rows, one horizontal sum
+                    of[n * C + c] = _vsum_rows(arena, src + c * plane, W, H, pitch) * inv
+                    continue
                 acc = np.float32(0.0)
                 for i in range(H):
                     acc += _vsum(arena, src + c * plane + i * pitch, W)
