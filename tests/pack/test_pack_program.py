@@ -461,3 +461,19 @@ def test_inline_option_a_shortcuts_join_the_program(tmp_path):
         for size in (16, 11):
             _assert_levels(rt, m, torch.randn(batch, 3, size, size), rtol=1e-4, atol=1e-5)
     assert _ran(prog)
+
+
+def test_global_pool_over_wide_rows(tmp_path):
+    """The program's global pool with rows of 16 and 32 floats (one vector accumulator across
+    rows) and of 4 (row by row) equals the nested model's, NaN included."""
+    m, rt = _registry(tmp_path, "resnet20", {"shortcut": "B"}, (3, 16, 16))
+    (prog,) = _programs(rt)
+    _all_sparse(rt, 2)
+    for size in (64, 128, 16):
+        x = torch.randn(2, 3, size, size)
+        _assert_levels(rt, m, x, rtol=1e-3, atol=1e-4)
+        gap = prog._geometry((3, size, size)).steps
+        assert gap[gap[:, 0] == 4][0, 4] == size // 4  # the pooled plane's width
+    x[0, :, 3, 3] = float("nan")
+    assert torch.isnan(rt(x, level=0)[0]).all() and not torch.isnan(rt(x, level=0)[1]).any()
+    assert _ran(prog)
