@@ -710,3 +710,30 @@ def test_dense_batch_1_wrong_width_keeps_torchs_error(tmp_path):
             rt(x, level=0)
     finally:
         rt.graph = graph
+
+
+class _OddMLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(300, 257), nn.ReLU(), nn.Linear(257, 130), nn.ReLU(), nn.Linear(130, 10))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+@pytest.mark.parametrize("batch", [3, 23, 24, 30])
+def test_block_pruned_chain_rows_split_between_threads(tmp_path, batch):
+    """4x1 blocks whose rows the threads' row ranges cut through (257 and 130 rows): below a
+    24-column batch tile every row runs alone and each task runs exactly its rows; from 24 on a
+    block cut by a range end runs whole in the first task (found by a helper review: batch 3
+    lost the rows after the cut)."""
+    torch.manual_seed(0)
+    m = _OddMLP()
+    ns.nestify_(m, SPEC, block=(4, 1))
+    m.eval()
+    pack(m).save(tmp_path / "odd.nsp")
+    rt = load_packed(tmp_path / "odd.nsp", _OddMLP)
+    for layer in rt.sparse_layers():
+        layer.mode.update({(k, batch): "sparse" for k in range(SPEC.num_levels)})
+    x = torch.randn(batch, 300)
+    _assert_every_level(rt, m, x)

@@ -995,7 +995,9 @@ def _linear_rows(r0, r1, rb, blk, cols_b, vals_b, code, starts, ends, scales, bi
     """Rows ``[r0, r1)`` of one feature-major Linear layer (its first row is ``rb``): row ``r``
     reads ``acts[xin + col]`` and writes ``acts[yout + r]``; where ``blk[r]``, rows ``r..r+3`` (a
     4x1 block) run together over 24-column tiles of the batch (``_rows4``, the rest of the batch
-    row by row). A block that starts before ``r0`` belongs to the previous task. Each row
+    row by row). A block that starts before ``r0`` belongs to the previous task, which runs it
+    whole -- when the batch has a 24-column tile; below that every row runs alone, so each task
+    runs exactly its rows. Each row
     prefetches the entries of the row ``pfd`` on (0: none); a level is a short prefix of each
     row, rows far apart (``LINEAR_PREFETCH_ROWS``)."""
     B = acts.shape[1]
@@ -1004,7 +1006,7 @@ def _linear_rows(r0, r1, rb, blk, cols_b, vals_b, code, starts, ends, scales, bi
     vsz = 1 if code & 1 else 4  # ... and per value (int8 / float32)
     r = r0
     k = (r - rb) % 4
-    if k != 0 and blk[r - k] != 0:
+    if nt > 0 and k != 0 and blk[r - k] != 0:  # below 24 columns blocks run row by row: no overlap
         r += 4 - k
     while r < r1:
         if pfd > 0 and r + pfd < r1:
