@@ -91,6 +91,8 @@ __all__ = [
     "linear_into_t",
     "bind_linear_t",
     "bind_conv_t",
+    "gemv",
+    "bind_gemv",
     "plan_for",
     "ConvGeometry",
     "spmm_reference",

@@ -373,11 +373,11 @@ class PlaneProgram(nn.Module):
                 if not strided:
                     view, Hq, Wq = slot[s], Hp, ps
                 else:
-                    # phase rows at the output's pitch when they fit in it: the conv then writes
-                    # straight into its output plane (direct), as a stride-1 conv; as strip rows
-                    # (pitch 16, values from column 4) when the output is a strip plane and every
-                    # tap stays inside a row's line (a strip conv)
-                    # the source columns its readers use: their widest padding, not a wider border
+                    # phases of the source columns the split's readers use (their widest padding,
+                    # not a wider border); phase rows at the output's pitch when they fit in it:
+                    # the conv then writes straight into its output plane (direct), as a stride-1
+                    # conv; as strip rows (pitch 16, values from column 4) when the output is a
+                    # strip plane and every tap stays inside a row's line (a strip conv)
                     pwm = split_pw[(s, sh, sw)]
                     x0, Wv = bw - pwm, Ws + 2 * pwm
                     Hq, Wq = -(-Hp // sh), -(-Wv // sw)

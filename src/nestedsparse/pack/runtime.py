@@ -845,6 +845,8 @@ def _inline_pad_shortcuts(graph: torch.fx.Graph, modules: dict[str, nn.Module]) 
             continue
         x, stride, before, after = got
         name = f"_padshortcut{i}"
+        while name in modules:  # never shadow a module of the model's own
+            name = "_" + name
         modules[name] = PadShortcut(0, before + after, stride, before=before)
         with graph.inserting_before(node):
             new = graph.call_module(name, (x,))
