@@ -233,6 +233,13 @@ def _make_intrinsics(nb: Any) -> dict[str, Any]:
     even8 = ir.Constant(ir.VectorType(ir.IntType(32), 8), list(range(0, 16, 2)))
     odd8 = ir.Constant(ir.VectorType(ir.IntType(32), 8), list(range(1, 16, 2)))
 
+    def _prefetch_line(builder: Any, p: Any) -> None:
+        """A read prefetch (``llvm.prefetch``, keep in all cache levels) of the line of ``p`` (``i8*``)."""
+        pf = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [i8p, ir.IntType(32), ir.IntType(32), ir.IntType(32)]),
+            "llvm.prefetch.p0")
+        builder.call(pf, [p, ir.IntType(32)(0), ir.IntType(32)(3), ir.IntType(32)(1)])
+
     def _splat(builder: Any, v: Any, lanes: int) -> Any:
         """A scalar broadcast to ``lanes`` lanes (the scalar itself when ``lanes == 1``)."""
         if lanes == 1:
@@ -391,12 +398,8 @@ def _make_intrinsics(nb: Any) -> dict[str, Any]:
                         ahead = builder.add(j2, i64(PREFETCH_AHEAD))
                         ahead = builder.select(builder.icmp_signed("<", ahead, e_v), ahead, j2)
                         prow, _ = entry(ahead)
-                        pf = cgutils.get_or_insert_function(
-                            builder.module, ir.FunctionType(ir.VoidType(), [i8p, ir.IntType(32), ir.IntType(32),
-                                                                            ir.IntType(32)]), "llvm.prefetch.p0")
                         for line in range(0, 4 * W, 64):
-                            builder.call(pf, [builder.gep(prow, [i64(line)]), ir.IntType(32)(0),
-                                              ir.IntType(32)(3), ir.IntType(32)(1)])
+                            _prefetch_line(builder, builder.gep(prow, [i64(line)]))
                     new2 = [builder.call(fma, [vs, xload(row, k), acc2[0][k]]) for k in range(nvec)]
                     j2.add_incoming(builder.add(j2, i64(1)), builder.basic_block)
                     rotated = acc2[1:] + [new2]
@@ -661,11 +664,7 @@ def _make_intrinsics(nb: Any) -> dict[str, Any]:
             ary = context.make_array(aty)(context, builder, args[0])
             stride = cgutils.unpack_tuple(builder, ary.strides, 1)[0]
             off = builder.mul(context.cast(builder, args[1], ity, types.int64), stride)
-            p = builder.gep(builder.bitcast(ary.data, i8p), [off])
-            pf = cgutils.get_or_insert_function(
-                builder.module, ir.FunctionType(ir.VoidType(), [i8p, ir.IntType(32), ir.IntType(32), ir.IntType(32)]),
-                "llvm.prefetch.p0")
-            builder.call(pf, [p, ir.IntType(32)(0), ir.IntType(32)(3), ir.IntType(32)(1)])
+            _prefetch_line(builder, builder.gep(builder.bitcast(ary.data, i8p), [off]))
             return context.get_dummy_value()
 
         return sig, codegen
@@ -999,9 +998,8 @@ def _linear_rows(r0, r1, rb, blk, cols_b, vals_b, code, starts, ends, scales, bi
     4x1 block) run together over 24-column tiles of the batch (``_rows4``, the rest of the batch
     row by row). A block that starts before ``r0`` belongs to the previous task, which runs it
     whole -- when the batch has a 24-column tile; below that every row runs alone, so each task
-    runs exactly its rows. Each row
-    prefetches the entries of the row ``pfd`` on (0: none); a level is a short prefix of each
-    row, rows far apart (``LINEAR_PREFETCH_ROWS``)."""
+    runs exactly its rows. Each row prefetches the entries of the row ``pfd`` on (0: none); a
+    level is a short prefix of each row, rows far apart (``LINEAR_PREFETCH_ROWS``)."""
     B = acts.shape[1]
     nt = B // 24
     csz = 1 << (code >> 1)  # bytes per column index (uint8 / uint16 / int32) ...

@@ -117,20 +117,16 @@ class PlaneProgram(nn.Module):
         activations are channels-last (oneDNN's faster conv layout on CPU: ResNet-20 at full
         density, batch 64, 0.80x the time of NCHW) and a 4-D result is returned as NCHW again."""
         cl = (x.dim() == 4 and x.device.type == "cpu" and x.dtype == torch.float32 and x.shape[0] > 1
-              and self._all_dense(x.shape[0], force))
+              and self._all_on("dense", x.shape[0], force))
         if cl:
             x = x.contiguous(memory_format=torch.channels_last)
         y = self._run_ops(x, lambda u, v, r: _call_unit(u, v, r, force))
         return y.contiguous() if cl and isinstance(y, torch.Tensor) else y
 
-    def _all_dense(self, N: int, force: str | None) -> bool:
-        if force is not None:
-            return force == "dense"
-        for u in self.units:
-            layer = _parts(u)[0]
-            if layer.choice(_level_for(layer.name, layer.top), N) != "dense":
-                return False
-        return True
+    def _all_on(self, way: str, N: int, force: str | None) -> bool:
+        """Every conv of the region runs ``way`` ("sparse" / "dense") at this call's levels and batch."""
+        return all((force or layer.choice(_level_for(layer.name, layer.top), N)) == way
+                   for layer in (_parts(u)[0] for u in self.units))
 
     def _run_ops(self, x: torch.Tensor, conv: Callable) -> torch.Tensor:
         """The region op by op in torch; each conv unit through ``conv(unit, input, residual)``."""
@@ -181,12 +177,8 @@ class PlaneProgram(nn.Module):
 
     def _state(self, N: int, in_shape: tuple, force: str | None, levels):
         """``(geometry, level arrays)``, or None when the call goes unit by unit."""
-        if (levels, N, force) in self._unit_only:
+        if (levels, N, force) in self._unit_only or not self._all_on("sparse", N, force):
             return None
-        for u in self.units:
-            layer = _parts(u)[0]
-            if (force or layer.choice(_level_for(layer.name, layer.top), N)) != "sparse":
-                return None
         geo = self._geometry(in_shape)
         if geo is None:
             return None

@@ -576,9 +576,9 @@ class FeatureMajorChain(nn.Module):
             w, b = layer._folded(k, bn, kb)
             wb = self._epi_cache[key] = (w, (torch.zeros(w.shape[0]) if b is None else b).reshape(-1, 1).contiguous())
         w, b = wb
-        X, Y = torch.from_numpy(xt), torch.from_numpy(yt)
         if yt.shape[1] == 1 and kernels.have_numba() and xt.shape[0] == w.shape[1]:  # our GEMV (2.2x addmv's speed)
             return kernels.bind_gemv(w.numpy(), xt.reshape(-1), b.numpy().reshape(-1), relu, yt.reshape(-1))
+        X, Y = torch.from_numpy(xt), torch.from_numpy(yt)
         if yt.shape[1] == 1:  # one vector: GEMV, as nn.Linear runs at batch 1
             b1, x1, y1 = b.reshape(-1), X.reshape(-1), Y.reshape(-1)
             if relu:
