@@ -19,6 +19,9 @@ input, interleaved round by round, so a loaded host slows both alike.
 * ``strided``: the same, with the 16x16 stage's stride-2 convs reading phases split at their
   output's pitch and writing straight into their output plane
   (``program.PHASE_AT_OUTPUT_PITCH``) against a wide scratch row and a copy per output row.
+* ``row_tiles``: the same, with the 32- and 16-wide stages' direct convs as tiles of whole rows
+  (``program.ROW_TILES``: valid columns only) against 64-wide tiles over each channel's flat span,
+  two junk columns per row computed and then cleared.
 
 Rows: median and 10th percentile of each side (microseconds), and ``b_over_a`` = median B /
 median A.
@@ -201,11 +204,7 @@ def _program_ab(tmp: Path, rounds: int, switch: str, pair: str, a: str, b: str) 
         finally:
             setattr(program, switch, True)
     assert not np.array_equal(geos[False].steps, geos[True].steps)
-    token = _LEVEL.set(0)  # the arrays follow the call's level (a context variable), as in rt(x, level=0)
-    try:
-        lv = prog._arrays(0)
-    finally:
-        _LEVEL.reset(token)
+    lv = prog._arrays(0)
     rows = []
     for batch in (1, 64):
         T = max(1, min(kernels._threads(), batch))
@@ -235,16 +234,30 @@ def strided_rows(tmp: Path, rounds: int) -> list[dict]:
                        "phases at the output pitch (direct)")
 
 
+def row_tiles_rows(tmp: Path, rounds: int) -> list[dict]:
+    return _program_ab(tmp, rounds, "ROW_TILES", "row_tiles", "flat spans, junk columns cleared",
+                       "whole-row tiles (32 / 16 wide stages)")
+
+
+PAIRS = {"chain": chain_rows, "entry_prefetch": prefetch_rows, "blocks_conv": blocks_conv_rows,
+         "blocks_linear": blocks_linear_rows, "strips": strips_rows, "strided": strided_rows,
+         "row_tiles": row_tiles_rows}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rounds", type=int, default=60)
     p.add_argument("--out", default=str(RESULTS / "runtime_ab"))
+    p.add_argument("--pairs", default=",".join(PAIRS), help="comma-separated subset of: " + ", ".join(PAIRS))
     args = p.parse_args()
+    pairs = args.pairs.split(",")
+    if not set(pairs) <= set(PAIRS):
+        p.error(f"--pairs: unknown {sorted(set(pairs) - set(PAIRS))}; choose from {', '.join(PAIRS)}")
     torch.set_num_threads(2)
     rows = []
     with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
-        for fn in (chain_rows, prefetch_rows, blocks_conv_rows, blocks_linear_rows, strips_rows, strided_rows):
-            rows += fn(Path(tmp), args.rounds)
+        for name in pairs:
+            rows += PAIRS[name](Path(tmp), args.rounds)
     meta = {"rounds": args.rounds, "threads": kernels._threads(), "cpu": cpu_name(), "torch": torch.__version__,
             "method": "one process, A and B interleaved per round; per-call median and p10, us"}
     Path(args.out + ".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")

@@ -296,9 +296,10 @@ def test_unstructured_rows_are_not_blocked(tmp_path):
     assert all(prog._arrays(k)[4].sum() == 0 for k in range(SPEC.num_levels - 1))
 
 
-def _strip_convs(prog, shape):
+def _strip_convs(prog, shape, tiling=1):
+    """Direct convs of the program at input ``shape`` run as strips (1) or whole-row tiles (2)."""
     geo = prog._geometry(shape)
-    return int(((geo.steps[:, 0] == 2) & (geo.steps[:, 19] != 0)).sum())
+    return int(((geo.steps[:, 0] == 2) & (geo.steps[:, 19] == tiling)).sum())
 
 
 @pytest.mark.parametrize("dtype, shortcut", [("float32", "A"), ("float32", "B"), ("int8", "B")])
@@ -325,6 +326,36 @@ def test_eight_wide_stage_runs_on_strip_planes(tmp_path, dtype, shortcut):
             split = prog._geometry((3, *hw)).steps
             assert [tuple(r[10:12]) for r in split[split[:, 0] == 1]][-1] == (16, 4)  # strip phases
     assert _strip_convs(prog, (3, 16, 64)) == 0  # stages 64 / 32 / 16 wide: plain planes
+    assert _ran(prog)
+
+
+@pytest.mark.parametrize("dtype, shortcut, block", [("float32", "A", (1, 1)), ("float32", "B", (1, 1)),
+                                                    ("int8", "B", (1, 1)), ("float32", "B", (4, 1))])
+def test_sixteen_thirty_two_and_sixty_four_wide_rows_run_whole_row_tiles(tmp_path, dtype, shortcut, block):
+    """Direct convs whose rows are 16, 32 or 64 wide compute their valid columns only, as tiles of
+    whole rows (4 x 16, 2 x 32, 1 x 64), the last rows of a channel as narrower tiles: heights 27
+    (odd at 32 wide), 13 / 25 (4 + 4 + 4 + 1 / 4 + 2 + 1 at 16 wide) and 9 (64 / 32 / 16 wide
+    stages: 9, 5 = 2 + 2 + 1, 3 = 2 + 1). Nothing writes a plane's border, so the next conv's
+    padding stays zero; 4x1-blocked rows run their own tiles and clear their junk columns. Every
+    level equals the unit path and the nested model, also under a level map and at batch 1."""
+    m, rt = _registry(tmp_path, "resnet20", {"shortcut": shortcut}, (3, 16, 16), dtype=dtype, block=block)
+    (prog,) = _programs(rt)
+    units = PackedRuntime(rt.model, rt.spec, programs=False)
+    if block != (1, 1):
+        assert any(prog._arrays(k)[4].sum() > 0 for k in range(SPEC.num_levels - 1))
+    for batch in (1, 3):
+        _all_sparse(rt, batch)
+        for hw in ((27, 32), (13, 32), (25, 32), (9, 64)):
+            x = torch.randn(batch, 3, *hw)
+            for k in range(SPEC.num_levels):
+                torch.testing.assert_close(rt(x, level=k), units(x, level=k), rtol=1e-4, atol=1e-5)
+            if dtype == "float32":
+                _assert_levels(rt, m, x, rtol=1e-3, atol=1e-4)
+                _assert_levels(rt, m, x, {"": 0, "layer2.1": 2, "layer1.2.bn2": 1}, rtol=1e-3, atol=1e-4)
+            # stages 1 and 2 (32 / 16 wide; 64 / 32 wide at 9x64): every direct conv but the strips
+            direct = int((prog._geometry((3, *hw)).steps[:, 0] == 2).sum())
+            assert _strip_convs(prog, (3, *hw), 2) == direct - _strip_convs(prog, (3, *hw)) >= 12
+    assert _strip_convs(prog, (3, 24, 24), 2) == 0  # 24 / 12 / 6 wide: flat spans
     assert _ran(prog)
 
 

@@ -249,7 +249,7 @@ def _make_intrinsics(nb: Any) -> dict[str, Any]:
         return builder.shuffle_vector(t, u, ir.Constant(ir.VectorType(ir.IntType(32), lanes), [0] * lanes))
 
     def _make_tile(W: int, masked: bool = False, prefetch: bool = True, residual: bool = False,
-                   vstride: int = 0) -> Any:
+                   vstride: int = 0, vgroup: int = 0) -> Any:
         """``_tileW(cols_b, vals_b, code, s, e, xn, xoff, b0, yr, sc, bb, lo[, nv][, roff])``:
         ``yr[b0:b0+W] = max(sc * sum_{j in [s, e)} vals[j] * xn[xoff + cols[j], b0:b0+W] + bb, lo)``
         (the max propagates NaN from the sum).  ``masked`` (W = 8): only the first
@@ -259,7 +259,9 @@ def _make_intrinsics(nb: Any) -> dict[str, Any]:
         (``max((sc*acc + bb) + r, lo)``, the order of a separate residual pass), so the
         output is written once and never read back.  ``vstride`` (floats, default the
         vector width): the tile's 8-float vectors lie that far apart in ``xn``'s rows and in
-        ``yr`` (rows of a strip plane, see ``_strip_rows``) instead of back to back.
+        ``yr`` (rows of a strip plane, see ``_strip_rows``) instead of back to back.  ``vgroup``
+        (g): the tile is ``W / (8 g)`` plane rows of ``g`` back-to-back vectors, the rows a
+        run-time ``pitch`` floats apart (an argument after ``lo``; ``_row_rows``).
 
         ``cols_b``/``vals_b`` are uint8 byte views, ``code = 2*col_code + val_code``
         (cols uint8/uint16/int32 = 0/1/2, values float32/int8 = 0/1), ``xn`` a 2-D
@@ -268,6 +270,8 @@ def _make_intrinsics(nb: Any) -> dict[str, Any]:
         lanes = min(W, 8)
         nvec = W // lanes
         vstep = 4 * (vstride or lanes)  # bytes from one vector of the tile to the next
+        if vgroup and (masked or vstride or lanes != 8 or nvec % vgroup or nvec == vgroup):
+            raise ValueError("_make_tile: vgroup needs unmasked 8-float vectors, several rows of vgroup each")
         U = 4 if W == 1 else max(1, 8 // nvec)  # non-zeros per iteration (U*nvec accumulators; 4 suffice for W=1)
         vt = ir.VectorType(f32, lanes) if lanes > 1 else f32
         fname = f"llvm.fmuladd.v{lanes}f32" if lanes > 1 else "llvm.fmuladd.f32"
@@ -302,8 +306,14 @@ def _make_intrinsics(nb: Any) -> dict[str, Any]:
                 yary = context.make_array(at[8])(context, builder, yr_v)
                 ybase = builder.gep(builder.bitcast(yary.data, i8p), [four_b0])
                 if residual:  # the residual row starts roff floats past the output row
-                    ri = 12 + int(masked)
+                    ri = 12 + int(masked) + int(bool(vgroup))
                     rbase = builder.gep(ybase, [builder.mul(as64(args[ri], at[ri]), i64(4))])
+                if vgroup:  # byte offset of each vector: its row's start, then its place in the row
+                    pitch4 = builder.mul(as64(args[12], at[12]), i64(4))
+                    voffs = [builder.add(builder.mul(pitch4, i64(k // vgroup)), i64(32 * (k % vgroup)))
+                             for k in range(nvec)]
+                else:
+                    voffs = [i64(vstep * k) for k in range(nvec)]
                 fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vt, [vt, vt, vt]), fname)
                 if masked:  # lanes < nv are live
                     i32 = ir.IntType(32)
@@ -346,7 +356,7 @@ def _make_intrinsics(nb: Any) -> dict[str, Any]:
                         return row, splat(builder, v)
 
                     def xload(row: Any, k: Any) -> Any:
-                        p = builder.bitcast(builder.gep(row, [i64(vstep * k)]), vt.as_pointer())
+                        p = builder.bitcast(builder.gep(row, [voffs[k]]), vt.as_pointer())
                         if masked:
                             return builder.call(mload, [p, ir.IntType(32)(4), lane_mask, zero])
                         return builder.load(p, align=4)
@@ -417,12 +427,12 @@ def _make_intrinsics(nb: Any) -> dict[str, Any]:
                                     for i in range(0, len(part), 2)]
                         tot = builder.call(fma, [part[0], scs, bbs])
                         if residual:
-                            rp = builder.bitcast(builder.gep(rbase, [i64(vstep * k)]), vt.as_pointer())
+                            rp = builder.bitcast(builder.gep(rbase, [voffs[k]]), vt.as_pointer())
                             rv = (builder.call(mload, [rp, ir.IntType(32)(4), lane_mask, zero]) if masked
                                   else builder.load(rp, align=4))
                             tot = builder.fadd(tot, rv)
                         tot = builder.select(builder.fcmp_ordered("<", tot, los), los, tot)
-                        p = builder.bitcast(builder.gep(ybase, [i64(vstep * k)]), vt.as_pointer())
+                        p = builder.bitcast(builder.gep(ybase, [voffs[k]]), vt.as_pointer())
                         if masked:
                             builder.call(mstore, [tot, p, ir.IntType(32)(4), lane_mask])
                         else:
@@ -433,16 +443,21 @@ def _make_intrinsics(nb: Any) -> dict[str, Any]:
 
             return sig, codegen
 
-        if masked and residual:
+        if vgroup and residual:
+            @nb.extending.intrinsic
+            def tile(typingctx: Any, cols_b: Any, vals_b: Any, code: Any, s: Any, e: Any, xn: Any,
+                     xoff: Any, b0: Any, yr: Any, sc: Any, bb: Any, lo: Any, pitch: Any, roff: Any) -> Any:
+                return typer(cols_b, vals_b, code, s, e, xn, xoff, b0, yr, (pitch, roff))
+        elif masked and residual:
             @nb.extending.intrinsic
             def tile(typingctx: Any, cols_b: Any, vals_b: Any, code: Any, s: Any, e: Any, xn: Any,
                      xoff: Any, b0: Any, yr: Any, sc: Any, bb: Any, lo: Any, nv: Any, roff: Any) -> Any:
                 return typer(cols_b, vals_b, code, s, e, xn, xoff, b0, yr, (nv, roff))
-        elif masked or residual:
+        elif vgroup or masked or residual:
             @nb.extending.intrinsic
             def tile(typingctx: Any, cols_b: Any, vals_b: Any, code: Any, s: Any, e: Any, xn: Any,
-                     xoff: Any, b0: Any, yr: Any, sc: Any, bb: Any, lo: Any, nv_or_roff: Any) -> Any:
-                return typer(cols_b, vals_b, code, s, e, xn, xoff, b0, yr, (nv_or_roff,))
+                     xoff: Any, b0: Any, yr: Any, sc: Any, bb: Any, lo: Any, extra: Any) -> Any:
+                return typer(cols_b, vals_b, code, s, e, xn, xoff, b0, yr, (extra,))
         else:
             @nb.extending.intrinsic
             def tile(typingctx: Any, cols_b: Any, vals_b: Any, code: Any, s: Any, e: Any, xn: Any,
@@ -635,6 +650,10 @@ def _make_intrinsics(nb: Any) -> dict[str, Any]:
     out.update({f"_tile{w}s": _make_tile(w, prefetch=False, vstride=STRIP_PITCH) for w in (64, 32, 16)})
     out.update({f"_tile{w}sr": _make_tile(w, prefetch=False, residual=True, vstride=STRIP_PITCH)
                 for w in (64, 32, 16)})
+    # row-group twins: plane rows of 2 / 4 vectors (16 / 32 valid columns), a run-time pitch apart
+    for w, g in ((64, 4), (64, 2), (32, 2)):
+        out[f"_tile{w}g{g}"] = _make_tile(w, prefetch=False, vgroup=g)
+        out[f"_tile{w}g{g}r"] = _make_tile(w, prefetch=False, residual=True, vgroup=g)
     out["_rows4"] = _make_rows4(False)
     out["_rows4r"] = _make_rows4(True)
     out["_tr8x8"] = tr8x8
@@ -1459,6 +1478,74 @@ def _strip_rows(offs_b, vals_b, code, starts, ends, scales, bias, arena, arena2,
                 _tile8(offs_b, vals_b, code, s, e, arena2, xo, yb + oy * 16, arena, sc, bb, lo)
 
 
+def _row_rows(offs_b, vals_b, code, starts, ends, scales, bias, blk, arena, arena2, src, dst, row0, O, rpg,  # type: ignore
+              gstride, dplane, Wq, OH, OW, lo, has_res, roff):
+    """Rows ``[row0, row0 + O)`` of a direct conv whose rows are 16, 32 or 64 valid columns (2, 4,
+    8 vectors) at pitch ``Wq``: per output channel its ``OH`` rows as 64-position tiles of
+    ``64 / OW`` whole rows (``_tile64g{2,4}``: the vectors of a row back to back, rows ``Wq``
+    apart; one row = the plain 64-wide tile), the last rows as 32 / 16-wide tiles.  Only valid
+    columns are computed and written -- no junk, nothing to clear, no narrow tail tiles -- where
+    ``_plane_rows`` runs the flat span ``OH * Wq`` (the two junk columns of every row too) and
+    clears the junk after.  4x1-blocked rows (``blk``) go through ``_plane_rows`` and clear theirs."""
+    rr = 0
+    while rr < O:
+        r = row0 + rr
+        yb = dst + rr * dplane
+        xb = src + (rr // rpg) * gstride
+        if blk[r] != 0:  # four rows sharing their columns: the 24-position tiles of the flat span
+            _plane_rows(offs_b, vals_b, code, starts, ends, scales, bias, blk, arena, arena2, xb, yb, r, 4, 4,
+                        0, dplane, OH * Wq, lo, has_res, roff)
+            for k in range(4):
+                for oy in range(OH):
+                    _zero_f32(arena, yb + k * dplane + oy * Wq + OW, Wq - OW)
+            rr += 4
+            continue
+        xo = xb - yb
+        s = starts[r]
+        e = ends[r]
+        sc = scales[r]
+        bb = bias[r]
+        oy = 0
+        if OW == 32:
+            while oy + 2 <= OH:
+                if has_res:
+                    _tile64g4r(offs_b, vals_b, code, s, e, arena2, xo, yb + oy * Wq, arena, sc, bb, lo, Wq, roff)
+                else:
+                    _tile64g4(offs_b, vals_b, code, s, e, arena2, xo, yb + oy * Wq, arena, sc, bb, lo, Wq)
+                oy += 2
+            if oy < OH:
+                if has_res:
+                    _tile32r(offs_b, vals_b, code, s, e, arena2, xo, yb + oy * Wq, arena, sc, bb, lo, roff)
+                else:
+                    _tile32(offs_b, vals_b, code, s, e, arena2, xo, yb + oy * Wq, arena, sc, bb, lo)
+        elif OW == 16:
+            while oy + 4 <= OH:
+                if has_res:
+                    _tile64g2r(offs_b, vals_b, code, s, e, arena2, xo, yb + oy * Wq, arena, sc, bb, lo, Wq, roff)
+                else:
+                    _tile64g2(offs_b, vals_b, code, s, e, arena2, xo, yb + oy * Wq, arena, sc, bb, lo, Wq)
+                oy += 4
+            if oy + 2 <= OH:
+                if has_res:
+                    _tile32g2r(offs_b, vals_b, code, s, e, arena2, xo, yb + oy * Wq, arena, sc, bb, lo, Wq, roff)
+                else:
+                    _tile32g2(offs_b, vals_b, code, s, e, arena2, xo, yb + oy * Wq, arena, sc, bb, lo, Wq)
+                oy += 2
+            if oy < OH:
+                if has_res:
+                    _tile16r(offs_b, vals_b, code, s, e, arena2, xo, yb + oy * Wq, arena, sc, bb, lo, roff)
+                else:
+                    _tile16(offs_b, vals_b, code, s, e, arena2, xo, yb + oy * Wq, arena, sc, bb, lo)
+        else:  # OW == 64: a row is one plain 64-wide tile
+            while oy < OH:
+                if has_res:
+                    _tile64r(offs_b, vals_b, code, s, e, arena2, xo, yb + oy * Wq, arena, sc, bb, lo, roff)
+                else:
+                    _tile64np(offs_b, vals_b, code, s, e, arena2, xo, yb + oy * Wq, arena, sc, bb, lo)
+                oy += 1
+        rr += 1
+
+
 def _prog_image(xf, n, of, arena, arena2, base, steps, offs_b, vals_b, code, starts, ends, scales, bias, blk):  # type: ignore
     """Run every step of a per-image program on image ``n`` (see :func:`_prog_par`).
 
@@ -1476,7 +1563,9 @@ def _prog_image(xf, n, of, arena, arena2, base, steps, offs_b, vals_b, code, sta
       64/32/16/8-wide tiles (:func:`_plane_rows`) stored straight into the output plane
       (``dst`` = interior start); the columns past ``OW`` land on the border and are zeroed
       after; ``res >= 0``: a residual plane of the same layout is added before the clamp.
-      Field 19 set: both planes are strip planes (``OW == 8``, pitch 16, :func:`_strip_rows`).
+      Field 19: 1 -- both planes are strip planes (``OW == 8``, pitch 16, :func:`_strip_rows`);
+      2 -- rows of ``OW`` = 16 / 32 / 64 valid columns as whole-row tiles (:func:`_row_rows`);
+      neither computes a junk column, so there is nothing to clear.
     * ``CONV_WIDE src dst row0 O rpg gstride L Wq OH OW dplane res relu dpitch wide pool rpitch
       rplane``: any other conv: each channel's ``OH x Wq`` wide result goes to the ``wide``
       scratch, then its ``OW`` valid columns (+ residual, clamp; or the ``pool x pool`` max-pool)
@@ -1569,9 +1658,12 @@ def _prog_image(xf, n, of, arena, arena2, base, steps, offs_b, vals_b, code, sta
             res = steps[si, 12]
             lo = np.float32(0.0) if steps[si, 13] else np.float32(-np.inf)
             tlo = np.float32(-np.inf) if res >= 0 else lo
-            if kind == 2 and steps[si, 19] != 0:  # strip planes: valid columns only, nothing to clear
+            if kind == 2 and steps[si, 19] == 1:  # strip planes: valid columns only, nothing to clear
                 _strip_rows(offs_b, vals_b, code, starts, ends, scales, bias, arena, arena2, src, dst, row0, O, rpg,
                             gstride, dplane, OH, lo, res >= 0, base + res - dst)
+            elif kind == 2 and steps[si, 19] == 2:  # rows of 16 / 32 / 64: valid columns only
+                _row_rows(offs_b, vals_b, code, starts, ends, scales, bias, blk, arena, arena2, src, dst, row0, O,
+                          rpg, gstride, dplane, Wq, OH, OW, lo, res >= 0, base + res - dst)
             elif kind == 2:  # the residual (same layout) is added in the tiles' epilogue, then the clamp
                 _plane_rows(offs_b, vals_b, code, starts, ends, scales, bias, blk, arena, arena2, src, dst, row0, O, rpg,
                             gstride, dplane, L, lo, res >= 0, base + res - dst)
@@ -1677,7 +1769,8 @@ _KERNEL_FUNCS: tuple[Callable[..., Any], ...] = (
     _tile_span, _spmv_rows, _spmv_par, _gemv_par, _transpose_region, _transpose_par, _spmm_par, _linear_rows, _chain_par,
     _conv_rows,
     _split_image,
-    _phase_split_par, _conv_par, _batch_tiles, _convt_par, _copy_rows, _plane_rows, _strip_rows, _prog_image,
+    _phase_split_par, _conv_par, _batch_tiles, _convt_par, _copy_rows, _plane_rows, _strip_rows, _row_rows,
+    _prog_image,
     _prog_par)
 
 

@@ -11,7 +11,7 @@ one image before the next (``kernels._prog_par``). An image's activations (74 Ki
 stay in that core's L2 from the first layer to the last, kept as zero-bordered planes so a
 conv writes straight into the next conv's padded input (no copy, no re-padding; a stride-2 conv
 through phases split at its output's pitch); per output channel its positions run as 64-wide
-register tiles. 8-wide planes are strip planes (pitch 16, one cache line per row): their convs
+register tiles (whole rows where rows are 16, 32 or 64 wide). 8-wide planes are strip planes (pitch 16, one cache line per row): their convs
 compute the valid columns only and no tap load splits a line. Batch 1 runs the same program on
 the calling thread with no fork/join at all.
 
@@ -48,6 +48,8 @@ STRIP_PLANES = True
 _STRIP_COL = 4  # a strip plane's first value column (its left border)
 #: Split a stride-2 conv's input into phase rows at its output's pitch, so it runs direct (A/B switch).
 PHASE_AT_OUTPUT_PITCH = True
+#: Direct convs whose rows are 16 / 32 / 64 wide run whole-row tiles (no junk columns; A/B switch).
+ROW_TILES = True
 
 #: (kind, unit index or -1, source value, residual value or -1); value 0 is the region's input,
 #: op ``i`` produces value ``i + 1``
@@ -197,7 +199,8 @@ class PlaneProgram(nn.Module):
         return got
 
     def _arrays(self, levels) -> tuple:
-        """Per-row ``(starts, ends, scales, bias, blk)`` over all the region's convs at ``levels``;
+        """Per-row ``(starts, ends, scales, bias, blk)`` over all the region's convs at ``levels`` (an
+        int, or per unit its ``(conv level, BatchNorm level)`` as :meth:`_levels` gives them);
         ``blk[r] = 1`` where rows ``r..r+3`` (one group, the first a multiple of 4 into its conv)
         have the same columns at their level: a 4x1 block, run four rows per tile."""
         got = self._level_arrays.get(levels)
@@ -206,8 +209,9 @@ class PlaneProgram(nn.Module):
         starts, ends, scales, bias, blk = [], [], [], [], []
         for i, u in enumerate(self.units):
             layer, bn = _parts(u)[:2]
-            k = _level_for(layer.name, layer.top)
-            kb = -1 if bn is None else _level_for(bn.name, bn.top)
+            # levels: one level for the whole call, or each unit's (conv, BatchNorm) levels (_levels)
+            k, kb = (levels, levels) if isinstance(levels, int) else levels[i]
+            kb = -1 if bn is None else kb
             plan = kernels.plan_for(layer.csr, k)
             blk.append(kernels.row_blocks4(layer.csr, plan, layer.geo.groups))
             starts.append(plan.starts + self._entry0[i])
@@ -410,6 +414,8 @@ class PlaneProgram(nn.Module):
                 # sizes are multiples of 16 floats), so no tap load splits a line and the conv
                 # computes the 8 valid columns only (kernels._strip_rows)
                 row[19] = int(direct and OW == 8 and Wq == kernels.STRIP_PITCH)
+                if direct and ROW_TILES and OW in (16, 32, 64):
+                    row[19] = 2  # whole-row tiles: the valid columns only (kernels._row_rows)
                 if r >= 0:
                     rC, rH, rW, rp, rpl, rin = layout(r)
                     row[12] = slot[r] + rin
