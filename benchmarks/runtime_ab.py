@@ -22,6 +22,9 @@ input, interleaved round by round, so a loaded host slows both alike.
 * ``row_tiles``: the same, with the 32- and 16-wide stages' direct convs as tiles of whole rows
   (``program.ROW_TILES``: valid columns only) against 64-wide tiles over each channel's flat span,
   two junk columns per row computed and then cleared.
+* ``fused_split``: the same, with the last conv of the 32- and 16-wide stages writing the 2x2
+  phase split their stride-2 readers take (``program.FUSE_SPLITS``: rows split in registers)
+  against storing their plane and splitting it in a SPLIT step.
 
 Rows: median and 10th percentile of each side (microseconds), and ``b_over_a`` = median B /
 median A.
@@ -239,9 +242,14 @@ def row_tiles_rows(tmp: Path, rounds: int) -> list[dict]:
                        "whole-row tiles (32 / 16 wide stages)")
 
 
+def fused_split_rows(tmp: Path, rounds: int) -> list[dict]:
+    return _program_ab(tmp, rounds, "FUSE_SPLITS", "fused_split", "SPLIT step after the producer",
+                       "producer writes the phases (no SPLIT)")
+
+
 PAIRS = {"chain": chain_rows, "entry_prefetch": prefetch_rows, "blocks_conv": blocks_conv_rows,
          "blocks_linear": blocks_linear_rows, "strips": strips_rows, "strided": strided_rows,
-         "row_tiles": row_tiles_rows}
+         "row_tiles": row_tiles_rows, "fused_split": fused_split_rows}
 
 
 def main() -> None:

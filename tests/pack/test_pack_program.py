@@ -323,8 +323,9 @@ def test_eight_wide_stage_runs_on_strip_planes(tmp_path, dtype, shortcut):
                 _assert_levels(rt, m, x, {"": 0, "layer3.1": 2, "layer3.2.bn2": 1}, rtol=1e-3, atol=1e-4)
             # the stage's five stride-1 convs, its stride-2 conv (and option B's 1x1 projection)
             assert _strip_convs(prog, (3, *hw)) == (6 if shortcut == "A" else 7)
-            split = prog._geometry((3, *hw)).steps
-            assert [tuple(r[10:12]) for r in split[split[:, 0] == 1]][-1] == (16, 4)  # strip phases
+            steps = prog._geometry((3, *hw)).steps  # the stage's phases are strip rows: (pitch, column)
+            phases = [(r[10], r[11]) for r in steps[steps[:, 0] == 1]] + [(r[23], r[26]) for r in steps if r[20]]
+            assert phases[-1] == (16, 4)  # in a SPLIT step, or written by the producer (fused)
     assert _strip_convs(prog, (3, 16, 64)) == 0  # stages 64 / 32 / 16 wide: plain planes
     assert _ran(prog)
 
@@ -353,9 +354,70 @@ def test_sixteen_thirty_two_and_sixty_four_wide_rows_run_whole_row_tiles(tmp_pat
                 _assert_levels(rt, m, x, rtol=1e-3, atol=1e-4)
                 _assert_levels(rt, m, x, {"": 0, "layer2.1": 2, "layer1.2.bn2": 1}, rtol=1e-3, atol=1e-4)
             # stages 1 and 2 (32 / 16 wide; 64 / 32 wide at 9x64): every direct conv but the strips
-            direct = int((prog._geometry((3, *hw)).steps[:, 0] == 2).sum())
+            steps = prog._geometry((3, *hw)).steps
+            direct = int((steps[:, 0] == 2).sum())
             assert _strip_convs(prog, (3, *hw), 2) == direct - _strip_convs(prog, (3, *hw)) >= 12
-    assert _strip_convs(prog, (3, 24, 24), 2) == 0  # 24 / 12 / 6 wide: flat spans
+            # each stage's last conv writes the phases of the next stage's stride-2 readers
+            assert int((steps[:, 0] == 1).sum()) == 0 and int(steps[:, 20].sum()) == 2
+    steps = prog._geometry((3, 24, 24)).steps
+    assert _strip_convs(prog, (3, 24, 24), 2) == 0  # 24 / 12 / 6 wide: flat spans ...
+    assert int((steps[:, 0] == 1).sum()) == 2 and int(steps[:, 20].sum()) == 0  # ... and SPLIT steps
+    assert _ran(prog)
+
+
+class PhaseReaders(nn.Module):
+    """A conv (with a residual) read only by stride-2 convs of other kernels and paddings, a 5x5
+    with padding 2 and a 1x1 with none, through one phase split (border 2: an even one). With
+    ``MIXED`` a stride-1 1x1 conv reads the first too, so it splits in a SPLIT step, and the
+    stride-2 1x1 reads the end of a chain of two 1x1s instead, whose last conv (border 0, no
+    padding among its readers) writes its phases."""
+
+    MIXED = False
+
+    def __init__(self):
+        super().__init__()
+        self.c0 = nn.Conv2d(3, 8, 3, padding=1)
+        self.c1 = nn.Conv2d(8, 8, 3, padding=1)
+        self.a = nn.Conv2d(8, 8, 5, stride=2, padding=2, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+        self.b = nn.Conv2d(8, 8, 1, stride=2)
+        self.d = nn.Conv2d(8, 8, 1)
+        self.e = nn.Conv2d(8, 8, 1)
+        self.c2 = nn.Conv2d(8, 4, 3, padding=1)
+
+    def forward(self, x):
+        h = F.relu(self.c0(x))
+        p = F.relu(self.c1(h) + h)
+        q = F.relu(self.e(F.relu(self.d(p)))) if self.MIXED else p
+        return self.c2(F.relu(self.bn(self.a(p)) + self.b(q)))
+
+
+class PhaseReadersMixed(PhaseReaders):
+    MIXED = True
+
+
+@pytest.mark.parametrize("cls", [PhaseReaders, PhaseReadersMixed])
+def test_a_conv_read_only_by_stride_two_convs_writes_their_phases(tmp_path, cls):
+    """The producer splits its whole-row tiles into the readers' 2x2 phases in registers (rows
+    stored and split after where tiles do not cover them: an odd last row at 32 wide, the last
+    two at 16, every row at 64); where a stride-1 conv also reads it, a SPLIT step runs. Equal
+    to the unit path and the nested model at every level, batch 1 and 3."""
+    m, rt = _custom(cls, tmp_path, (3, 16, 16))
+    (prog,) = _programs(rt)
+    units = PackedRuntime(rt.model, rt.spec, programs=False)
+    for batch in (1, 3):
+        _all_sparse(rt, batch)
+        for hw in ((32, 32), (31, 32), (30, 16), (13, 64), (20, 20)):
+            x = torch.randn(batch, 3, *hw)
+            for k in range(SPEC.num_levels):
+                torch.testing.assert_close(rt(x, level=k), units(x, level=k), rtol=1e-4, atol=1e-5)
+            _assert_levels(rt, m, x, rtol=1e-4, atol=1e-5)
+            steps = prog._geometry((3, *hw)).steps
+            splits, fused = int((steps[:, 0] == 1).sum()), int(steps[:, 20].sum())
+            if hw == (20, 20):  # 20 wide: flat spans, so SPLIT steps
+                assert (splits, fused) == ((2, 0) if cls.MIXED else (1, 0))
+            else:
+                assert (splits, fused) == ((1, 1) if cls.MIXED else (0, 1))
     assert _ran(prog)
 
 
@@ -401,8 +463,8 @@ def test_stride_two_convs_write_straight_into_their_output(tmp_path, shortcut):
         _assert_levels(rt, m, torch.randn(2, 3, size, size), rtol=1e-3, atol=1e-4)
         steps = prog._geometry((3, size, size)).steps
         assert 3 not in steps[:, 0].tolist()  # no wide conv
-        splits = steps[steps[:, 0] == 1]
-        assert len(splits) == 2 and all(r[10] > r[9] for r in splits)  # phase pitch > phase width
+        splits = steps[steps[:, 0] == 1]  # SPLIT steps, or the phases written by their producer
+        assert len(splits) + int(steps[:, 20].sum()) == 2 and all(r[10] > r[9] for r in splits)  # pitch > width
     assert _ran(prog)
 
 

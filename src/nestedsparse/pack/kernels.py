@@ -249,7 +249,7 @@ def _make_intrinsics(nb: Any) -> dict[str, Any]:
         return builder.shuffle_vector(t, u, ir.Constant(ir.VectorType(ir.IntType(32), lanes), [0] * lanes))
 
     def _make_tile(W: int, masked: bool = False, prefetch: bool = True, residual: bool = False,
-                   vstride: int = 0, vgroup: int = 0) -> Any:
+                   vstride: int = 0, vgroup: int = 0, phase: bool = False) -> Any:
         """``_tileW(cols_b, vals_b, code, s, e, xn, xoff, b0, yr, sc, bb, lo[, nv][, roff])``:
         ``yr[b0:b0+W] = max(sc * sum_{j in [s, e)} vals[j] * xn[xoff + cols[j], b0:b0+W] + bb, lo)``
         (the max propagates NaN from the sum).  ``masked`` (W = 8): only the first
@@ -261,7 +261,11 @@ def _make_intrinsics(nb: Any) -> dict[str, Any]:
         vector width): the tile's 8-float vectors lie that far apart in ``xn``'s rows and in
         ``yr`` (rows of a strip plane, see ``_strip_rows``) instead of back to back.  ``vgroup``
         (g): the tile is ``W / (8 g)`` plane rows of ``g`` back-to-back vectors, the rows a
-        run-time ``pitch`` floats apart (an argument after ``lo``; ``_row_rows``).
+        run-time ``pitch`` floats apart (an argument after ``lo``; ``_row_rows``).  ``phase``
+        (with an even ``vgroup``): the tile is not stored at ``b0`` but split into stride-2 phases
+        -- each row's even columns (``2m``) go to ``yr[E + m]``, its odd ones to ``yr[E + deo + m]``,
+        ``E = e0 + (t // 2) * wd + (t % 2) * da`` for the tile's row ``t`` (arguments ``e0, da, wd,
+        deo`` after ``pitch`` and ``roff``; ``_row_rows``), the layout ``_prog_image``'s SPLIT builds.
 
         ``cols_b``/``vals_b`` are uint8 byte views, ``code = 2*col_code + val_code``
         (cols uint8/uint16/int32 = 0/1/2, values float32/int8 = 0/1), ``xn`` a 2-D
@@ -272,6 +276,8 @@ def _make_intrinsics(nb: Any) -> dict[str, Any]:
         vstep = 4 * (vstride or lanes)  # bytes from one vector of the tile to the next
         if vgroup and (masked or vstride or lanes != 8 or nvec % vgroup or nvec == vgroup):
             raise ValueError("_make_tile: vgroup needs unmasked 8-float vectors, several rows of vgroup each")
+        if phase and (not vgroup or vgroup % 2):
+            raise ValueError("_make_tile: phase stores need rows of an even number of vectors (vgroup)")
         U = 4 if W == 1 else max(1, 8 // nvec)  # non-zeros per iteration (U*nvec accumulators; 4 suffice for W=1)
         vt = ir.VectorType(f32, lanes) if lanes > 1 else f32
         fname = f"llvm.fmuladd.v{lanes}f32" if lanes > 1 else "llvm.fmuladd.f32"
@@ -308,6 +314,9 @@ def _make_intrinsics(nb: Any) -> dict[str, Any]:
                 if residual:  # the residual row starts roff floats past the output row
                     ri = 12 + int(masked) + int(bool(vgroup))
                     rbase = builder.gep(ybase, [builder.mul(as64(args[ri], at[ri]), i64(4))])
+                if phase:  # e0, da, wd, deo (floats): where the tile's rows go in the phases
+                    pi = 13 + int(residual)
+                    e0_v, da_v, wd_v, deo_v = (as64(args[pi + q], at[pi + q]) for q in range(4))
                 if vgroup:  # byte offset of each vector: its row's start, then its place in the row
                     pitch4 = builder.mul(as64(args[12], at[12]), i64(4))
                     voffs = [builder.add(builder.mul(pitch4, i64(k // vgroup)), i64(32 * (k % vgroup)))
@@ -420,6 +429,7 @@ def _make_intrinsics(nb: Any) -> dict[str, Any]:
                     # -- tree-reduce the accumulator sets, scale + bias + clamp, store the tile
                     builder.position_at_end(x2)
                     scs, bbs, los = splat(builder, sc_v), splat(builder, bb_v), splat(builder, lo_v)
+                    tots = []
                     for k in range(nvec):
                         part = [a[k] for a in acc2]
                         while len(part) > 1:
@@ -431,7 +441,23 @@ def _make_intrinsics(nb: Any) -> dict[str, Any]:
                             rv = (builder.call(mload, [rp, ir.IntType(32)(4), lane_mask, zero]) if masked
                                   else builder.load(rp, align=4))
                             tot = builder.fadd(tot, rv)
-                        tot = builder.select(builder.fcmp_ordered("<", tot, los), los, tot)
+                        tots.append(builder.select(builder.fcmp_ordered("<", tot, los), los, tot))
+                    if phase:  # per row: even / odd columns of each vector pair to the two phases
+                        ydata = builder.bitcast(yary.data, i8p)
+                        for t in range(nvec // vgroup):
+                            e_t = e0_v
+                            if t // 2:
+                                e_t = builder.add(e_t, builder.mul(wd_v, i64(t // 2)))
+                            if t % 2:
+                                e_t = builder.add(e_t, da_v)
+                            pe = builder.gep(ydata, [builder.mul(e_t, i64(4))])
+                            po = builder.gep(ydata, [builder.mul(builder.add(e_t, deo_v), i64(4))])
+                            for m in range(vgroup // 2):
+                                v0, v1 = tots[t * vgroup + 2 * m], tots[t * vgroup + 2 * m + 1]
+                                for ptr, sel in ((pe, even8), (po, odd8)):
+                                    q = builder.bitcast(builder.gep(ptr, [i64(32 * m)]), vt.as_pointer())
+                                    builder.store(builder.shuffle_vector(v0, v1, sel), q, align=4)
+                    for k, tot in enumerate(tots if not phase else ()):
                         p = builder.bitcast(builder.gep(ybase, [voffs[k]]), vt.as_pointer())
                         if masked:
                             builder.call(mstore, [tot, p, ir.IntType(32)(4), lane_mask])
@@ -443,7 +469,19 @@ def _make_intrinsics(nb: Any) -> dict[str, Any]:
 
             return sig, codegen
 
-        if vgroup and residual:
+        if phase and residual:
+            @nb.extending.intrinsic
+            def tile(typingctx: Any, cols_b: Any, vals_b: Any, code: Any, s: Any, e: Any, xn: Any, xoff: Any,
+                     b0: Any, yr: Any, sc: Any, bb: Any, lo: Any, pitch: Any, roff: Any, e0: Any, da: Any, wd: Any,
+                     deo: Any) -> Any:
+                return typer(cols_b, vals_b, code, s, e, xn, xoff, b0, yr, (pitch, roff, e0, da, wd, deo))
+        elif phase:
+            @nb.extending.intrinsic
+            def tile(typingctx: Any, cols_b: Any, vals_b: Any, code: Any, s: Any, e: Any, xn: Any, xoff: Any,
+                     b0: Any, yr: Any, sc: Any, bb: Any, lo: Any, pitch: Any, e0: Any, da: Any, wd: Any,
+                     deo: Any) -> Any:
+                return typer(cols_b, vals_b, code, s, e, xn, xoff, b0, yr, (pitch, e0, da, wd, deo))
+        elif vgroup and residual:
             @nb.extending.intrinsic
             def tile(typingctx: Any, cols_b: Any, vals_b: Any, code: Any, s: Any, e: Any, xn: Any,
                      xoff: Any, b0: Any, yr: Any, sc: Any, bb: Any, lo: Any, pitch: Any, roff: Any) -> Any:
@@ -654,6 +692,10 @@ def _make_intrinsics(nb: Any) -> dict[str, Any]:
     for w, g in ((64, 4), (64, 2), (32, 2)):
         out[f"_tile{w}g{g}"] = _make_tile(w, prefetch=False, vgroup=g)
         out[f"_tile{w}g{g}r"] = _make_tile(w, prefetch=False, residual=True, vgroup=g)
+    # ... whose rows go straight into a stride-2 phase split (a producer fused with its SPLIT)
+    for w, g in ((64, 4), (64, 2)):
+        out[f"_tile{w}g{g}p"] = _make_tile(w, prefetch=False, vgroup=g, phase=True)
+        out[f"_tile{w}g{g}pr"] = _make_tile(w, prefetch=False, residual=True, vgroup=g, phase=True)
     out["_rows4"] = _make_rows4(False)
     out["_rows4r"] = _make_rows4(True)
     out["_tr8x8"] = tr8x8
@@ -1384,7 +1426,7 @@ def _convt_par(bounds, starts, ends, offs_b, vals_b, code, scales, bias, lo, xt,
 
 # Per-image program steps (rows of an int64 table; see _prog_image and pack/program.py).
 PROG_COPY_IN, PROG_SPLIT, PROG_CONV_DIRECT, PROG_CONV_WIDE, PROG_GAP, PROG_COPY_OUT, PROG_SUBPAD = range(7)
-PROG_FIELDS = 20  # columns of the step table
+PROG_FIELDS = 27  # columns of the step table
 
 
 def _copy_rows(dst, d0, dpitch, dplane, src, s0, spitch, splane, C, H, W):  # type: ignore[no-untyped-def]
@@ -1478,72 +1520,116 @@ def _strip_rows(offs_b, vals_b, code, starts, ends, scales, bias, arena, arena2,
                 _tile8(offs_b, vals_b, code, s, e, arena2, xo, yb + oy * 16, arena, sc, bb, lo)
 
 
+def _phase_row(P, HqWd, Wd, bh, pwm, cd, c, y):  # type: ignore[no-untyped-def]
+    """Where row ``y`` (of the interior) of channel ``c`` puts its even columns in a 2x2 phase split
+    (SPLIT's layout, see ``_row_rows``): plane row ``y + bh`` is phase row ``(y + bh) // 2`` of row
+    phase ``(y + bh) % 2``; column ``2m`` is source column ``2m + pwm`` past the split's first, so
+    phase column ``m + pwm // 2`` of column phase ``pwm % 2``."""
+    pr = y + bh
+    return P + (c * 4 + 2 * (pr % 2) + pwm % 2) * HqWd + (pr // 2) * Wd + cd + pwm // 2
+
+
 def _row_rows(offs_b, vals_b, code, starts, ends, scales, bias, blk, arena, arena2, src, dst, row0, O, rpg,  # type: ignore
-              gstride, dplane, Wq, OH, OW, lo, has_res, roff):
+              gstride, dplane, Wq, OH, OW, lo, has_res, roff, ph, P, HqWd, Wd, bh, pwm, cd):
     """Rows ``[row0, row0 + O)`` of a direct conv whose rows are 16, 32 or 64 valid columns (2, 4,
     8 vectors) at pitch ``Wq``: per output channel its ``OH`` rows as 64-position tiles of
     ``64 / OW`` whole rows (``_tile64g{2,4}``: the vectors of a row back to back, rows ``Wq``
     apart; one row = the plain 64-wide tile), the last rows as 32 / 16-wide tiles.  Only valid
     columns are computed and written -- no junk, nothing to clear, no narrow tail tiles -- where
     ``_plane_rows`` runs the flat span ``OH * Wq`` (the two junk columns of every row too) and
-    clears the junk after.  4x1-blocked rows (``blk``) go through ``_plane_rows`` and clear theirs."""
+    clears the junk after.  4x1-blocked rows (``blk``) go through ``_plane_rows`` and clear theirs.
+
+    ``ph``: the output's only readers are stride-2 convs (and option-A shortcuts), so the rows go
+    straight into its 2x2 phase split (the SPLIT step's layout: phases at ``P``, ``HqWd`` floats
+    each, rows ``Wd`` apart, the plane's border ``bh`` rows, the readers' padding ``pwm``, the
+    first value at column ``cd``) -- whole-row tiles split in registers (``_tile64g{4,2}p``),
+    other rows stored at ``dst`` as usual and split from there (``_deint2``)."""
+    deo = ((1 + pwm) % 2 - pwm % 2) * HqWd + (1 + pwm) // 2 - pwm // 2  # odd columns' phase - even's
     rr = 0
     while rr < O:
         r = row0 + rr
         yb = dst + rr * dplane
         xb = src + (rr // rpg) * gstride
+        n_rows = 1
+        y_done = 0  # rows [y_done, OH) of these n_rows channels were stored at dst: split them below
         if blk[r] != 0:  # four rows sharing their columns: the 24-position tiles of the flat span
             _plane_rows(offs_b, vals_b, code, starts, ends, scales, bias, blk, arena, arena2, xb, yb, r, 4, 4,
                         0, dplane, OH * Wq, lo, has_res, roff)
             for k in range(4):
                 for oy in range(OH):
                     _zero_f32(arena, yb + k * dplane + oy * Wq + OW, Wq - OW)
-            rr += 4
-            continue
-        xo = xb - yb
-        s = starts[r]
-        e = ends[r]
-        sc = scales[r]
-        bb = bias[r]
-        oy = 0
-        if OW == 32:
-            while oy + 2 <= OH:
-                if has_res:
-                    _tile64g4r(offs_b, vals_b, code, s, e, arena2, xo, yb + oy * Wq, arena, sc, bb, lo, Wq, roff)
-                else:
-                    _tile64g4(offs_b, vals_b, code, s, e, arena2, xo, yb + oy * Wq, arena, sc, bb, lo, Wq)
-                oy += 2
-            if oy < OH:
-                if has_res:
-                    _tile32r(offs_b, vals_b, code, s, e, arena2, xo, yb + oy * Wq, arena, sc, bb, lo, roff)
-                else:
-                    _tile32(offs_b, vals_b, code, s, e, arena2, xo, yb + oy * Wq, arena, sc, bb, lo)
-        elif OW == 16:
-            while oy + 4 <= OH:
-                if has_res:
-                    _tile64g2r(offs_b, vals_b, code, s, e, arena2, xo, yb + oy * Wq, arena, sc, bb, lo, Wq, roff)
-                else:
-                    _tile64g2(offs_b, vals_b, code, s, e, arena2, xo, yb + oy * Wq, arena, sc, bb, lo, Wq)
-                oy += 4
-            if oy + 2 <= OH:
-                if has_res:
-                    _tile32g2r(offs_b, vals_b, code, s, e, arena2, xo, yb + oy * Wq, arena, sc, bb, lo, Wq, roff)
-                else:
-                    _tile32g2(offs_b, vals_b, code, s, e, arena2, xo, yb + oy * Wq, arena, sc, bb, lo, Wq)
-                oy += 2
-            if oy < OH:
-                if has_res:
-                    _tile16r(offs_b, vals_b, code, s, e, arena2, xo, yb + oy * Wq, arena, sc, bb, lo, roff)
-                else:
-                    _tile16(offs_b, vals_b, code, s, e, arena2, xo, yb + oy * Wq, arena, sc, bb, lo)
-        else:  # OW == 64: a row is one plain 64-wide tile
-            while oy < OH:
-                if has_res:
-                    _tile64r(offs_b, vals_b, code, s, e, arena2, xo, yb + oy * Wq, arena, sc, bb, lo, roff)
-                else:
-                    _tile64np(offs_b, vals_b, code, s, e, arena2, xo, yb + oy * Wq, arena, sc, bb, lo)
-                oy += 1
-        rr += 1
+            n_rows = 4
+        else:
+            xo = xb - yb
+            s = starts[r]
+            e = ends[r]
+            sc = scales[r]
+            bb = bias[r]
+            oy = 0
+            if OW == 32:
+                while oy + 2 <= OH:
+                    if ph:
+                        e0 = _phase_row(P, HqWd, Wd, bh, pwm, cd, rr, oy)
+                        e1 = _phase_row(P, HqWd, Wd, bh, pwm, cd, rr, oy + 1)
+                        if has_res:
+                            _tile64g4pr(offs_b, vals_b, code, s, e, arena2, xo, yb + oy * Wq, arena, sc, bb, lo, Wq,
+                                        roff, e0, e1 - e0, Wd, deo)
+                        else:
+                            _tile64g4p(offs_b, vals_b, code, s, e, arena2, xo, yb + oy * Wq, arena, sc, bb, lo, Wq,
+                                       e0, e1 - e0, Wd, deo)
+                    elif has_res:
+                        _tile64g4r(offs_b, vals_b, code, s, e, arena2, xo, yb + oy * Wq, arena, sc, bb, lo, Wq, roff)
+                    else:
+                        _tile64g4(offs_b, vals_b, code, s, e, arena2, xo, yb + oy * Wq, arena, sc, bb, lo, Wq)
+                    oy += 2
+                y_done = oy if ph else OH
+                if oy < OH:
+                    if has_res:
+                        _tile32r(offs_b, vals_b, code, s, e, arena2, xo, yb + oy * Wq, arena, sc, bb, lo, roff)
+                    else:
+                        _tile32(offs_b, vals_b, code, s, e, arena2, xo, yb + oy * Wq, arena, sc, bb, lo)
+            elif OW == 16:
+                while oy + 4 <= OH:
+                    if ph:
+                        e0 = _phase_row(P, HqWd, Wd, bh, pwm, cd, rr, oy)
+                        e1 = _phase_row(P, HqWd, Wd, bh, pwm, cd, rr, oy + 1)
+                        if has_res:
+                            _tile64g2pr(offs_b, vals_b, code, s, e, arena2, xo, yb + oy * Wq, arena, sc, bb, lo, Wq,
+                                        roff, e0, e1 - e0, Wd, deo)
+                        else:
+                            _tile64g2p(offs_b, vals_b, code, s, e, arena2, xo, yb + oy * Wq, arena, sc, bb, lo, Wq,
+                                       e0, e1 - e0, Wd, deo)
+                    elif has_res:
+                        _tile64g2r(offs_b, vals_b, code, s, e, arena2, xo, yb + oy * Wq, arena, sc, bb, lo, Wq, roff)
+                    else:
+                        _tile64g2(offs_b, vals_b, code, s, e, arena2, xo, yb + oy * Wq, arena, sc, bb, lo, Wq)
+                    oy += 4
+                y_done = oy if ph else OH
+                if oy + 2 <= OH:
+                    if has_res:
+                        _tile32g2r(offs_b, vals_b, code, s, e, arena2, xo, yb + oy * Wq, arena, sc, bb, lo, Wq, roff)
+                    else:
+                        _tile32g2(offs_b, vals_b, code, s, e, arena2, xo, yb + oy * Wq, arena, sc, bb, lo, Wq)
+                    oy += 2
+                if oy < OH:
+                    if has_res:
+                        _tile16r(offs_b, vals_b, code, s, e, arena2, xo, yb + oy * Wq, arena, sc, bb, lo, roff)
+                    else:
+                        _tile16(offs_b, vals_b, code, s, e, arena2, xo, yb + oy * Wq, arena, sc, bb, lo)
+            else:  # OW == 64: a row is one plain 64-wide tile
+                while oy < OH:
+                    if has_res:
+                        _tile64r(offs_b, vals_b, code, s, e, arena2, xo, yb + oy * Wq, arena, sc, bb, lo, roff)
+                    else:
+                        _tile64np(offs_b, vals_b, code, s, e, arena2, xo, yb + oy * Wq, arena, sc, bb, lo)
+                    oy += 1
+        if ph:  # rows stored at dst: their even / odd columns into the phases
+            for k in range(n_rows):
+                c = rr + k
+                for y in range(y_done, OH):
+                    e0 = _phase_row(P, HqWd, Wd, bh, pwm, cd, c, y)
+                    _deint2(arena, e0, e0 + deo, arena, yb + k * dplane + y * Wq, OW // 2)
+        rr += n_rows
 
 
 def _prog_image(xf, n, of, arena, arena2, base, steps, offs_b, vals_b, code, starts, ends, scales, bias, blk):  # type: ignore
@@ -1565,7 +1651,9 @@ def _prog_image(xf, n, of, arena, arena2, base, steps, offs_b, vals_b, code, sta
       after; ``res >= 0``: a residual plane of the same layout is added before the clamp.
       Field 19: 1 -- both planes are strip planes (``OW == 8``, pitch 16, :func:`_strip_rows`);
       2 -- rows of ``OW`` = 16 / 32 / 64 valid columns as whole-row tiles (:func:`_row_rows`);
-      neither computes a junk column, so there is nothing to clear.
+      neither computes a junk column, so there is nothing to clear.  Fields 20-26 (with 2):
+      ``phased P HqWd Wd bh pwm cd`` -- when ``phased``, the output goes straight into the 2x2
+      phase split its stride-2 readers use (the SPLIT layout at ``P``) instead of ``dst``.
     * ``CONV_WIDE src dst row0 O rpg gstride L Wq OH OW dplane res relu dpitch wide pool rpitch
       rplane``: any other conv: each channel's ``OH x Wq`` wide result goes to the ``wide``
       scratch, then its ``OW`` valid columns (+ residual, clamp; or the ``pool x pool`` max-pool)
@@ -1663,7 +1751,9 @@ def _prog_image(xf, n, of, arena, arena2, base, steps, offs_b, vals_b, code, sta
                             gstride, dplane, OH, lo, res >= 0, base + res - dst)
             elif kind == 2 and steps[si, 19] == 2:  # rows of 16 / 32 / 64: valid columns only
                 _row_rows(offs_b, vals_b, code, starts, ends, scales, bias, blk, arena, arena2, src, dst, row0, O,
-                          rpg, gstride, dplane, Wq, OH, OW, lo, res >= 0, base + res - dst)
+                          rpg, gstride, dplane, Wq, OH, OW, lo, res >= 0, base + res - dst, steps[si, 20],
+                          base + steps[si, 21], steps[si, 22], steps[si, 23], steps[si, 24], steps[si, 25],
+                          steps[si, 26])
             elif kind == 2:  # the residual (same layout) is added in the tiles' epilogue, then the clamp
                 _plane_rows(offs_b, vals_b, code, starts, ends, scales, bias, blk, arena, arena2, src, dst, row0, O, rpg,
                             gstride, dplane, L, lo, res >= 0, base + res - dst)
@@ -1769,7 +1859,8 @@ _KERNEL_FUNCS: tuple[Callable[..., Any], ...] = (
     _tile_span, _spmv_rows, _spmv_par, _gemv_par, _transpose_region, _transpose_par, _spmm_par, _linear_rows, _chain_par,
     _conv_rows,
     _split_image,
-    _phase_split_par, _conv_par, _batch_tiles, _convt_par, _copy_rows, _plane_rows, _strip_rows, _row_rows,
+    _phase_split_par, _conv_par, _batch_tiles, _convt_par, _copy_rows, _plane_rows, _strip_rows, _phase_row,
+    _row_rows,
     _prog_image,
     _prog_par)
 

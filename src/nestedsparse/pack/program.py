@@ -6,14 +6,15 @@ streams the batch in and out of L3, re-pads its input, pays a parallel fork/join
 call. A :class:`PlaneProgram` replaces a region of the traced graph -- packed Conv2d units (with
 their fused BatchNorm, residual add, ReLU, max-pool), identities, option-A ResNet shortcuts
 (subsample + zero channels) and a closing global average pool -- with one compiled call: each
-core takes a run of images and runs the *whole region* on
-one image before the next (``kernels._prog_par``). An image's activations (74 KiB for 16x32x32)
-stay in that core's L2 from the first layer to the last, kept as zero-bordered planes so a
-conv writes straight into the next conv's padded input (no copy, no re-padding; a stride-2 conv
-through phases split at its output's pitch); per output channel its positions run as 64-wide
-register tiles (whole rows where rows are 16, 32 or 64 wide). 8-wide planes are strip planes (pitch 16, one cache line per row): their convs
-compute the valid columns only and no tap load splits a line. Batch 1 runs the same program on
-the calling thread with no fork/join at all.
+core takes a run of images and runs the *whole region* on one image before the next
+(``kernels._prog_par``). An image's activations (74 KiB for 16x32x32) stay in that core's L2
+from the first layer to the last, kept as zero-bordered planes so a conv writes straight into
+the next conv's padded input (no copy, no re-padding; a stride-2 conv through phases split at
+its output's pitch, which a conv read only by stride-2 convs writes itself); per output channel
+its positions run as 64-wide register tiles (whole rows where rows are 16, 32 or 64 wide).
+8-wide planes are strip planes (pitch 16, one cache line per row): their convs compute the
+valid columns only and no tap load splits a line. Batch 1 runs the same program on the calling
+thread with no fork/join at all.
 
 The program is compiled per input shape (steps, tap offsets, activation slots reused by liveness)
 and its per-level arrays per level map; per thread it keeps one arena (zeroed once: borders stay
@@ -50,6 +51,8 @@ _STRIP_COL = 4  # a strip plane's first value column (its left border)
 PHASE_AT_OUTPUT_PITCH = True
 #: Direct convs whose rows are 16 / 32 / 64 wide run whole-row tiles (no junk columns; A/B switch).
 ROW_TILES = True
+#: Such a conv whose readers are all stride-2 convs writes their phase split itself (A/B switch).
+FUSE_SPLITS = True
 
 #: (kind, unit index or -1, source value, residual value or -1); value 0 is the region's input,
 #: op ``i`` produces value ``i + 1``
@@ -343,6 +346,64 @@ class PlaneProgram(nn.Module):
                     k = (alias[src], *geo.stride)
                     split_last[k] = i
                     split_pw[k] = max(split_pw.get(k, 0), geo.padding[1])
+
+        def split_of(i: int) -> tuple:
+            """A strided conv op's phase split: ``(key, Hp, Hq, Wq, Wd, cd, x0, Wv)``. Phases of the
+            source columns the split's readers use (their widest padding, not a wider border);
+            phase rows at the output's pitch when they fit in it: the conv then writes straight
+            into its output plane (direct), as a stride-1 conv; as strip rows (pitch 16, values
+            from column 4) when the output is a strip plane and every tap stays inside a row's
+            line (a strip conv)."""
+            _, ui, src, _ = self.ops[i]
+            s = alias[src]
+            geo = _parts(self.units[ui])[0].geo
+            pool = _parts(self.units[ui])[3]
+            (sh, sw), pw, kw, dw = geo.stride, geo.padding[1], geo.wshape[3], geo.dilation[1]
+            Hs, Ws, ps = shape[s][1], shape[s][2], layout(s)[3]
+            bh, bw = border[s]
+            OW = geo.out_hw(Hs, Ws)[1]
+            po = layout(i + 1)[3]
+            Hp = Hs + 2 * bh
+            pwm = split_pw[(s, sh, sw)]
+            x0, Wv = bw - pwm, Ws + 2 * pwm
+            Hq, Wq = -(-Hp // sh), -(-Wv // sw)
+            qx_max = ((kw - 1) * dw + pwm - pw) // sw
+            Wd, cd = Wq, 0
+            if (STRIP_PLANES and pool == 1 and OW == 8 and po == kernels.STRIP_PITCH
+                    and Wq + _STRIP_COL <= po and qx_max <= po - 8 - _STRIP_COL):
+                Wd, cd = po, _STRIP_COL
+            elif pool == 1 and Wq <= po and PHASE_AT_OUTPUT_PITCH:
+                Wd = po
+            return (s, sh, sw, Wd, cd, x0), Hp, Hq, Wq, Wd, cd, x0, Wv
+
+        # values whose producer may write their 2x2 phase split directly (no SPLIT step): every
+        # reader is a stride-2 conv taking that one split, or an option-A shortcut of stride 2
+        # (it then copies phase (0, 0) rows); the producer decides below (whole-row tiles only)
+        fusable: dict[int, tuple] = {}
+        if FUSE_SPLITS:
+            readers: dict[int, list[int]] = {}
+            for i, (kind, ui, src, res) in enumerate(self.ops):
+                if kind not in ("identity", "flatten"):
+                    for val in {alias[src], alias[res] if res >= 0 else alias[src]}:
+                        readers.setdefault(val, []).append(i)
+            for i, (kind, ui, src, res) in enumerate(self.ops):
+                v = i + 1
+                if kind != "conv" or v == out_val or v not in readers:
+                    continue
+                keys, last = set(), 0
+                for j in readers[v]:
+                    kj, uj, sj, rj = self.ops[j]
+                    if (kj == "conv" and alias[sj] == v and (rj < 0 or alias[rj] != v)
+                            and _parts(self.units[uj])[0].geo.stride == (2, 2)):
+                        keys.add(split_of(j))
+                    elif not (kj == "subpad" and self.shortcuts[uj].stride == 2):
+                        keys = set()
+                        break
+                    last = j
+                if len(keys) == 1:
+                    fusable[v] = (next(iter(keys)), last)
+        fused: dict[int, tuple] = {}  # value -> its split's (offset, Hq, Wd, cd, pwm), when fused
+
         for i, (kind, ui, src, res) in enumerate(self.ops):
             v, s = i + 1, alias[src]
             if kind in ("identity", "flatten"):
@@ -354,8 +415,15 @@ class PlaneProgram(nn.Module):
                 sc = self.shortcuts[ui]
                 Co, Ho, Wo, po, plo, ino = layout(v)
                 slot[v] = alloc(plane_key(v), Co * plo)
-                steps.append([PROG_SUBPAD, slot[s] + ins, slot[v] + ino, Cs, Ho, Wo, sc.stride, ps, pls, po, plo,
-                              sc.before, Co])
+                if s in fused:  # the source exists as its phases only: copy phase (bh % 2, pwm % 2)'s rows
+                    off, Hq, Wd, cd, pwm = fused[s]
+                    bh = border[s][0]
+                    at = off + (2 * (bh % 2) + pwm % 2) * Hq * Wd + (bh // 2) * Wd + cd + pwm // 2
+                    steps.append([PROG_SUBPAD, at, slot[v] + ino, Cs, Ho, Wo, 1, Wd, 4 * Hq * Wd, po, plo,
+                                  sc.before, Co])
+                else:
+                    steps.append([PROG_SUBPAD, slot[s] + ins, slot[v] + ino, Cs, Ho, Wo, sc.stride, ps, pls, po, plo,
+                                  sc.before, Co])
             else:
                 layer, _, relu, pool, _ = _parts(self.units[ui])
                 geo = layer.geo
@@ -369,22 +437,7 @@ class PlaneProgram(nn.Module):
                 if not strided:
                     view, Hq, Wq = slot[s], Hp, ps
                 else:
-                    # phases of the source columns the split's readers use (their widest padding,
-                    # not a wider border); phase rows at the output's pitch when they fit in it:
-                    # the conv then writes straight into its output plane (direct), as a stride-1
-                    # conv; as strip rows (pitch 16, values from column 4) when the output is a
-                    # strip plane and every tap stays inside a row's line (a strip conv)
-                    pwm = split_pw[(s, sh, sw)]
-                    x0, Wv = bw - pwm, Ws + 2 * pwm
-                    Hq, Wq = -(-Hp // sh), -(-Wv // sw)
-                    qx_max = ((kw - 1) * dw + pwm - pw) // sw
-                    Wd, cd = Wq, 0
-                    if (STRIP_PLANES and pool == 1 and OW == 8 and po == kernels.STRIP_PITCH
-                            and Wq + _STRIP_COL <= po and qx_max <= po - 8 - _STRIP_COL):
-                        Wd, cd = po, _STRIP_COL
-                    elif pool == 1 and Wq <= po and PHASE_AT_OUTPUT_PITCH:
-                        Wd = po
-                    k = (s, sh, sw, Wd, cd, x0)
+                    k, _, Hq, Wq, Wd, cd, x0, Wv = split_of(i)
                     if k not in splits:
                         key = ("split", Cs, Hq, Wq, Wd, sh, sw)
                         off = alloc(key, Cs * sh * sw * Hq * Wd)
@@ -416,6 +469,15 @@ class PlaneProgram(nn.Module):
                 row[19] = int(direct and OW == 8 and Wq == kernels.STRIP_PITCH)
                 if direct and ROW_TILES and OW in (16, 32, 64):
                     row[19] = 2  # whole-row tiles: the valid columns only (kernels._row_rows)
+                    if v in fusable:  # ... straight into the phase split its readers take
+                        (k, Hp_k, Hq_k, Wq_k, Wd_k, cd_k, x0_k, _), last = fusable[v]
+                        key = ("fused split", Co, Hq_k, Wq_k, Wd_k, cd_k, x0_k, Hp_k, po, *border[v])
+                        off = alloc(key, Co * 4 * Hq_k * Wd_k)
+                        splits[k] = (off, key)
+                        split_last[k[:3]] = max(split_last[k[:3]], last)
+                        pwm = border[v][1] - x0_k
+                        fused[v] = (off, Hq_k, Wd_k, cd_k, pwm)
+                        row[20:27] = [1, off, Hq_k * Wd_k, Wd_k, border[v][0], pwm, cd_k]
                 if r >= 0:
                     rC, rH, rW, rp, rpl, rin = layout(r)
                     row[12] = slot[r] + rin
