@@ -78,11 +78,14 @@ def main() -> None:
     for si in range(geo.steps.shape[0]):
         st = geo.steps[si]
         t = median_us(run(geo.steps[si:si + 1]), args.repeats) - empty
-        row = {"step": si, "kind": KINDS[int(st[0])], "us": round(t, 2), "nnz": None, "positions": None}
+        kind = KINDS[int(st[0])]
+        if st[0] == kernels.PROG_CONV_DIRECT and st[19]:  # valid columns only: strips / whole rows (+ phases)
+            kind += (" strips", " rows", " rows->phases")[int(st[19]) - 1 + int(st[20])]
+        row = {"step": si, "kind": kind, "us": round(t, 2), "nnz": None, "positions": None}
         if st[0] in (kernels.PROG_CONV_DIRECT, kernels.PROG_CONV_WIDE):
             r0, O, L = int(st[3]), int(st[4]), int(st[7])
             nnz = int((ends[r0:r0 + O] - starts[r0:r0 + O]).sum())
-            row.update(nnz=nnz, positions=L)
+            row.update(nnz=nnz, positions=int(st[9] * st[10]) if st[19] else L)  # per channel
         rows.append(row)
     meta = {"model": "resnet20 3x32x32", "level": args.level, "density": rt.spec.densities[args.level],
             "image_us": round(full, 1), "call_us": round(empty, 2), "repeats": args.repeats,
