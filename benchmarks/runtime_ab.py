@@ -21,7 +21,8 @@ input, interleaved round by round, so a loaded host slows both alike.
   (``program.PHASE_AT_OUTPUT_PITCH``) against a wide scratch row and a copy per output row.
 * ``row_tiles``: the same, with the 32- and 16-wide stages' direct convs as tiles of whole rows
   (``program.ROW_TILES``: valid columns only) against 64-wide tiles over each channel's flat span,
-  two junk columns per row computed and then cleared.
+  two junk columns per row computed and then cleared; both sides with SPLIT steps (no
+  ``fused_split``, which needs the row tiles).
 * ``fused_split``: the same, with the last conv of the 32- and 16-wide stages writing the 2x2
   phase split their stride-2 readers take (``program.FUSE_SPLITS``: rows split in registers)
   against storing their plane and splitting it in a SPLIT step.
@@ -193,19 +194,22 @@ def blocks_linear_rows(tmp: Path, rounds: int) -> list[dict]:
              "batch": 64, "a": "rows one by one", "b": "4-row tiles", **got}]
 
 
-def _program_ab(tmp: Path, rounds: int, switch: str, pair: str, a: str, b: str) -> list[dict]:
+def _program_ab(tmp: Path, rounds: int, switch: str, pair: str, a: str, b: str, off: tuple = ()) -> list[dict]:
     """ResNet-20 5%: its program compiled with the layout switch ``program.<switch>`` off (A) and
-    on (B), two geometries of one program; one image on one core and batch 64 on every core."""
+    on (B), two geometries of one program (the switches in ``off`` off on both sides); one image
+    on one core and batch 64 on every core."""
     rt = _packed("resnet20", {"in_channels": 3}, (0.05, 0.1, 1.0), tmp)
     (prog,) = [u for u in rt.units() if isinstance(u, PlaneProgram)]
     shape = (3, 32, 32)
     geos = {}
     for flag in (False, True):
-        setattr(program, switch, flag)
+        for name in (switch, *off):
+            setattr(program, name, flag if name == switch else False)
         try:
             geos[flag] = prog._compile(shape)
         finally:
-            setattr(program, switch, True)
+            for name in (switch, *off):
+                setattr(program, name, True)
     assert not np.array_equal(geos[False].steps, geos[True].steps)
     lv = prog._arrays(0)
     rows = []
@@ -239,7 +243,7 @@ def strided_rows(tmp: Path, rounds: int) -> list[dict]:
 
 def row_tiles_rows(tmp: Path, rounds: int) -> list[dict]:
     return _program_ab(tmp, rounds, "ROW_TILES", "row_tiles", "flat spans, junk columns cleared",
-                       "whole-row tiles (32 / 16 wide stages)")
+                       "whole-row tiles (32 / 16 wide stages)", off=("FUSE_SPLITS",))
 
 
 def fused_split_rows(tmp: Path, rounds: int) -> list[dict]:

@@ -335,8 +335,8 @@ def test_eight_wide_stage_runs_on_strip_planes(tmp_path, dtype, shortcut):
 def test_sixteen_thirty_two_and_sixty_four_wide_rows_run_whole_row_tiles(tmp_path, dtype, shortcut, block):
     """Direct convs whose rows are 16, 32 or 64 wide compute their valid columns only, as tiles of
     whole rows (4 x 16, 2 x 32, 1 x 64), the last rows of a channel as narrower tiles: heights 27
-    (odd at 32 wide), 13 / 25 (4 + 4 + 4 + 1 / 4 + 2 + 1 at 16 wide) and 9 (64 / 32 / 16 wide
-    stages: 9, 5 = 2 + 2 + 1, 3 = 2 + 1). Nothing writes a plane's border, so the next conv's
+    (odd at 32 wide), 13 / 25 (7 = 4 + 2 + 1 / 13 = 4 + 4 + 4 + 1 at 16 wide) and 9 (64 / 32 / 16
+    wide stages: 9, 5 = 2 + 2 + 1, 3 = 2 + 1). Nothing writes a plane's border, so the next conv's
     padding stays zero; 4x1-blocked rows run their own tiles and clear their junk columns. Every
     level equals the unit path and the nested model, also under a level map and at batch 1."""
     m, rt = _registry(tmp_path, "resnet20", {"shortcut": shortcut}, (3, 16, 16), dtype=dtype, block=block)
@@ -463,8 +463,13 @@ def test_stride_two_convs_write_straight_into_their_output(tmp_path, shortcut):
         _assert_levels(rt, m, torch.randn(2, 3, size, size), rtol=1e-3, atol=1e-4)
         steps = prog._geometry((3, size, size)).steps
         assert 3 not in steps[:, 0].tolist()  # no wide conv
-        splits = steps[steps[:, 0] == 1]  # SPLIT steps, or the phases written by their producer
-        assert len(splits) + int(steps[:, 20].sum()) == 2 and all(r[10] > r[9] for r in splits)  # pitch > width
+        # SPLIT steps, or the phases written by their producer; phase pitch > phase width
+        splits, fused = steps[steps[:, 0] == 1], steps[steps[:, 20] == 1]
+        assert len(splits) + len(fused) == 2 and all(r[10] > r[9] for r in splits)
+        # a fused split's readers run direct: their input pitch is its phase pitch (field 23)
+        for r in fused:
+            readers = steps[(steps[:, 0] == 2) & (steps[:, 1] == r[21] + r[26])]
+            assert len(readers) >= 1 and all(q[8] == r[23] for q in readers)
     assert _ran(prog)
 
 

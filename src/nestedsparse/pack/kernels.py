@@ -211,10 +211,11 @@ def _make_intrinsics(nb: Any) -> dict[str, Any]:
     cols_t = [(ir.IntType(8), False, 1), (ir.IntType(16), False, 2), (ir.IntType(32), True, 4)]
     vals_t = [(f32, 4), (ir.IntType(8), 1)]
 
-    def _dtype_cases(builder: Any, code_v: Any, name: str) -> tuple[Any, list]:
+    def _dtype_cases(builder: Any, code_v: Any, name: str, codes: Optional[tuple] = None) -> tuple[Any, list]:
         """A switch on the kernels' dtype code (``2*col_code + val_code``): returns the end block
         (an unknown code branches straight to it) and, per code, ``(block, (col type, signed,
-        size), (value type, size))``; each case's code starts at its block and ends at the end."""
+        size), (value type, size))``; each case's code starts at its block and ends at the end.
+        ``codes``: only these cases (the rest are unknown codes)."""
         fn = builder.function
         end_bb = fn.append_basic_block(f"{name}_end")
         default_bb = fn.append_basic_block(f"{name}_default")
@@ -224,6 +225,8 @@ def _make_intrinsics(nb: Any) -> dict[str, Any]:
         cases = []
         for ci, col in enumerate(cols_t):
             for vi, val in enumerate(vals_t):
+                if codes is not None and ci * 2 + vi not in codes:
+                    continue
                 bb = fn.append_basic_block(f"{name}_c{ci}v{vi}")
                 sw.add_case(ir.Constant(i64, ci * 2 + vi), bb)
                 cases.append((bb, col, val))
@@ -249,7 +252,7 @@ def _make_intrinsics(nb: Any) -> dict[str, Any]:
         return builder.shuffle_vector(t, u, ir.Constant(ir.VectorType(ir.IntType(32), lanes), [0] * lanes))
 
     def _make_tile(W: int, masked: bool = False, prefetch: bool = True, residual: bool = False,
-                   vstride: int = 0, vgroup: int = 0, phase: bool = False) -> Any:
+                   vstride: int = 0, vgroup: int = 0, phase: bool = False, codes: Optional[tuple] = None) -> Any:
         """``_tileW(cols_b, vals_b, code, s, e, xn, xoff, b0, yr, sc, bb, lo[, nv][, roff])``:
         ``yr[b0:b0+W] = max(sc * sum_{j in [s, e)} vals[j] * xn[xoff + cols[j], b0:b0+W] + bb, lo)``
         (the max propagates NaN from the sum).  ``masked`` (W = 8): only the first
@@ -266,6 +269,7 @@ def _make_intrinsics(nb: Any) -> dict[str, Any]:
         -- each row's even columns (``2m``) go to ``yr[E + m]``, its odd ones to ``yr[E + deo + m]``,
         ``E = e0 + (t // 2) * wd + (t % 2) * da`` for the tile's row ``t`` (arguments ``e0, da, wd,
         deo`` after ``pitch`` and ``roff``; ``_row_rows``), the layout ``_prog_image``'s SPLIT builds.
+        ``codes``: compile only these dtype codes (another code stores nothing).
 
         ``cols_b``/``vals_b`` are uint8 byte views, ``code = 2*col_code + val_code``
         (cols uint8/uint16/int32 = 0/1/2, values float32/int8 = 0/1), ``xn`` a 2-D
@@ -350,7 +354,7 @@ def _make_intrinsics(nb: Any) -> dict[str, Any]:
                     br.set_metadata("llvm.loop", md)
                 zero = ir.Constant(vt, None)
                 fn = builder.function
-                end_bb, cases = _dtype_cases(builder, code_v, "tile")
+                end_bb, cases = _dtype_cases(builder, code_v, "tile", codes)
                 for start_bb, (ct, csigned, csz), (vtyp, vsz) in cases:
 
                     def entry(j: Any) -> tuple[Any, Any]:
@@ -451,10 +455,10 @@ def _make_intrinsics(nb: Any) -> dict[str, Any]:
                             if t % 2:
                                 e_t = builder.add(e_t, da_v)
                             pe = builder.gep(ydata, [builder.mul(e_t, i64(4))])
-                            po = builder.gep(ydata, [builder.mul(builder.add(e_t, deo_v), i64(4))])
+                            podd = builder.gep(ydata, [builder.mul(builder.add(e_t, deo_v), i64(4))])
                             for m in range(vgroup // 2):
                                 v0, v1 = tots[t * vgroup + 2 * m], tots[t * vgroup + 2 * m + 1]
-                                for ptr, sel in ((pe, even8), (po, odd8)):
+                                for ptr, sel in ((pe, even8), (podd, odd8)):
                                     q = builder.bitcast(builder.gep(ptr, [i64(32 * m)]), vt.as_pointer())
                                     builder.store(builder.shuffle_vector(v0, v1, sel), q, align=4)
                     for k, tot in enumerate(tots if not phase else ()):
@@ -503,7 +507,7 @@ def _make_intrinsics(nb: Any) -> dict[str, Any]:
                 return typer(cols_b, vals_b, code, s, e, xn, xoff, b0, yr, ())
         return tile
 
-    def _make_rows4(residual: bool) -> Any:
+    def _make_rows4(residual: bool, codes: Optional[tuple] = None) -> Any:
         """``_rows4[r](cols_b, vals_b, code, starts, r, n, xn, xoff, b0, yr, ystride, scales, bias, lo,
         ntiles[, roff])``: four output rows ``r..r+3`` that share their columns (a 4x1 block-sparse
         conv or Linear: rows ``r+k`` have ``n`` entries from ``starts[r+k]``, with row ``r``'s
@@ -553,7 +557,7 @@ def _make_intrinsics(nb: Any) -> dict[str, Any]:
 
                 zero = ir.Constant(f8, None)
                 fn = builder.function
-                end_bb, cases = _dtype_cases(builder, code_v, "r4")
+                end_bb, cases = _dtype_cases(builder, code_v, "r4", codes)
                 for case_bb, (ct, csigned, csz), (vtyp, vsz) in cases:
                     builder.position_at_end(case_bb)
                     los = splat(lo_v)  # the epilogue's constants, loaded once per call
@@ -678,26 +682,39 @@ def _make_intrinsics(nb: Any) -> dict[str, Any]:
 
         return sig, codegen
 
-    out = {f"_tile{w}": _make_tile(w) for w in (64, 32, 16, 8, 1)}
-    out["_tile8m"] = _make_tile(8, masked=True)
-    out["_tile64np"] = _make_tile(64, prefetch=False)
-    # residual twins for the plane convs (no prefetch at 64, as _tile64np)
-    out.update({f"_tile{w}r": _make_tile(w, prefetch=False, residual=True) for w in (64, 32, 16, 8, 1)})
-    out["_tile8mr"] = _make_tile(8, masked=True, residual=True)
-    # strip-plane twins: 8 / 4 / 2 vectors one 64-byte line apart (an 8-wide plane at pitch 16)
-    out.update({f"_tile{w}s": _make_tile(w, prefetch=False, vstride=STRIP_PITCH) for w in (64, 32, 16)})
-    out.update({f"_tile{w}sr": _make_tile(w, prefetch=False, residual=True, vstride=STRIP_PITCH)
-                for w in (64, 32, 16)})
-    # row-group twins: plane rows of 2 / 4 vectors (16 / 32 valid columns), a run-time pitch apart
-    for w, g in ((64, 4), (64, 2), (32, 2)):
-        out[f"_tile{w}g{g}"] = _make_tile(w, prefetch=False, vgroup=g)
-        out[f"_tile{w}g{g}r"] = _make_tile(w, prefetch=False, residual=True, vgroup=g)
-    # ... whose rows go straight into a stride-2 phase split (a producer fused with its SPLIT)
-    for w, g in ((64, 4), (64, 2)):
-        out[f"_tile{w}g{g}p"] = _make_tile(w, prefetch=False, vgroup=g, phase=True)
-        out[f"_tile{w}g{g}pr"] = _make_tile(w, prefetch=False, residual=True, vgroup=g, phase=True)
-    out["_rows4"] = _make_rows4(False)
-    out["_rows4r"] = _make_rows4(True)
+    def tiles(prefix: str, codes: Optional[tuple], program: bool) -> dict[str, Any]:
+        """The tile family, every width and flavour, compiled for dtype ``codes`` (None: all six)."""
+        t = {f"{prefix}{w}": _make_tile(w, codes=codes) for w in (64, 32, 16, 8, 1)}
+        t[f"{prefix}8m"] = _make_tile(8, masked=True, codes=codes)
+        t[f"{prefix}64np"] = _make_tile(64, prefetch=False, codes=codes)
+        # residual twins for the plane convs (no prefetch at 64, as _tile64np)
+        t.update({f"{prefix}{w}r": _make_tile(w, prefetch=False, residual=True, codes=codes)
+                  for w in (64, 32, 16, 8, 1)})
+        t[f"{prefix}8mr"] = _make_tile(8, masked=True, residual=True, codes=codes)
+        t["_prows4" if program else "_rows4"] = _make_rows4(False, codes)
+        t["_prows4r" if program else "_rows4r"] = _make_rows4(True, codes)
+        if not program:
+            return t
+        # strip-plane twins: 8 / 4 / 2 vectors one 64-byte line apart (an 8-wide plane at pitch 16)
+        t.update({f"{prefix}{w}s": _make_tile(w, prefetch=False, vstride=STRIP_PITCH, codes=codes)
+                  for w in (64, 32, 16)})
+        t.update({f"{prefix}{w}sr": _make_tile(w, prefetch=False, residual=True, vstride=STRIP_PITCH, codes=codes)
+                  for w in (64, 32, 16)})
+        # row-group twins: plane rows of 2 / 4 vectors (16 / 32 valid columns), a run-time pitch apart
+        for w, g in ((64, 4), (64, 2), (32, 2)):
+            t[f"{prefix}{w}g{g}"] = _make_tile(w, prefetch=False, vgroup=g, codes=codes)
+            t[f"{prefix}{w}g{g}r"] = _make_tile(w, prefetch=False, residual=True, vgroup=g, codes=codes)
+        # ... whose rows go straight into a stride-2 phase split (a producer fused with its SPLIT)
+        for w, g in ((64, 4), (64, 2)):
+            t[f"{prefix}{w}g{g}p"] = _make_tile(w, prefetch=False, vgroup=g, phase=True, codes=codes)
+            t[f"{prefix}{w}g{g}pr"] = _make_tile(w, prefetch=False, residual=True, vgroup=g, phase=True,
+                                                 codes=codes)
+        return t
+
+    out = tiles("_tile", None, False)
+    # the programs' tiles (``_ptile*``, ``_prows4*``): their tap offsets are always int32
+    # (PROGRAM_CODES), so two dtype cases instead of six -- a third of the code to compile
+    out.update(tiles("_ptile", PROGRAM_CODES, True))
     out["_tr8x8"] = tr8x8
 
     def _flat_ptr(context: Any, builder: Any, aty: Any, arr: Any, off: Any, offty: Any) -> Any:
@@ -1427,6 +1444,9 @@ def _convt_par(bounds, starts, ends, offs_b, vals_b, code, scales, bias, lo, xt,
 # Per-image program steps (rows of an int64 table; see _prog_image and pack/program.py).
 PROG_COPY_IN, PROG_SPLIT, PROG_CONV_DIRECT, PROG_CONV_WIDE, PROG_GAP, PROG_COPY_OUT, PROG_SUBPAD = range(7)
 PROG_FIELDS = 27  # columns of the step table
+#: The dtype codes a program runs (int32 tap offsets; float32 or int8 values): its tiles compile
+#: only these (``_ptile*``; see ``_program_source``).
+PROGRAM_CODES = (4, 5)
 
 
 def _copy_rows(dst, d0, dpitch, dplane, src, s0, spitch, splane, C, H, W):  # type: ignore[no-untyped-def]
@@ -1437,7 +1457,7 @@ def _copy_rows(dst, d0, dpitch, dplane, src, s0, spitch, splane, C, H, W):  # ty
 
 
 def _plane_rows(offs_b, vals_b, code, starts, ends, scales, bias, blk, arena, arena2, src, dst, row0, O, rpg,  # type: ignore
-                gstride, dplane, L, tlo, has_res, roff):
+                gstride, dplane, L, lo, has_res, roff):
     """Rows ``[row0, row0 + O)`` of a direct plane conv, each over its ``L`` wide positions, stored
     at ``dst + rr*dplane``; ``has_res``: plus the residual plane ``roff`` floats further on, in
     the tiles' epilogue. Where ``blk[r]``, rows ``r..r+3`` share their columns (a 4x1 block) and
@@ -1452,28 +1472,28 @@ def _plane_rows(offs_b, vals_b, code, starts, ends, scales, bias, blk, arena, ar
             n = ends[r] - starts[r]
             q = (L // 24) * 24
             if has_res:
-                _rows4r(offs_b, vals_b, code, starts, r, n, arena2, xb - yb, yb, arena, dplane, scales, bias, tlo,
+                _rows4r(offs_b, vals_b, code, starts, r, n, arena2, xb - yb, yb, arena, dplane, scales, bias, lo,
                         L // 24, roff)
             else:
-                _rows4(offs_b, vals_b, code, starts, r, n, arena2, xb - yb, yb, arena, dplane, scales, bias, tlo,
+                _rows4(offs_b, vals_b, code, starts, r, n, arena2, xb - yb, yb, arena, dplane, scales, bias, lo,
                        L // 24)
             if q < L:
                 for k in range(4):
                     y0 = yb + k * dplane
                     if has_res:
                         _tile_span_npr(offs_b, vals_b, code, starts[r + k], ends[r + k], arena2, xb - y0, y0 + q,
-                                       L - q, arena, scales[r + k], bias[r + k], tlo, roff)
+                                       L - q, arena, scales[r + k], bias[r + k], lo, roff)
                     else:
                         _tile_span_np(offs_b, vals_b, code, starts[r + k], ends[r + k], arena2, xb - y0, y0 + q,
-                                      L - q, arena, scales[r + k], bias[r + k], tlo)
+                                      L - q, arena, scales[r + k], bias[r + k], lo)
             rr += 4
             continue
         if has_res:
             _tile_span_npr(offs_b, vals_b, code, starts[r], ends[r], arena2, xb - yb, yb, L, arena, scales[r],
-                           bias[r], tlo, roff)
+                           bias[r], lo, roff)
         else:
             _tile_span_np(offs_b, vals_b, code, starts[r], ends[r], arena2, xb - yb, yb, L, arena, scales[r],
-                          bias[r], tlo)
+                          bias[r], lo)
         rr += 1
 
 
@@ -1530,7 +1550,7 @@ def _phase_row(P, HqWd, Wd, bh, pwm, cd, c, y):  # type: ignore[no-untyped-def]
 
 
 def _row_rows(offs_b, vals_b, code, starts, ends, scales, bias, blk, arena, arena2, src, dst, row0, O, rpg,  # type: ignore
-              gstride, dplane, Wq, OH, OW, lo, has_res, roff, ph, P, HqWd, Wd, bh, pwm, cd):
+              gstride, dplane, Wq, OH, OW, lo, has_res, roff, phased, P, HqWd, Wd, bh, pwm, cd):
     """Rows ``[row0, row0 + O)`` of a direct conv whose rows are 16, 32 or 64 valid columns (2, 4,
     8 vectors) at pitch ``Wq``: per output channel its ``OH`` rows as 64-position tiles of
     ``64 / OW`` whole rows (``_tile64g{2,4}``: the vectors of a row back to back, rows ``Wq``
@@ -1539,12 +1559,12 @@ def _row_rows(offs_b, vals_b, code, starts, ends, scales, bias, blk, arena, aren
     ``_plane_rows`` runs the flat span ``OH * Wq`` (the two junk columns of every row too) and
     clears the junk after.  4x1-blocked rows (``blk``) go through ``_plane_rows`` and clear theirs.
 
-    ``ph``: the output's only readers are stride-2 convs (and option-A shortcuts), so the rows go
+    ``phased``: the output's only readers are stride-2 convs (and option-A shortcuts), so the rows go
     straight into its 2x2 phase split (the SPLIT step's layout: phases at ``P``, ``HqWd`` floats
     each, rows ``Wd`` apart, the plane's border ``bh`` rows, the readers' padding ``pwm``, the
     first value at column ``cd``) -- whole-row tiles split in registers (``_tile64g{4,2}p``),
     other rows stored at ``dst`` as usual and split from there (``_deint2``)."""
-    deo = ((1 + pwm) % 2 - pwm % 2) * HqWd + (1 + pwm) // 2 - pwm // 2  # odd columns' phase - even's
+    deo = HqWd if pwm % 2 == 0 else 1 - HqWd  # odd columns' place in the phases minus even columns'
     rr = 0
     while rr < O:
         r = row0 + rr
@@ -1568,7 +1588,7 @@ def _row_rows(offs_b, vals_b, code, starts, ends, scales, bias, blk, arena, aren
             oy = 0
             if OW == 32:
                 while oy + 2 <= OH:
-                    if ph:
+                    if phased:
                         e0 = _phase_row(P, HqWd, Wd, bh, pwm, cd, rr, oy)
                         e1 = _phase_row(P, HqWd, Wd, bh, pwm, cd, rr, oy + 1)
                         if has_res:
@@ -1582,7 +1602,7 @@ def _row_rows(offs_b, vals_b, code, starts, ends, scales, bias, blk, arena, aren
                     else:
                         _tile64g4(offs_b, vals_b, code, s, e, arena2, xo, yb + oy * Wq, arena, sc, bb, lo, Wq)
                     oy += 2
-                y_done = oy if ph else OH
+                y_done = oy if phased else OH
                 if oy < OH:
                     if has_res:
                         _tile32r(offs_b, vals_b, code, s, e, arena2, xo, yb + oy * Wq, arena, sc, bb, lo, roff)
@@ -1590,7 +1610,7 @@ def _row_rows(offs_b, vals_b, code, starts, ends, scales, bias, blk, arena, aren
                         _tile32(offs_b, vals_b, code, s, e, arena2, xo, yb + oy * Wq, arena, sc, bb, lo)
             elif OW == 16:
                 while oy + 4 <= OH:
-                    if ph:
+                    if phased:
                         e0 = _phase_row(P, HqWd, Wd, bh, pwm, cd, rr, oy)
                         e1 = _phase_row(P, HqWd, Wd, bh, pwm, cd, rr, oy + 1)
                         if has_res:
@@ -1604,7 +1624,7 @@ def _row_rows(offs_b, vals_b, code, starts, ends, scales, bias, blk, arena, aren
                     else:
                         _tile64g2(offs_b, vals_b, code, s, e, arena2, xo, yb + oy * Wq, arena, sc, bb, lo, Wq)
                     oy += 4
-                y_done = oy if ph else OH
+                y_done = oy if phased else OH
                 if oy + 2 <= OH:
                     if has_res:
                         _tile32g2r(offs_b, vals_b, code, s, e, arena2, xo, yb + oy * Wq, arena, sc, bb, lo, Wq, roff)
@@ -1623,7 +1643,7 @@ def _row_rows(offs_b, vals_b, code, starts, ends, scales, bias, blk, arena, aren
                     else:
                         _tile64np(offs_b, vals_b, code, s, e, arena2, xo, yb + oy * Wq, arena, sc, bb, lo)
                     oy += 1
-        if ph:  # rows stored at dst: their even / odd columns into the phases
+        if phased:  # rows stored at dst: their even / odd columns into the phases
             for k in range(n_rows):
                 c = rr + k
                 for y in range(y_done, OH):
@@ -1652,8 +1672,9 @@ def _prog_image(xf, n, of, arena, arena2, base, steps, offs_b, vals_b, code, sta
       Field 19: 1 -- both planes are strip planes (``OW == 8``, pitch 16, :func:`_strip_rows`);
       2 -- rows of ``OW`` = 16 / 32 / 64 valid columns as whole-row tiles (:func:`_row_rows`);
       neither computes a junk column, so there is nothing to clear.  Fields 20-26 (with 2):
-      ``phased P HqWd Wd bh pwm cd`` -- when ``phased``, the output goes straight into the 2x2
-      phase split its stride-2 readers use (the SPLIT layout at ``P``) instead of ``dst``.
+      ``phased P HqWd Wd bh pwm cd`` -- when ``phased``, the output goes into the 2x2 phase split
+      its stride-2 readers use (the SPLIT layout at ``P``): whole-row tiles straight from
+      registers, other rows through ``dst`` (stored, then split).
     * ``CONV_WIDE src dst row0 O rpg gstride L Wq OH OW dplane res relu dpitch wide pool rpitch
       rplane``: any other conv: each channel's ``OH x Wq`` wide result goes to the ``wide``
       scratch, then its ``OW`` valid columns (+ residual, clamp; or the ``pool x pool`` max-pool)
@@ -1854,7 +1875,10 @@ def _prog_par(xf, of, arena, A, T, N, steps, offs_b, vals_b, code, starts, ends,
 # ``prange`` -> ``range`` (no fork/join for small problems; separate cache entry).
 #: Helpers inlined into their callers at numba's IR level: ``_tile_span`` is the tile dispatch of
 #: every kernel's inner loop, and as a call it measured 4-7% slower (spmm_t, direct conv).
-_INLINE = frozenset({"_tile_span", "_tile_span_np", "_tile_span_npr"})
+_INLINE = frozenset({"_tile_span", "_tile_span_np", "_tile_span_npr", "_ptile_span_np", "_ptile_span_npr"})
+#: The programs' functions: generated with the programs' tiles (``_tile*`` -> ``_ptile*``,
+#: ``_rows4*`` -> ``_prows4*``: PROGRAM_CODES only), see ``_module_source``.
+_PROGRAM_FUNCS = frozenset({"_plane_rows", "_strip_rows", "_row_rows", "_prog_image"})
 _KERNEL_FUNCS: tuple[Callable[..., Any], ...] = (
     _tile_span, _spmv_rows, _spmv_par, _gemv_par, _transpose_region, _transpose_par, _spmm_par, _linear_rows, _chain_par,
     _conv_rows,
@@ -1881,6 +1905,12 @@ def _span_twin(src: str, kind: str) -> str:
     return out
 
 
+def _program_source(src: str) -> str:
+    """A program function's source calling the programs' tiles: ``_tile*`` -> ``_ptile*`` and
+    ``_rows4*`` -> ``_prows4*``, built for PROGRAM_CODES only."""
+    return src.replace("_tile", "_ptile").replace("_rows4", "_prows4")
+
+
 def _module_source() -> str:
     parts = [
         "# Generated by nestedsparse.pack.kernels._module_source -- do not edit.",
@@ -1889,9 +1919,12 @@ def _module_source() -> str:
     ]
     for f in _KERNEL_FUNCS:
         src = inspect.getsource(f)
+        if f.__name__ in _PROGRAM_FUNCS:
+            src = _program_source(src)
         parts.append(src)
-        if f is _tile_span:  # its twins for the plane convolutions
-            parts += [_span_twin(src, "np"), _span_twin(src, "npr")]
+        if f is _tile_span:  # its twins for the plane convolutions, and the programs' ones
+            twins = [_span_twin(src, "np"), _span_twin(src, "npr")]
+            parts += twins + [_program_source(t) for t in twins]
         if f.__name__.endswith("_par"):
             ser = src.replace(f"def {f.__name__}(", f"def {f.__name__[:-4]}_ser(", 1).replace("prange(", "range(")
             parts.append(ser)
@@ -1966,7 +1999,7 @@ def _build_kernels() -> None:
     for f in _KERNEL_FUNCS:
         names.append(f.__name__)
         if f is _tile_span:
-            names += ["_tile_span_np", "_tile_span_npr"]
+            names += ["_tile_span_np", "_tile_span_npr", "_ptile_span_np", "_ptile_span_npr"]
         if f.__name__.endswith("_par"):
             names.append(f.__name__[:-4] + "_ser")
     for name in names:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -57,6 +58,21 @@ FUSE_SPLITS = True
 #: (kind, unit index or -1, source value, residual value or -1); value 0 is the region's input,
 #: op ``i`` produces value ``i + 1``
 Op = tuple[str, int, int, int]
+
+
+class _Split(NamedTuple):
+    """A stride-phase split of a value for its strided readers (``_compile``): ``key`` = (value,
+    sh, sw, Wd, cd, x0) names it; bordered source height ``Hp``; ``Hq x Wq`` phases with rows at
+    pitch ``Wd``, values from column ``cd``; source columns ``[x0, x0 + Wv)``."""
+
+    key: tuple
+    Hp: int
+    Hq: int
+    Wq: int
+    Wd: int
+    cd: int
+    x0: int
+    Wv: int
 
 
 def _call_unit(u: nn.Module, x: torch.Tensor, residual: torch.Tensor | None, force: str | None) -> torch.Tensor:
@@ -107,6 +123,7 @@ class PlaneProgram(nn.Module):
             vals = np.concatenate([np.ascontiguousarray(_parts(u)[0].csr.values).reshape(-1) for u in units])
             self._vals = np.ascontiguousarray(vals)
             self._code = 2 * 2 + (1 if vals.dtype == np.int8 else 0)  # int32 offsets
+            assert self._code in kernels.PROGRAM_CODES  # the only dtypes the programs' tiles compile
         self._entry0 = np.cumsum([0] + [_parts(u)[0].csr.col_indices.shape[0] for u in units]).tolist()
         self._row0 = np.cumsum([0] + [_parts(u)[0].csr.shape[0] for u in units]).tolist()
         self._geos: dict[tuple, _Geometry | None] = {}
@@ -347,8 +364,8 @@ class PlaneProgram(nn.Module):
                     split_last[k] = i
                     split_pw[k] = max(split_pw.get(k, 0), geo.padding[1])
 
-        def split_of(i: int) -> tuple:
-            """A strided conv op's phase split: ``(key, Hp, Hq, Wq, Wd, cd, x0, Wv)``. Phases of the
+        def split_of(i: int) -> _Split:
+            """A strided conv op's phase split (:class:`_Split`). Phases of the
             source columns the split's readers use (their widest padding, not a wider border);
             phase rows at the output's pitch when they fit in it: the conv then writes straight
             into its output plane (direct), as a stride-1 conv; as strip rows (pitch 16, values
@@ -374,7 +391,7 @@ class PlaneProgram(nn.Module):
                 Wd, cd = po, _STRIP_COL
             elif pool == 1 and Wq <= po and PHASE_AT_OUTPUT_PITCH:
                 Wd = po
-            return (s, sh, sw, Wd, cd, x0), Hp, Hq, Wq, Wd, cd, x0, Wv
+            return _Split((s, sh, sw, Wd, cd, x0), Hp, Hq, Wq, Wd, cd, x0, Wv)
 
         # values whose producer may write their 2x2 phase split directly (no SPLIT step): every
         # reader is a stride-2 conv taking that one split, or an option-A shortcut of stride 2
@@ -438,7 +455,7 @@ class PlaneProgram(nn.Module):
                     view, Hq, Wq = slot[s], Hp, ps
                 else:
                     k, _, Hq, Wq, Wd, cd, x0, Wv = split_of(i)
-                    if k not in splits:
+                    if k not in splits:  # (a fused producer made it already)
                         key = ("split", Cs, Hq, Wq, Wd, sh, sw)
                         off = alloc(key, Cs * sh * sw * Hq * Wd)
                         splits[k] = (off, key)
@@ -470,14 +487,15 @@ class PlaneProgram(nn.Module):
                 if direct and ROW_TILES and OW in (16, 32, 64):
                     row[19] = 2  # whole-row tiles: the valid columns only (kernels._row_rows)
                     if v in fusable:  # ... straight into the phase split its readers take
-                        (k, Hp_k, Hq_k, Wq_k, Wd_k, cd_k, x0_k, _), last = fusable[v]
-                        key = ("fused split", Co, Hq_k, Wq_k, Wd_k, cd_k, x0_k, Hp_k, po, *border[v])
-                        off = alloc(key, Co * 4 * Hq_k * Wd_k)
-                        splits[k] = (off, key)
-                        split_last[k[:3]] = max(split_last[k[:3]], last)
-                        pwm = border[v][1] - x0_k
-                        fused[v] = (off, Hq_k, Wd_k, cd_k, pwm)
-                        row[20:27] = [1, off, Hq_k * Wd_k, Wd_k, border[v][0], pwm, cd_k]
+                        sp, last = fusable[v]
+                        # keyed by its exact layout: phase positions no producer writes stay zero
+                        key = ("fused split", Co, sp.Hq, sp.Wq, sp.Wd, sp.cd, sp.x0, sp.Hp, po, *border[v])
+                        off = alloc(key, Co * 4 * sp.Hq * sp.Wd)
+                        splits[sp.key] = (off, key)
+                        split_last[sp.key[:3]] = max(split_last[sp.key[:3]], last)  # shortcuts included
+                        pwm = border[v][1] - sp.x0
+                        fused[v] = (off, sp.Hq, sp.Wd, sp.cd, pwm)
+                        row[20:27] = [1, off, sp.Hq * sp.Wd, sp.Wd, border[v][0], pwm, sp.cd]
                 if r >= 0:
                     rC, rH, rW, rp, rpl, rin = layout(r)
                     row[12] = slot[r] + rin
@@ -491,6 +509,9 @@ class PlaneProgram(nn.Module):
             for val in {s, alias[res] if res >= 0 else s}:
                 if uses.get(val) == i and val != out_val:
                     free.setdefault(plane_key(val), []).append(slot[val])
+            if v in fused:  # its plane held only the producer's own leftover rows: free it now
+                free.setdefault(plane_key(v), []).append(slot[v])
+                uses[v] = -1  # (its readers take the phases, and must not free the plane again)
             for k in [k for k in splits if split_last[k[:3]] == i]:
                 off, key = splits.pop(k)
                 free.setdefault(key, []).append(off)
