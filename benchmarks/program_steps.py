@@ -60,7 +60,7 @@ def main() -> None:
     shape = (3, 32, 32)
     x = torch.randn(1, *shape)
     rt(x, level=args.level)
-    geo = prog._geometry(shape)
+    geo = prog._geometry(shape, prog._tail)  # with the classifier, as rt(x) runs it
     lv = prog._arrays(args.level)
     arena = prog._arena(geo, 1, shape)
     out = np.empty(geo.out_size, np.float32)

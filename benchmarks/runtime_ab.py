@@ -155,7 +155,7 @@ def blocks_conv_rows(tmp: Path, rounds: int) -> list[dict]:
     x = torch.randn(1, *shape)
     _sparse(rt, 0, 1)
     rt(x, level=0)
-    geo = prog._geometry(shape)
+    geo = prog._geometry(shape, prog._tail)  # with the classifier, as rt(x) runs it
     lv = prog._arrays(0)
     arena = prog._arena(geo, 1, shape)
     xa = x.numpy().reshape(-1)
@@ -206,7 +206,7 @@ def _program_ab(tmp: Path, rounds: int, switch: str, pair: str, a: str, b: str, 
         for name in (switch, *off):
             setattr(program, name, flag if name == switch else False)
         try:
-            geos[flag] = prog._compile(shape)
+            geos[flag] = prog._compile(shape, True)  # with the classifier, as rt(x) runs it
         finally:
             for name in (switch, *off):
                 setattr(program, name, True)

@@ -7,9 +7,11 @@ from torch import nn
 
 import nestedsparse as ns
 from nestedsparse import models
+from nestedsparse.pack import kernels as K
 from nestedsparse.pack import load_packed, pack
 from nestedsparse.pack.program import PlaneProgram
 from nestedsparse.pack.runtime import FeatureMajorChain, PackedRuntime
+from nestedsparse.pack.runtime import _unit_parts as _parts
 
 SPEC = ns.LevelSpec((0.1, 0.4, 1.0))
 
@@ -79,7 +81,7 @@ def test_program_equals_nested_model_every_level(tmp_path, name, kwargs, shape, 
     progs = _programs(rt)
     assert progs, "no conv region became a program"
     if convs is not None:
-        assert sum(op[0] == "conv" for p in progs for op in p.ops) == convs
+        assert sum(op[0] == "conv" for p in progs for op in p.ops) - sum(p._tail for p in progs) == convs
     _all_sparse(rt, batch)
     x = torch.randn(batch, *shape)
     _assert_levels(rt, m, x, rtol=1e-3, atol=1e-4)
@@ -87,15 +89,45 @@ def test_program_equals_nested_model_every_level(tmp_path, name, kwargs, shape, 
 
 
 @pytest.mark.parametrize("shortcut", ["A", "B"])
-def test_resnet_region_ends_with_the_global_pool(tmp_path, shortcut):
-    """ResNet: one program from the stem to the pooled, flattened features (option A's pad
-    shortcuts inside it); only the classifier stays outside."""
+def test_resnet_region_ends_with_the_classifier(tmp_path, shortcut):
+    """ResNet: one program from the stem to the classifier on the pooled, flattened features
+    (option A's pad shortcuts inside it): the whole network is one call."""
     _, rt = _registry(tmp_path, "resnet20", {"shortcut": shortcut}, (3, 16, 16))
     (prog,) = _programs(rt)
     assert len(prog.shortcuts) == (2 if shortcut == "A" else 0)
-    assert [op[0] for op in prog.ops[-2:]] == ["gap", "flatten"]
+    assert [op[0] for op in prog.ops[-3:]] == ["gap", "flatten", "conv"] and prog._tail
     calls = [n.target for n in rt.graph.graph.nodes if n.op == "call_module"]
-    assert len(calls) == 2 and calls[1] == "classifier"
+    assert len(calls) == 1
+
+
+def test_classifier_runs_in_the_program_when_sparse_at_batch_one(tmp_path, monkeypatch):
+    """The Linear tail runs per image inside the program (a 1x1 conv on the pooled [C, 1, 1]
+    plane: GAP into the arena, then COPY_OUT) when the batch-1 density rule calls its level
+    sparse, else after the program on its own path (dense here); both equal the nested model
+    and the unit path at every level and under a level map, batch 1 and 3, float32 and int8."""
+    for dtype in ("float32", "int8"):
+        m, rt = _registry(tmp_path, "resnet20", {"shortcut": "B"}, (3, 16, 16), dtype=dtype)
+        (prog,) = _programs(rt)
+        units = PackedRuntime(rt.model, rt.spec, programs=False)
+        tail = _parts(prog.units[-1])[0]
+        for batch in (1, 3):
+            _all_sparse(rt, batch)
+            x = torch.randn(batch, 3, 16, 16)
+            for way in ("sparse", "dense"):
+                monkeypatch.setattr(K, "choose", lambda csr, level, batch, way=way, choose=K.choose: (
+                    way if csr is tail.csr and batch == 1 else choose(csr, level, batch)))
+                for k in range(SPEC.num_levels):
+                    torch.testing.assert_close(rt(x, level=k), units(x, level=k), rtol=1e-4, atol=1e-5)
+                if dtype == "float32":
+                    _assert_levels(rt, m, x, rtol=1e-3, atol=1e-4)
+                    _assert_levels(rt, m, x, {"": 0, "classifier": 2}, rtol=1e-3, atol=1e-4)
+                states = [st for st in prog._states.values() if st is not None]
+                assert states and all(st[2] == (way == "sparse") for st in states[-3:])
+                prog._states.clear()
+        with_tail = prog._geometry((3, 16, 16), True).steps
+        gap = with_tail[with_tail[:, 0] == 4][0]
+        assert gap[7] >= 0 and with_tail[-1, 0] == 5 and with_tail[-2, 0] == 2  # GAP -> plane, 1x1 conv, out
+        assert prog._geometry((3, 16, 16)).steps[-1, 0] == 4  # without: GAP straight into the output
 
 
 def test_option_a_shortcut_on_odd_sizes(tmp_path):
@@ -489,7 +521,7 @@ def test_all_dense_region_runs_channels_last(tmp_path, model):
     hooks = [u.register_forward_pre_hook(
         lambda mod, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last) and args[0].shape[0] > 1
                                       and args[0].shape[2] * args[0].shape[3] > 1))
-        for u in prog.units]
+        for u in (prog.units[:-1] if prog._tail else prog.units)]  # the convs (not a Linear tail)
     try:
         for batch in (3, 1):
             for layer in rt.sparse_layers():

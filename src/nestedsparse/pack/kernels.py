@@ -1679,7 +1679,9 @@ def _prog_image(xf, n, of, arena, arena2, base, steps, offs_b, vals_b, code, sta
       rplane``: any other conv: each channel's ``OH x Wq`` wide result goes to the ``wide``
       scratch, then its ``OW`` valid columns (+ residual, clamp; or the ``pool x pool`` max-pool)
       into the output plane (pitch ``dpitch``).
-    * ``GAP src C H W pitch plane``: global average pool of a plane interior into ``of``.
+    * ``GAP src C H W pitch plane dst dplane``: global average pool of a plane interior into
+      ``of`` (``dst < 0``), or into the ``[C, 1, 1]`` plane at ``dst`` (planes ``dplane`` apart),
+      the input of a Linear tail: a 1x1 CONV_DIRECT over one position, then COPY_OUT.
     * ``COPY_OUT src C H W pitch plane``: a plane interior into ``of`` (NCHW).
     * ``SUBPAD src dst Ci Ho Wo s spitch splane dpitch dplane before Co``: the option-A ResNet
       shortcut, ``dst[c] = src[c - before, ::s, ::s]`` for ``before <= c < before + Ci``, else 0.
@@ -1825,15 +1827,20 @@ def _prog_image(xf, n, of, arena, arena2, base, steps, offs_b, vals_b, code, sta
             W = steps[si, 4]
             pitch = steps[si, 5]
             plane = steps[si, 6]
+            dst = steps[si, 7]
+            dplane = steps[si, 8]
             inv = np.float32(1.0) / np.float32(H * W)
             for c in range(C):
                 if W % 8 == 0:  # one vector accumulator over all rows, one horizontal sum
-                    of[n * C + c] = _vsum_rows(arena, src + c * plane, W, H, pitch) * inv
-                    continue
-                acc = np.float32(0.0)
-                for i in range(H):
-                    acc += _vsum(arena, src + c * plane + i * pitch, W)
-                of[n * C + c] = acc * inv
+                    acc = _vsum_rows(arena, src + c * plane, W, H, pitch)
+                else:
+                    acc = np.float32(0.0)
+                    for i in range(H):
+                        acc += _vsum(arena, src + c * plane + i * pitch, W)
+                if dst < 0:
+                    of[n * C + c] = acc * inv
+                else:  # into a [C, 1, 1] plane (the Linear tail's input)
+                    arena[base + dst + c * dplane] = acc * inv
         elif kind == 6:  # SUBPAD
             src = base + steps[si, 1]
             dst = base + steps[si, 2]

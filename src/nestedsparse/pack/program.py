@@ -5,9 +5,9 @@ starts the next layer: for a 32x32 ResNet at batch 64 every activation is 4 MiB,
 streams the batch in and out of L3, re-pads its input, pays a parallel fork/join and a Python
 call. A :class:`PlaneProgram` replaces a region of the traced graph -- packed Conv2d units (with
 their fused BatchNorm, residual add, ReLU, max-pool), identities, option-A ResNet shortcuts
-(subsample + zero channels) and a closing global average pool -- with one compiled call: each
-core takes a run of images and runs the *whole region* on one image before the next
-(``kernels._prog_par``). An image's activations (74 KiB for 16x32x32) stay in that core's L2
+(subsample + zero channels), a closing global average pool and the Linear classifier on it --
+with one compiled call: each core takes a run of images and runs the *whole region* on one
+image before the next (``kernels._prog_par``). An image's activations (74 KiB for 16x32x32) stay in that core's L2
 from the first layer to the last, kept as zero-bordered planes so a conv writes straight into
 the next conv's padded input (no copy, no re-padding; a stride-2 conv through phases split at
 its output's pitch, which a conv read only by stride-2 convs writes itself); per output channel
@@ -37,8 +37,8 @@ from . import kernels
 from ..models.resnet import PadShortcut
 from .kernels import (PROG_CONV_DIRECT, PROG_CONV_WIDE, PROG_COPY_IN, PROG_COPY_OUT, PROG_FIELDS, PROG_GAP,
                       PROG_SPLIT, PROG_SUBPAD)
-from .runtime import (_LEVEL, _MODE_EPOCH, FusedSparse, SparseConv, _faster, _is_flatten1, _level_for,
-                      _median_times, _position)
+from .runtime import (_LEVEL, _MODE_EPOCH, FusedSparse, SparseConv, SparseLinear, _faster, _is_flatten1,
+                      _level_for, _median_times, _position)
 from .runtime import _unit_parts as _parts
 
 __all__ = ["PlaneProgram", "plane_programs"]
@@ -116,6 +116,12 @@ class PlaneProgram(nn.Module):
         self.units = nn.ModuleList(units)
         self.shortcuts = nn.ModuleList(shortcuts)
         self.ops = list(ops)
+        #: the region ends with a Linear on the pooled features (the classifier): run per image in
+        #: the program as a 1x1 conv on a [C, 1, 1] plane when on the sparse path at batch 1
+        self._tail = isinstance(_parts(units[-1])[0], SparseLinear)
+        if self._tail and (ops[-1][0] != "conv" or ops[-2][0] != "flatten" or ops[-3][0] != "gap"):
+            raise ValueError("PlaneProgram: a Linear unit may only follow the closing global pool and flatten")
+        self._geos_ = [self._unit_geo(u) for u in units]
         self.name = _parts(units[0])[0].name
         dtypes = {_parts(u)[0].csr.values.dtype for u in units}
         self._vals = None
@@ -133,6 +139,18 @@ class PlaneProgram(nn.Module):
         self._unit_only: set[tuple] = set()  # (levels, batch, force) where tune() found unit by unit faster
         self._lock = threading.Lock()
 
+    @staticmethod
+    def _unit_geo(u: nn.Module) -> kernels.ConvGeometry:
+        layer = _parts(u)[0]
+        if isinstance(layer, SparseLinear):  # a 1x1 conv on a [in, 1, 1] plane
+            O, C = layer.csr.shape
+            return kernels.ConvGeometry((O, C, 1, 1), (1, 1), (0, 0), (1, 1), 1)
+        return layer.geo
+
+    def _geo(self, ui: int) -> kernels.ConvGeometry:
+        """Unit ``ui``'s conv geometry (the Linear tail's as a 1x1 conv)."""
+        return self._geos_[ui]
+
     # ------------------------------------------------------------------ unit path
     def _unit_path(self, x: torch.Tensor, force: str | None = None) -> torch.Tensor:
         """The region unit by unit. When every conv in it runs dense at this call, its
@@ -147,8 +165,9 @@ class PlaneProgram(nn.Module):
 
     def _all_on(self, way: str, N: int, force: str | None) -> bool:
         """Every conv of the region runs ``way`` ("sparse" / "dense") at this call's levels and batch."""
+        convs = self.units[:-1] if self._tail else self.units  # (the Linear tail decides for itself)
         return all((force or layer.choice(_level_for(layer.name, layer.top), N)) == way
-                   for layer in (_parts(u)[0] for u in self.units))
+                   for layer in (_parts(u)[0] for u in convs))
 
     def _run_ops(self, x: torch.Tensor, conv: Callable) -> torch.Tensor:
         """The region op by op in torch; each conv unit through ``conv(unit, input, residual)``."""
@@ -187,7 +206,7 @@ class PlaneProgram(nn.Module):
             st = self._states[key] = self._state(N, tuple(x.shape[1:]), force, levels)
         if st is None:
             return self._unit_path(x, force)
-        geo, (starts, ends, scales, bias, blk) = st
+        geo, (starts, ends, scales, bias, blk), tail = st
         T = max(1, min(kernels._threads(), N))
         arena = self._arena(geo, T, tuple(x.shape[1:]))
         xa = x.detach().contiguous().numpy().reshape(-1)
@@ -195,19 +214,33 @@ class PlaneProgram(nn.Module):
         kern = kernels._kernel("prog_par" if T > 1 else "prog_ser")
         kern(xa, out.numpy().reshape(-1), arena, geo.arena, T, N, geo.steps, geo.offs_b, self._vals.view(np.uint8),
              self._code, starts, ends, scales, bias, blk)
+        if self._tail and not tail:  # the Linear tail outside the program (its own path)
+            out = _call_unit(self.units[-1], out, None, force)
         return out
 
     def _state(self, N: int, in_shape: tuple, force: str | None, levels):
-        """``(geometry, level arrays)``, or None when the call goes unit by unit."""
+        """``(geometry, level arrays, tail in the program)``, or None when the call goes unit by unit."""
         if (levels, N, force) in self._unit_only or not self._all_on("sparse", N, force):
             return None
-        geo = self._geometry(in_shape)
+        tail = self._tail and (force == "sparse" or self._tail_choice() == "sparse")
+        geo = self._geometry(in_shape, tail)
         if geo is None:
             return None
-        return geo, self._arrays(levels)
+        return geo, self._arrays(levels), tail
+
+    def _tail_choice(self) -> str:
+        """Whether the Linear tail runs inside the program: per image it is a batch-1 SpMV, so
+        the batch-1 density rule at the call's level (``kernels.choose``). Not ``tune()``'s
+        pick: that times the layer on its own, whose call overhead (Python, transposes) a
+        program does not pay -- ResNet-20 at 5%, batch 1: the whole call 0.76x with the
+        classifier inside."""
+        layer = _parts(self.units[-1])[0]
+        return kernels.choose(layer.csr, _level_for(layer.name, layer.top), 1)
 
     def _arena(self, geo: _Geometry, T: int, in_shape: tuple) -> np.ndarray:
-        key = (threading.get_ident(), in_shape, T)
+        """This thread's arena for ``T`` tasks of geometry ``geo`` (one per geometry: each lays its
+        planes out differently, and relies on their borders having stayed zero)."""
+        key = (threading.get_ident(), in_shape, id(geo), T)
         got = self._arenas.get(key)
         if got is None:
             with self._lock:
@@ -233,7 +266,7 @@ class PlaneProgram(nn.Module):
             k, kb = (levels, levels) if isinstance(levels, int) else levels[i]
             kb = -1 if bn is None else kb
             plan = kernels.plan_for(layer.csr, k)
-            blk.append(kernels.row_blocks4(layer.csr, plan, layer.geo.groups))
+            blk.append(kernels.row_blocks4(layer.csr, plan, self._geo(i).groups))
             starts.append(plan.starts + self._entry0[i])
             ends.append(plan.ends + self._entry0[i])
             sc, bb = layer._epilogue(k, bn, kb)
@@ -249,20 +282,22 @@ class PlaneProgram(nn.Module):
         self._level_arrays[levels] = got
         return got
 
-    def _geometry(self, in_shape: tuple) -> _Geometry | None:
-        got = self._geos.get(in_shape, False)
+    def _geometry(self, in_shape: tuple, tail: bool = False) -> _Geometry | None:
+        got = self._geos.get((in_shape, tail), False)
         if got is False:
-            got = self._geos[in_shape] = self._compile(in_shape)
+            got = self._geos[(in_shape, tail)] = self._compile(in_shape, tail)
         return got
 
-    def _compile(self, in_shape: tuple) -> _Geometry | None:  # noqa: C901 - one linear pass per stage
-        """Shapes, borders, liveness-reused slots, steps and tap offsets for one input shape;
-        None if the input does not fit the region (the unit path then raises the usual error)."""
+    def _compile(self, in_shape: tuple, tail: bool = False) -> _Geometry | None:  # noqa: C901 - one pass per stage
+        """Shapes, borders, liveness-reused slots, steps and tap offsets for one input shape (with
+        the Linear tail as a 1x1 conv on the pooled ``[C, 1, 1]`` plane when ``tail``); None if the
+        input does not fit the region (the unit path then raises the usual error)."""
         if len(in_shape) != 3:
             return None
+        ops = self.ops if tail or not self._tail else self.ops[:-1]
         # -- shapes (values: 0 the input, i + 1 op i's output; identities alias their source)
         alias, shape = {0: 0}, {0: tuple(int(v) for v in in_shape)}
-        for i, (kind, ui, src, res) in enumerate(self.ops):
+        for i, (kind, ui, src, res) in enumerate(ops):
             v, s = i + 1, alias[src]
             if kind in ("identity", "flatten"):
                 alias[v] = s
@@ -276,8 +311,8 @@ class PlaneProgram(nn.Module):
                 sc = self.shortcuts[ui]
                 shape[v] = (C + sc.extra, -(-H // sc.stride), -(-W // sc.stride))
                 continue
-            layer, _, _, pool, _ = _parts(self.units[ui])
-            geo = layer.geo
+            pool = _parts(self.units[ui])[3]
+            geo = self._geo(ui)
             if C != geo.wshape[1] * geo.groups:
                 return None
             oh, ow = geo.out_hw(H, W)
@@ -286,13 +321,13 @@ class PlaneProgram(nn.Module):
             shape[v] = (geo.wshape[0], oh // pool, ow // pool)
             if res >= 0 and (shape[alias[res]] != shape[v] or pool != 1):
                 return None
-        last_op = max(i for i, op in enumerate(self.ops) if op[0] not in ("identity", "flatten"))
-        out_val = alias[len(self.ops)]
-        gap = self.ops[last_op][0] == "gap"
+        last_op = max(i for i, op in enumerate(ops) if op[0] not in ("identity", "flatten"))
+        out_val = alias[len(ops)]
+        gap = ops[last_op][0] == "gap"
         # -- borders: the largest padding any conv reading the value needs
         border = {v: (0, 0) for v in shape}
         uses: dict[int, int] = {}  # value -> index of its last reading op
-        for i, (kind, ui, src, res) in enumerate(self.ops):
+        for i, (kind, ui, src, res) in enumerate(ops):
             if kind in ("identity", "flatten"):
                 continue
             s = alias[src]
@@ -300,18 +335,19 @@ class PlaneProgram(nn.Module):
             if res >= 0:
                 uses[alias[res]] = i
             if kind == "conv":
-                layer, _, _, pool, _ = _parts(self.units[ui])
-                ph, pw = layer.geo.padding
+                pool = _parts(self.units[ui])[3]
+                geo = self._geo(ui)
+                ph, pw = geo.padding
                 bw = pw
-                if (STRIP_PLANES and layer.geo.stride == (1, 1) and pool == 1 and shape[s][2] == shape[i + 1][2] == 8
+                if (STRIP_PLANES and geo.stride == (1, 1) and pool == 1 and shape[s][2] == shape[i + 1][2] == 8
                         and pw <= _STRIP_COL):  # every tap inside the row's line
                     bw = _STRIP_COL  # strip planes (pitch 16): see the strip flag below
                     border[i + 1] = (border[i + 1][0], max(border[i + 1][1], _STRIP_COL))
                 border[s] = (max(border[s][0], ph), max(border[s][1], bw))
-        uses[out_val] = len(self.ops)  # the output is read at the end
-        for _ in range(len(self.ops)):  # a residual and its sum share a border: the add then runs in place, in one pass
+        uses[out_val] = len(ops)  # the output is read at the end
+        for _ in range(len(ops)):  # a residual and its sum share a border: the add then runs in place, in one pass
             changed = False
-            for i, (kind, ui, src, res) in enumerate(self.ops):
+            for i, (kind, ui, src, res) in enumerate(ops):
                 if kind == "conv" and res >= 0:
                     r, v = alias[res], i + 1
                     b = (max(border[r][0], border[v][0]), max(border[r][1], border[v][1]))
@@ -356,9 +392,9 @@ class PlaneProgram(nn.Module):
         splits: dict[tuple, tuple] = {}
         split_last: dict[tuple, int] = {}
         split_pw: dict[tuple, int] = {}  # the widest padding among a split's readers
-        for i, (kind, ui, src, res) in enumerate(self.ops):
+        for i, (kind, ui, src, res) in enumerate(ops):
             if kind == "conv":
-                geo = _parts(self.units[ui])[0].geo
+                geo = self._geo(ui)
                 if geo.stride != (1, 1):
                     k = (alias[src], *geo.stride)
                     split_last[k] = i
@@ -371,9 +407,9 @@ class PlaneProgram(nn.Module):
             into its output plane (direct), as a stride-1 conv; as strip rows (pitch 16, values
             from column 4) when the output is a strip plane and every tap stays inside a row's
             line (a strip conv)."""
-            _, ui, src, _ = self.ops[i]
+            _, ui, src, _ = ops[i]
             s = alias[src]
-            geo = _parts(self.units[ui])[0].geo
+            geo = self._geo(ui)
             pool = _parts(self.units[ui])[3]
             (sh, sw), pw, kw, dw = geo.stride, geo.padding[1], geo.wshape[3], geo.dilation[1]
             Hs, Ws, ps = shape[s][1], shape[s][2], layout(s)[3]
@@ -399,19 +435,19 @@ class PlaneProgram(nn.Module):
         fusable: dict[int, tuple] = {}
         if FUSE_SPLITS:
             readers: dict[int, list[int]] = {}
-            for i, (kind, ui, src, res) in enumerate(self.ops):
+            for i, (kind, ui, src, res) in enumerate(ops):
                 if kind not in ("identity", "flatten"):
                     for val in {alias[src], alias[res] if res >= 0 else alias[src]}:
                         readers.setdefault(val, []).append(i)
-            for i, (kind, ui, src, res) in enumerate(self.ops):
+            for i, (kind, ui, src, res) in enumerate(ops):
                 v = i + 1
                 if kind != "conv" or v == out_val or v not in readers:
                     continue
                 keys, last = set(), 0
                 for j in readers[v]:
-                    kj, uj, sj, rj = self.ops[j]
+                    kj, uj, sj, rj = ops[j]
                     if (kj == "conv" and alias[sj] == v and (rj < 0 or alias[rj] != v)
-                            and _parts(self.units[uj])[0].geo.stride == (2, 2)):
+                            and self._geo(uj).stride == (2, 2)):
                         keys.add(split_of(j))
                     elif not (kj == "subpad" and self.shortcuts[uj].stride == 2):
                         keys = set()
@@ -421,13 +457,17 @@ class PlaneProgram(nn.Module):
                     fusable[v] = (next(iter(keys)), last)
         fused: dict[int, tuple] = {}  # value -> its split's (offset, Hq, Wd, cd, pwm), when fused
 
-        for i, (kind, ui, src, res) in enumerate(self.ops):
+        for i, (kind, ui, src, res) in enumerate(ops):
             v, s = i + 1, alias[src]
             if kind in ("identity", "flatten"):
                 continue
             Cs, Hs, Ws, ps, pls, ins = layout(s)
             if kind == "gap":
-                steps.append([PROG_GAP, slot[s] + ins, Cs, Hs, Ws, ps, pls])
+                if v == out_val:  # the region's output: pooled straight into the output
+                    steps.append([PROG_GAP, slot[s] + ins, Cs, Hs, Ws, ps, pls, -1])
+                else:  # the Linear tail's input: a [C, 1, 1] plane
+                    slot[v] = alloc(plane_key(v), Cs * layout(v)[4])
+                    steps.append([PROG_GAP, slot[s] + ins, Cs, Hs, Ws, ps, pls, slot[v], layout(v)[4]])
             elif kind == "subpad":
                 sc = self.shortcuts[ui]
                 Co, Ho, Wo, po, plo, ino = layout(v)
@@ -443,7 +483,7 @@ class PlaneProgram(nn.Module):
                                   sc.before, Co])
             else:
                 layer, _, relu, pool, _ = _parts(self.units[ui])
-                geo = layer.geo
+                geo = self._geo(ui)
                 O, Cg, kh, kw = geo.wshape
                 (sh, sw), (ph, pw), (dh, dw) = geo.stride, geo.padding, geo.dilation
                 bh, bw = border[s]
@@ -525,7 +565,7 @@ class PlaneProgram(nn.Module):
         table = np.zeros((len(steps), PROG_FIELDS), dtype=np.int64)
         for si, st in enumerate(steps):
             table[si, :len(st)] = st
-        if self.ops[-1][0] == "flatten":
+        if ops[-1][0] == "flatten" or (tail and self._tail):  # flattened (and the Linear's [O, 1, 1])
             out_dims = (Co,)
         else:
             out_dims = (Co, Ho, Wo)
@@ -570,8 +610,8 @@ class PlaneProgram(nn.Module):
         return out
 
     def extra_repr(self) -> str:
-        n = sum(op[0] == "conv" for op in self.ops)
-        return f"convs={n}, ops={len(self.ops)}"
+        n = sum(op[0] == "conv" for op in self.ops) - int(self._tail)
+        return f"convs={n}, ops={len(self.ops)}" + (", linear tail" if self._tail else "")
 
 
 # ====================================================================== graph pass
@@ -593,6 +633,16 @@ def _conv_unit(node: torch.fx.Node, modules: dict) -> nn.Module | None:
     return None
 
 
+def _linear_unit(node: torch.fx.Node, modules: dict) -> nn.Module | None:
+    """A packed Linear unit (with its fused BatchNorm / ReLU, no residual) called on one value."""
+    if node.op != "call_module" or node.kwargs or len(node.args) != 1:
+        return None
+    m = modules.get(node.target)
+    if isinstance(m, FusedSparse) and isinstance(m.layer, SparseLinear) and not m.residual and m.pool == 1:
+        return m
+    return m if isinstance(m, SparseLinear) else None
+
+
 def _is_gap(node: torch.fx.Node, modules: dict) -> bool:
     if node.op == "call_module" and type(modules.get(node.target)) is nn.AdaptiveAvgPool2d:
         return len(node.args) == 1 and not node.kwargs and modules[node.target].output_size in (1, (1, 1))
@@ -604,8 +654,9 @@ def _is_gap(node: torch.fx.Node, modules: dict) -> bool:
 
 def plane_programs(graph: torch.fx.Graph, modules: dict[str, nn.Module], min_convs: int = 2) -> bool:
     """Replace each maximal region of conv units (+ identities, residual adds already fused,
-    a closing global average pool and flatten) that reads one outside value and is read only
-    through its last node by a :class:`PlaneProgram`. Returns True if any was made."""
+    a closing global average pool and flatten, and a Linear unit on that: the classifier) that
+    reads one outside value and is read only through its last node by a :class:`PlaneProgram`.
+    Returns True if any was made."""
     made = False
     nodes = list(graph.nodes)
     i = 0
@@ -621,10 +672,14 @@ def plane_programs(graph: torch.fx.Graph, modules: dict[str, nn.Module], min_con
             deps = [a for a in n.args if isinstance(a, torch.fx.Node)]
             if not n.args or not all(d is x or d in inside for d in deps):
                 break
+            if len(region) >= 2 and _is_gap(region[-2], modules) and _is_flatten1(region[-1], modules):
+                if _linear_unit(n, modules) is not None and n.args[0] is region[-1]:
+                    region.append(n)  # the classifier on the pooled features
+                break
             after_gap = bool(region) and _is_gap(region[-1], modules)
             gap_flatten = after_gap and n.args[0] is region[-1] and _is_flatten1(n, modules)
             if after_gap and not gap_flatten:
-                break  # a global pool (and its flatten) closes the region
+                break  # a global pool (and its flatten, and a Linear on that) closes the region
             ok = gap_flatten or _is_gap(n, modules) or (len(deps) == len(n.args) and (
                 _conv_unit(n, modules) is not None or (
                     n.op == "call_module" and type(modules.get(n.target)) in _IDENTITIES + (PadShortcut,)
@@ -633,8 +688,6 @@ def plane_programs(graph: torch.fx.Graph, modules: dict[str, nn.Module], min_con
                 break
             region.append(n)
             inside.add(n)
-            if gap_flatten:
-                break
         # trim until only the last node is read from outside the region
         while region:
             members = set(region)
@@ -651,7 +704,7 @@ def plane_programs(graph: torch.fx.Graph, modules: dict[str, nn.Module], min_con
         units: list[nn.Module] = []
         shortcuts: list[nn.Module] = []
         for n in region:
-            unit = _conv_unit(n, modules)
+            unit = _conv_unit(n, modules) or _linear_unit(n, modules)
             src = ids[n.args[0]]
             if unit is not None:
                 res = ids[n.args[1]] if len(n.args) == 2 else -1
