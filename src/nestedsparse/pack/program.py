@@ -121,7 +121,7 @@ class PlaneProgram(nn.Module):
         self._tail = isinstance(_parts(units[-1])[0], SparseLinear)
         if self._tail and (ops[-1][0] != "conv" or ops[-2][0] != "flatten" or ops[-3][0] != "gap"):
             raise ValueError("PlaneProgram: a Linear unit may only follow the closing global pool and flatten")
-        self._geos_ = [self._unit_geo(u) for u in units]
+        self._unit_geos = [self._unit_geo(u) for u in units]
         self.name = _parts(units[0])[0].name
         dtypes = {_parts(u)[0].csr.values.dtype for u in units}
         self._vals = None
@@ -149,7 +149,7 @@ class PlaneProgram(nn.Module):
 
     def _geo(self, ui: int) -> kernels.ConvGeometry:
         """Unit ``ui``'s conv geometry (the Linear tail's as a 1x1 conv)."""
-        return self._geos_[ui]
+        return self._unit_geos[ui]
 
     # ------------------------------------------------------------------ unit path
     def _unit_path(self, x: torch.Tensor, force: str | None = None) -> torch.Tensor:
