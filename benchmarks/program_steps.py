@@ -60,9 +60,9 @@ def main() -> None:
     shape = (3, 32, 32)
     x = torch.randn(1, *shape)
     rt(x, level=args.level)
-    geo = prog._geometry(shape, prog._tail)  # with the classifier, as rt(x) runs it
+    geo = prog._geometry(shape, prog._tail)  # with the classifier (in the program at 5%: sparse at batch 1)
     lv = prog._arrays(args.level)
-    arena = prog._arena(geo, 1, shape)
+    arena = prog._arena(geo, 1, (shape, prog._tail))
     out = np.empty(geo.out_size, np.float32)
     xa = x.numpy().reshape(-1)
     kern = kernels._kernel("prog_ser")

@@ -155,9 +155,9 @@ def blocks_conv_rows(tmp: Path, rounds: int) -> list[dict]:
     x = torch.randn(1, *shape)
     _sparse(rt, 0, 1)
     rt(x, level=0)
-    geo = prog._geometry(shape, prog._tail)  # with the classifier, as rt(x) runs it
+    geo = prog._geometry(shape, prog._tail)  # with the classifier (in the program at 5%: sparse at batch 1)
     lv = prog._arrays(0)
-    arena = prog._arena(geo, 1, shape)
+    arena = prog._arena(geo, 1, (shape, prog._tail))
     xa = x.numpy().reshape(-1)
     kern = kernels._kernel("prog_ser")
     outs = [np.empty(geo.out_size, np.float32) for _ in range(2)]
@@ -206,7 +206,7 @@ def _program_ab(tmp: Path, rounds: int, switch: str, pair: str, a: str, b: str, 
         for name in (switch, *off):
             setattr(program, name, flag if name == switch else False)
         try:
-            geos[flag] = prog._compile(shape, True)  # with the classifier, as rt(x) runs it
+            geos[flag] = prog._compile(shape, True)  # with the classifier (in the program at 5%)
         finally:
             for name in (switch, *off):
                 setattr(program, name, True)

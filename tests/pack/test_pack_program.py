@@ -8,7 +8,7 @@ from torch import nn
 import nestedsparse as ns
 from nestedsparse import models
 from nestedsparse.pack import kernels as K
-from nestedsparse.pack import load_packed, pack
+from nestedsparse.pack import load_packed, pack, program
 from nestedsparse.pack.program import PlaneProgram
 from nestedsparse.pack.runtime import FeatureMajorChain, PackedRuntime
 from nestedsparse.pack.runtime import _unit_parts as _parts
@@ -503,6 +503,44 @@ def test_stride_two_convs_write_straight_into_their_output(tmp_path, shortcut):
             readers = steps[(steps[:, 0] == 2) & (steps[:, 1] == r[21] + r[26])]
             assert len(readers) >= 1 and all(q[8] == r[23] for q in readers)
     assert _ran(prog)
+
+
+class MLPHead(nn.Module):
+    """Convs, a global pool, then a two-layer Linear head with a Dropout between."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.c2 = nn.Conv2d(8, 16, 3, padding=1)
+        self.fc1 = nn.Linear(16, 32)
+        self.drop = nn.Dropout(0.1)
+        self.fc2 = nn.Linear(32, 5)
+
+    def forward(self, x):
+        h = F.adaptive_avg_pool2d(F.relu(self.c2(F.relu(self.c1(x)))), 1).flatten(1)
+        return self.fc2(self.drop(F.relu(self.fc1(h))))
+
+
+def test_a_linear_head_stays_a_chain_and_large_tails_leave_batched_calls(tmp_path, monkeypatch):
+    """A Linear that feeds another packed layer starts a feature-major chain rather than closing
+    the program; a tail with more than TAIL_MAX_NNZ non-zeros runs after the program at batch
+    > 1 (one batched call) and inside it at batch 1. Results equal the nested model."""
+    m, rt = _custom(MLPHead, tmp_path)
+    (prog,) = _programs(rt)
+    assert not prog._tail and any(isinstance(u, FeatureMajorChain) for u in rt.units())
+    for batch in (1, 3):
+        _all_sparse(rt, batch)
+        _assert_levels(rt, m, torch.randn(batch, 3, 8, 8))
+    m, rt = _registry(tmp_path, "resnet20", {"shortcut": "A"}, (3, 16, 16))
+    (prog,) = _programs(rt)
+    monkeypatch.setattr(K, "choose", lambda csr, level, batch: "sparse")
+    monkeypatch.setattr(program, "TAIL_MAX_NNZ", 0)
+    for batch in (1, 3):
+        _all_sparse(rt, batch)
+        _assert_levels(rt, m, torch.randn(batch, 3, 16, 16), rtol=1e-3, atol=1e-4)
+        states = [st for st in prog._states.values() if st is not None]
+        assert states and all(st[2] == (batch == 1) for st in states)
+        prog._states.clear()
 
 
 @pytest.mark.parametrize("model", ["resnet_a", "strided_residual"])

@@ -54,6 +54,8 @@ PHASE_AT_OUTPUT_PITCH = True
 ROW_TILES = True
 #: Such a conv whose readers are all stride-2 convs writes their phase split itself (A/B switch).
 FUSE_SPLITS = True
+#: A Linear tail with more non-zeros at the call's level runs after the program at batch > 1.
+TAIL_MAX_NNZ = 4096
 
 #: (kind, unit index or -1, source value, residual value or -1); value 0 is the region's input,
 #: op ``i`` produces value ``i + 1``
@@ -119,8 +121,9 @@ class PlaneProgram(nn.Module):
         #: the region ends with a Linear on the pooled features (the classifier): run per image in
         #: the program as a 1x1 conv on a [C, 1, 1] plane when on the sparse path at batch 1
         self._tail = isinstance(_parts(units[-1])[0], SparseLinear)
-        if self._tail and (ops[-1][0] != "conv" or ops[-2][0] != "flatten" or ops[-3][0] != "gap"):
-            raise ValueError("PlaneProgram: a Linear unit may only follow the closing global pool and flatten")
+        if (any(isinstance(_parts(u)[0], SparseLinear) for u in units[:-1]) or self._tail and (
+                len(ops) < 3 or [op[0] for op in ops[-3:]] != ["gap", "flatten", "conv"])):
+            raise ValueError("PlaneProgram: a Linear unit may only be last, after the closing global pool and flatten")
         self._unit_geos = [self._unit_geo(u) for u in units]
         self.name = _parts(units[0])[0].name
         dtypes = {_parts(u)[0].csr.values.dtype for u in units}
@@ -208,7 +211,7 @@ class PlaneProgram(nn.Module):
             return self._unit_path(x, force)
         geo, (starts, ends, scales, bias, blk), tail = st
         T = max(1, min(kernels._threads(), N))
-        arena = self._arena(geo, T, tuple(x.shape[1:]))
+        arena = self._arena(geo, T, (tuple(x.shape[1:]), tail))
         xa = x.detach().contiguous().numpy().reshape(-1)
         out = torch.empty((N, *geo.out_dims), dtype=torch.float32)
         kern = kernels._kernel("prog_par" if T > 1 else "prog_ser")
@@ -222,25 +225,31 @@ class PlaneProgram(nn.Module):
         """``(geometry, level arrays, tail in the program)``, or None when the call goes unit by unit."""
         if (levels, N, force) in self._unit_only or not self._all_on("sparse", N, force):
             return None
-        tail = self._tail and (force == "sparse" or self._tail_choice() == "sparse")
+        tail = self._tail and self._tail_in(N)
         geo = self._geometry(in_shape, tail)
         if geo is None:
             return None
         return geo, self._arrays(levels), tail
 
-    def _tail_choice(self) -> str:
-        """Whether the Linear tail runs inside the program: per image it is a batch-1 SpMV, so
-        the batch-1 density rule at the call's level (``kernels.choose``). Not ``tune()``'s
-        pick: that times the layer on its own, whose call overhead (Python, transposes) a
-        program does not pay -- ResNet-20 at 5%, batch 1: the whole call 0.76x with the
-        classifier inside."""
+    def _tail_in(self, N: int) -> bool:
+        """Whether the Linear tail runs inside the program at this call's level and batch ``N``:
+        per image it is a batch-1 SpMV, so when the batch-1 density rule calls its level sparse
+        (``kernels.choose``), and, at ``N > 1``, when it is small (at most ``TAIL_MAX_NNZ``
+        non-zeros; a large classifier runs faster as one batched call after the program). Not
+        ``tune()``'s pick: that times the layer on its own, with the call overhead (Python,
+        transposes) a program does not pay -- ResNet-20 at 5%, batch 1: the whole call 0.76x
+        the time with the classifier inside."""
         layer = _parts(self.units[-1])[0]
-        return kernels.choose(layer.csr, _level_for(layer.name, layer.top), 1)
+        k = _level_for(layer.name, layer.top)
+        if N > 1 and layer.csr.nnz(k) > TAIL_MAX_NNZ:
+            return False
+        return kernels.choose(layer.csr, k, 1) == "sparse"
 
-    def _arena(self, geo: _Geometry, T: int, in_shape: tuple) -> np.ndarray:
-        """This thread's arena for ``T`` tasks of geometry ``geo`` (one per geometry: each lays its
-        planes out differently, and relies on their borders having stayed zero)."""
-        key = (threading.get_ident(), in_shape, id(geo), T)
+    def _arena(self, geo: _Geometry, T: int, gkey: tuple) -> np.ndarray:
+        """This thread's arena for ``T`` tasks of geometry ``geo``, named by its ``_geometry`` key
+        ``(input shape, tail)``: one per geometry, as each lays its planes out differently and
+        relies on their borders having stayed zero."""
+        key = (threading.get_ident(), gkey, T)
         got = self._arenas.get(key)
         if got is None:
             with self._lock:
@@ -601,7 +610,7 @@ class PlaneProgram(nn.Module):
         t = _median_times({"program": lambda: self.forward(x, force="sparse"), "units": lambda: self._unit_path(x)},
                           repeats)
         if t["program"] < 0.95 * t["units"]:
-            for u in self.units:
+            for u in (self.units[:-1] if self._tail else self.units):  # (the tail keeps its own pick)
                 layer = _parts(u)[0]
                 k = _level_for(layer.name, layer.top)
                 layer.mode[(k, N)] = out[(layer.name, k)] = "sparse"
@@ -643,6 +652,19 @@ def _linear_unit(node: torch.fx.Node, modules: dict) -> nn.Module | None:
     return m if isinstance(m, SparseLinear) else None
 
 
+def _feeds_packed(node: torch.fx.Node, modules: dict, depth: int = 4) -> bool:
+    """``node``'s value reaches another packed layer within ``depth`` nodes (an MLP head: the
+    Linear then starts a feature-major chain instead of closing a program)."""
+    if depth == 0:
+        return False
+    for u in node.users:
+        if u.op == "call_module" and isinstance(modules.get(u.target), (FusedSparse, SparseLinear, SparseConv)):
+            return True
+        if _feeds_packed(u, modules, depth - 1):
+            return True
+    return False
+
+
 def _is_gap(node: torch.fx.Node, modules: dict) -> bool:
     if node.op == "call_module" and type(modules.get(node.target)) is nn.AdaptiveAvgPool2d:
         return len(node.args) == 1 and not node.kwargs and modules[node.target].output_size in (1, (1, 1))
@@ -673,8 +695,9 @@ def plane_programs(graph: torch.fx.Graph, modules: dict[str, nn.Module], min_con
             if not n.args or not all(d is x or d in inside for d in deps):
                 break
             if len(region) >= 2 and _is_gap(region[-2], modules) and _is_flatten1(region[-1], modules):
-                if _linear_unit(n, modules) is not None and n.args[0] is region[-1]:
-                    region.append(n)  # the classifier on the pooled features
+                if (_linear_unit(n, modules) is not None and n.args[0] is region[-1]
+                        and not _feeds_packed(n, modules)):
+                    region.append(n)  # the classifier on the pooled features (not a chain's first layer)
                 break
             after_gap = bool(region) and _is_gap(region[-1], modules)
             gap_flatten = after_gap and n.args[0] is region[-1] and _is_flatten1(n, modules)
