@@ -256,6 +256,24 @@ PAIRS = {"chain": chain_rows, "entry_prefetch": prefetch_rows, "blocks_conv": bl
          "row_tiles": row_tiles_rows, "fused_split": fused_split_rows}
 
 
+def load_gauge_ms() -> float:
+    """The host's load as the median time of a dense ResNet-20 forward at batch 64 on two threads
+    (about 40 ms on an idle 2-core Zen3 host; a shared host's neighbours can slow it several
+    times). Recorded with the rows: in-process A/B ratios hold up under load better than
+    absolute times, but not perfectly."""
+    m = models.create("resnet20", in_channels=3).eval()
+    x = torch.randn(64, 3, 32, 32)
+    with torch.inference_mode():
+        for _ in range(2):
+            m(x)
+        ts = []
+        for _ in range(7):
+            t0 = time.perf_counter()
+            m(x)
+            ts.append(time.perf_counter() - t0)
+    return round(float(np.median(ts)) * 1e3, 1)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rounds", type=int, default=60)
@@ -267,10 +285,13 @@ def main() -> None:
         p.error(f"--pairs: unknown {sorted(set(pairs) - set(PAIRS))}; choose from {', '.join(PAIRS)}")
     torch.set_num_threads(2)
     rows = []
+    gauge = [load_gauge_ms()]
     with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
         for name in pairs:
             rows += PAIRS[name](Path(tmp), args.rounds)
+    gauge.append(load_gauge_ms())
     meta = {"rounds": args.rounds, "threads": kernels._threads(), "cpu": cpu_name(), "torch": torch.__version__,
+            "load_gauge_ms_before_after": gauge, "load_gauge": load_gauge_ms.__doc__.split(" (")[0].strip(),
             "method": "one process, A and B interleaved per round; per-call median and p10, us"}
     Path(args.out + ".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     table = format_table(rows)
