@@ -63,6 +63,16 @@ def _assert_levels(rt, m, x, route=None, **tol):
         torch.testing.assert_close(rt(x, level=k), ref, **tol)
 
 
+def _assert_program_levels(rt, units, m, x, dtype, route):
+    """``rt`` equals the unit-path runtime ``units`` at every level and, for float32 packs, the
+    nested model ``m`` at every level and under the level map ``route``."""
+    for k in range(SPEC.num_levels):
+        torch.testing.assert_close(rt(x, level=k), units(x, level=k), rtol=1e-4, atol=1e-5)
+    if dtype == "float32":
+        _assert_levels(rt, m, x, rtol=1e-3, atol=1e-4)
+        _assert_levels(rt, m, x, route, rtol=1e-3, atol=1e-4)
+
+
 def _ran(prog):
     """True when the program's compiled path served a call (not the unit-by-unit fallback)."""
     return any(v is not None for v in prog._states.values())
@@ -116,11 +126,7 @@ def test_classifier_runs_in_the_program_when_sparse_at_batch_one(tmp_path, monke
             for way in ("sparse", "dense"):
                 monkeypatch.setattr(K, "choose", lambda csr, level, batch, way=way, choose=K.choose: (
                     way if csr is tail.csr and batch == 1 else choose(csr, level, batch)))
-                for k in range(SPEC.num_levels):
-                    torch.testing.assert_close(rt(x, level=k), units(x, level=k), rtol=1e-4, atol=1e-5)
-                if dtype == "float32":
-                    _assert_levels(rt, m, x, rtol=1e-3, atol=1e-4)
-                    _assert_levels(rt, m, x, {"": 0, "classifier": 2}, rtol=1e-3, atol=1e-4)
+                _assert_program_levels(rt, units, m, x, dtype, {"": 0, "classifier": 2})
                 states = [st for st in prog._states.values() if st is not None]
                 assert states and all(st[2] == (way == "sparse") for st in states[-3:])
                 prog._states.clear()
@@ -348,11 +354,7 @@ def test_eight_wide_stage_runs_on_strip_planes(tmp_path, dtype, shortcut):
         _all_sparse(rt, batch)
         for hw in ((32, 32), (20, 32), (12, 32), (64, 32)):
             x = torch.randn(batch, 3, *hw)
-            for k in range(SPEC.num_levels):
-                torch.testing.assert_close(rt(x, level=k), units(x, level=k), rtol=1e-4, atol=1e-5)
-            if dtype == "float32":
-                _assert_levels(rt, m, x, rtol=1e-3, atol=1e-4)
-                _assert_levels(rt, m, x, {"": 0, "layer3.1": 2, "layer3.2.bn2": 1}, rtol=1e-3, atol=1e-4)
+            _assert_program_levels(rt, units, m, x, dtype, {"": 0, "layer3.1": 2, "layer3.2.bn2": 1})
             # the stage's five stride-1 convs, its stride-2 conv (and option B's 1x1 projection)
             assert _strip_convs(prog, (3, *hw)) == (6 if shortcut == "A" else 7)
             steps = prog._geometry((3, *hw)).steps  # the stage's phases are strip rows: (pitch, column)
@@ -380,11 +382,7 @@ def test_sixteen_thirty_two_and_sixty_four_wide_rows_run_whole_row_tiles(tmp_pat
         _all_sparse(rt, batch)
         for hw in ((27, 32), (13, 32), (25, 32), (9, 64)):
             x = torch.randn(batch, 3, *hw)
-            for k in range(SPEC.num_levels):
-                torch.testing.assert_close(rt(x, level=k), units(x, level=k), rtol=1e-4, atol=1e-5)
-            if dtype == "float32":
-                _assert_levels(rt, m, x, rtol=1e-3, atol=1e-4)
-                _assert_levels(rt, m, x, {"": 0, "layer2.1": 2, "layer1.2.bn2": 1}, rtol=1e-3, atol=1e-4)
+            _assert_program_levels(rt, units, m, x, dtype, {"": 0, "layer2.1": 2, "layer1.2.bn2": 1})
             # stages 1 and 2 (32 / 16 wide; 64 / 32 wide at 9x64): every direct conv but the strips
             steps = prog._geometry((3, *hw)).steps
             direct = int((steps[:, 0] == 2).sum())
@@ -559,7 +557,7 @@ def test_all_dense_region_runs_channels_last(tmp_path, model):
     hooks = [u.register_forward_pre_hook(
         lambda mod, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last) and args[0].shape[0] > 1
                                       and args[0].shape[2] * args[0].shape[3] > 1))
-        for u in (prog.units[:-1] if prog._tail else prog.units)]  # the convs (not a Linear tail)
+        for u in prog._convs]  # the convs (not a Linear tail)
     try:
         for batch in (3, 1):
             for layer in rt.sparse_layers():

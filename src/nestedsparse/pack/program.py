@@ -7,11 +7,12 @@ call. A :class:`PlaneProgram` replaces a region of the traced graph -- packed Co
 their fused BatchNorm, residual add, ReLU, max-pool), identities, option-A ResNet shortcuts
 (subsample + zero channels), a closing global average pool and the Linear classifier on it --
 with one compiled call: each core takes a run of images and runs the *whole region* on one
-image before the next (``kernels._prog_par``). An image's activations (74 KiB for 16x32x32) stay in that core's L2
-from the first layer to the last, kept as zero-bordered planes so a conv writes straight into
-the next conv's padded input (no copy, no re-padding; a stride-2 conv through phases split at
-its output's pitch, which a conv read only by stride-2 convs writes itself); per output channel
-its positions run as 64-wide register tiles (whole rows where rows are 16, 32 or 64 wide).
+image before the next (``kernels._prog_par``). An image's activations (74 KiB for 16x32x32)
+stay in that core's L2 from the first layer to the last, kept as zero-bordered planes so a
+conv writes straight into the next conv's padded input (no copy, no re-padding; a stride-2
+conv through phases split at its output's pitch, which a conv read only by stride-2 convs
+writes itself); per output channel its positions run as 64-wide register tiles (whole rows
+where rows are 16, 32 or 64 wide).
 8-wide planes are strip planes (pitch 16, one cache line per row): their convs compute the
 valid columns only and no tap load splits a line. Batch 1 runs the same program on the calling
 thread with no fork/join at all.
@@ -150,6 +151,11 @@ class PlaneProgram(nn.Module):
             return kernels.ConvGeometry((O, C, 1, 1), (1, 1), (0, 0), (1, 1), 1)
         return layer.geo
 
+    @property
+    def _convs(self) -> list[nn.Module]:
+        """The conv units (every unit but a Linear tail, which decides its path for itself)."""
+        return list(self.units[:-1] if self._tail else self.units)
+
     def _geo(self, ui: int) -> kernels.ConvGeometry:
         """Unit ``ui``'s conv geometry (the Linear tail's as a 1x1 conv)."""
         return self._unit_geos[ui]
@@ -168,9 +174,8 @@ class PlaneProgram(nn.Module):
 
     def _all_on(self, way: str, N: int, force: str | None) -> bool:
         """Every conv of the region runs ``way`` ("sparse" / "dense") at this call's levels and batch."""
-        convs = self.units[:-1] if self._tail else self.units  # (the Linear tail decides for itself)
         return all((force or layer.choice(_level_for(layer.name, layer.top), N)) == way
-                   for layer in (_parts(u)[0] for u in convs))
+                   for layer in (_parts(u)[0] for u in self._convs))
 
     def _run_ops(self, x: torch.Tensor, conv: Callable) -> torch.Tensor:
         """The region op by op in torch; each conv unit through ``conv(unit, input, residual)``."""
@@ -483,8 +488,7 @@ class PlaneProgram(nn.Module):
                 slot[v] = alloc(plane_key(v), Co * plo)
                 if s in fused:  # the source exists as its phases only: copy phase (bh % 2, pwm % 2)'s rows
                     off, Hq, Wd, cd, pwm = fused[s]
-                    bh = border[s][0]
-                    at = off + (2 * (bh % 2) + pwm % 2) * Hq * Wd + (bh // 2) * Wd + cd + pwm // 2
+                    at = kernels._phase_row(off, Hq * Wd, Wd, border[s][0], pwm, cd, 0, 0)  # channel 0, row 0
                     steps.append([PROG_SUBPAD, at, slot[v] + ino, Cs, Ho, Wo, 1, Wd, 4 * Hq * Wd, po, plo,
                                   sc.before, Co])
                 else:
@@ -610,7 +614,7 @@ class PlaneProgram(nn.Module):
         t = _median_times({"program": lambda: self.forward(x, force="sparse"), "units": lambda: self._unit_path(x)},
                           repeats)
         if t["program"] < 0.95 * t["units"]:
-            for u in (self.units[:-1] if self._tail else self.units):  # (the tail keeps its own pick)
+            for u in self._convs:  # (a Linear tail keeps its own pick)
                 layer = _parts(u)[0]
                 k = _level_for(layer.name, layer.top)
                 layer.mode[(k, N)] = out[(layer.name, k)] = "sparse"
@@ -619,8 +623,7 @@ class PlaneProgram(nn.Module):
         return out
 
     def extra_repr(self) -> str:
-        n = sum(op[0] == "conv" for op in self.ops) - int(self._tail)
-        return f"convs={n}, ops={len(self.ops)}" + (", linear tail" if self._tail else "")
+        return f"convs={len(self._convs)}, ops={len(self.ops)}" + (", linear tail" if self._tail else "")
 
 
 # ====================================================================== graph pass
