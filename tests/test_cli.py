@@ -81,3 +81,47 @@ def test_pack_bench_export_commands(tmp_path, capsys):
     assert onnx_path.stat().st_size > 0
     assert main(["export", str(nsp), "--level", "9", "-o", str(onnx_path)]) == 2
     assert "out of range" in capsys.readouterr().err
+
+
+def test_layer_sparsity_train_collapse_refit_pack(tmp_path, capsys):
+    """train --layer-sparsity -> collapse (merge + refit as a new run) -> eval -> pack -> load_packed."""
+    import torch
+
+    from nestedsparse.commands import load_run_model
+    from nestedsparse.pack import load_packed
+    from nestedsparse.structure import find_links
+
+    run, small = tmp_path / "ls", tmp_path / "ls_collapsed"
+    args = ["train", "--model", "mlp", "--dataset", "synthetic", "--densities", "0.5,1.0", "--epochs", "2",
+            "--batch-size", "32", "--layer-sparsity", "20", "--weight-decay", "0", "--out", str(run), "--no-progress"]
+    assert main(args) == 0
+    hist = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert hist[-1]["candidates"] == 1 and hist[-1]["collapsible"] == 1  # mlp: 784-300-100-10, one candidate
+    capsys.readouterr()
+    assert main(["collapse", str(run), "--out", str(small), "--epochs", "1", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "layers 3 -> 2" in out
+    info = json.loads((small / "run.json").read_text())
+    assert info["collapse"]["links"] == [["features.3", "features.4", "classifier"]]
+    model, _ = load_run_model(small)  # rebuilt from the recipe, then the saved weights
+    assert find_links(model) == [] and sum(isinstance(m, torch.nn.Linear) for m in model.modules()) == 2
+    assert main(["eval", str(small)]) == 0
+    packed = tmp_path / "small.nsp"
+    assert main(["pack", str(small), "-o", str(packed)]) == 0
+    rt = load_packed(packed)  # the file's recipe rebuilds the architecture
+    x = torch.randn(3, *info_input(small))
+    model.eval()
+    for k in range(2):
+        import nestedsparse as ns
+
+        with ns.use_level(model, k):
+            torch.testing.assert_close(rt(x, level=k), model(x), rtol=1e-4, atol=1e-4)
+    assert main(["collapse", str(run), "--out", str(run)]) == 2
+    assert "new run folder" in capsys.readouterr().err
+
+
+def info_input(run):
+    from nestedsparse.data import load_dataset
+
+    info = json.loads((run / "run.json").read_text())
+    return tuple(load_dataset(info["dataset"], None, split="test").tensors[0].shape[1:])

@@ -14,11 +14,13 @@ from .nest import (
     get_spec,
     iter_nested,
     nestify_,
+    plain_model,
     set_level_,
     set_routing_,
     use_level,
 )
 from .select import create_selector, list_selectors
+from .structure import collapse, find_links, prox_layer_sparsity_
 from .train import TrainConfig, TrainResult, evaluate, nested_loss, train
 
 __version__ = "0.1.0"
@@ -27,9 +29,11 @@ __all__ = [
     # levels and nesting
     "LevelSpec", "nestify_", "NestReport", "NestedMask", "NestedBatchNorm", "get_spec", "iter_nested",
     # switching level
-    "set_level_", "use_level", "get_levels", "set_routing_",
+    "set_level_", "use_level", "get_levels", "set_routing_", "plain_model",
     # selection and training
     "create_selector", "list_selectors", "nested_loss", "TrainConfig", "TrainResult", "train", "evaluate",
+    # layer sparsity (whole layers collapse)
+    "find_links", "prox_layer_sparsity_", "collapse",
     # files
     "save", "load", "load_into_", "CheckpointError",
     # metrics

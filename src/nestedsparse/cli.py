@@ -74,6 +74,10 @@ def _add_train(sub) -> None:
         p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))
     for name in ("optimizer", "schedule", "routing", "sampling", "device"):
         p.add_argument("--" + name.replace("_", "-"), default=getattr(d, name))
+    p.add_argument("--layer-sparsity", type=float, default=0.0, metavar="LAMBDA",
+                   help="layer-sparsity regulariser (Hebiri & Lederer): proximal step on collapsible layers' "
+                        "negative parts; then `nestedsparse collapse` (default 0 = off)")
+    p.add_argument("--input-nonneg", action="store_true", help="inputs are >= 0: the first layer may collapse too")
     p.add_argument("--level-weights", type=_floats, default=None, help="loss weight per level")
     p.add_argument("--subset", type=int, default=None, help="use only the first N training images (quick runs)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -91,6 +95,14 @@ def _add_rest(sub) -> None:
     p.add_argument("run", help="run folder (or a model.safetensors inside one)")
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--dtype", default="float32", choices=["float32", "int8"])
+    p = sub.add_parser("collapse", help="merge a run's collapsible layers (layer sparsity) and refit as a new run")
+    p.add_argument("run", help="run folder trained with --layer-sparsity")
+    p.add_argument("--out", required=True, help="new run folder")
+    p.add_argument("--level", type=int, default=None, help="level whose weights are merged (default the densest)")
+    p.add_argument("--epochs", type=int, default=1, help="refit epochs (0 = merge only, no refit; default 1)")
+    p.add_argument("--lr", type=float, default=None, help="refit learning rate (default the run's)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted refit")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p = sub.add_parser("bench", help="latency per level of a packed file vs dense PyTorch and ONNX Runtime")
     p.add_argument("packed")
     p.add_argument("--batch", type=_ints, default=(1, 64))

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import torch
 
-from . import models
 from .data import load_dataset
 from .io import load_into_, read_meta, save
 from .levels import LevelSpec
 from .nest import nestify_
 from .report import format_table, plot_pareto, read_eval
+from .structure import create_model
 
 RUN_FILE, MODEL_FILE, EVAL_FILE = "run.json", "model.safetensors", "eval.json"
 
@@ -31,7 +31,7 @@ def _run_info(run: Path) -> dict:
 
 def build_model(info: dict) -> torch.nn.Module:
     """The nested model a run describes (fresh weights; load a file into it)."""
-    model = models.create(info["model"], **info.get("model_kwargs", {}))
+    model = create_model(info["model"], info.get("model_kwargs", {}), info.get("collapse"))
     nestify_(model, LevelSpec.from_dict(info["spec"]), block=tuple(info.get("block", (1, 1))))
     return model
 
@@ -63,6 +63,7 @@ def cmd_train(args) -> int:
         routing=args.routing, sampling=args.sampling, level_weights=args.level_weights, distill=args.distill,
         temperature=args.temperature, selector=args.selector, selector_args=sel_args, seed=args.seed,
         max_steps_per_epoch=args.max_steps_per_epoch, device=args.device, progress=not args.no_progress,
+        layer_sparsity=args.layer_sparsity, input_nonneg=args.input_nonneg,
     )
     info = {"model": args.model, "model_kwargs": dict(args.model_arg), "dataset": args.dataset,
             "data_dir": args.data_dir, "spec": spec.to_dict(), "block": list(args.block), "config": config.to_dict(),
@@ -137,12 +138,64 @@ def cmd_pack(args) -> int:
 
     src = _model_file(Path(args.run))
     meta = read_meta(src)["extra"]
-    model = models.create(meta["model"], **meta.get("model_kwargs", {}))
+    model = create_model(meta["model"], meta.get("model_kwargs", {}), meta.get("collapse"))
     load_into_(model, src)
-    packed = pack(model, dtype=args.dtype, model_name=meta["model"], model_kwargs=meta.get("model_kwargs", {}))
+    packed = pack(model, dtype=args.dtype, model_name=meta["model"], model_kwargs=meta.get("model_kwargs", {}),
+                  collapse=meta.get("collapse"))
     packed.save(args.output)
     print(format_table(packed.size_table(), ["level", "density", "nnz", "bytes", "vs_plain_csr_densest"]))
     print(f"wrote {args.output} ({Path(args.output).stat().st_size:,} bytes)")
+    return 0
+
+
+def cmd_collapse(args) -> int:
+    """Layer sparsity's last two steps: merge a run's collapsible layers, then refit (a new run)."""
+    from .nest import plain_model
+    from .structure import collapse
+    from .train.trainer import TrainConfig, train
+
+    run, out = Path(args.run), Path(args.out)
+    if out.resolve() == run.resolve():
+        raise ValueError("--out must be a new run folder, not the run being collapsed")
+    model, info = load_run_model(run)
+    spec = LevelSpec.from_dict(info["spec"])
+    level = spec.num_levels - 1 if args.level is None else args.level
+    plain = plain_model(model, level).eval()
+    cfg = dict(info["config"])
+    res = collapse(plain, input_nonneg=bool(cfg.get("input_nonneg", False)))
+    rows = [{"first": lk.first, "into": lk.second} for lk in res.merged]
+    print(format_table(rows) if rows else "no layer is collapsible (each candidate has a negative weight or bias)")
+    def n_params(m):
+        return sum(p.numel() for p in m.parameters())
+
+    print(f"layers {res.layers_before} -> {res.layers_after}, parameters {n_params(plain):,} -> "
+          f"{n_params(res.model):,} (level {level}); {len(res.remaining)} candidate(s) left")
+    recipe = res.recipe()
+    new = res.model
+    nestify_(new, spec, block=tuple(info.get("block", (1, 1))))
+    cfg.update(layer_sparsity=0.0, epochs=args.epochs or 1, progress=not args.no_progress)
+    if args.lr is not None:
+        cfg["lr"] = args.lr
+    config = TrainConfig(**{k: v for k, v in cfg.items() if k != "version"})
+    new_info = {**info, "collapse": recipe, "collapsed_from": str(run), "refit_epochs": args.epochs,
+                "config": config.to_dict()}
+    if args.resume and (out / RUN_FILE).is_file():
+        _check_same_run(_run_info(out), new_info, out)
+    if _rank() == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / RUN_FILE).write_text(json.dumps(new_info, indent=2))
+    if args.epochs:  # refit: the smaller network trained again, without the penalty
+        train_set = load_dataset(info["dataset"], info.get("data_dir"), split="train")
+        if info.get("subset"):
+            train_set = torch.utils.data.TensorDataset(*(t[: info["subset"]] for t in train_set.tensors))
+        test_set = load_dataset(info["dataset"], info.get("data_dir"), split="test")
+        result = train(new, train_set, test_set, config, run_dir=out, resume=args.resume)
+        if _rank() == 0:
+            print(format_table([{"level": r["level"], "accuracy": r["accuracy"]} for r in result.final]))
+    if _rank() == 0:
+        save(new, out / MODEL_FILE, extra={"model": info["model"], "model_kwargs": info["model_kwargs"],
+                                           "collapse": recipe})
+        print(f"saved {out / MODEL_FILE}")
     return 0
 
 

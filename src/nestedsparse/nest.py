@@ -17,6 +17,7 @@ Invariants:
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
@@ -41,6 +42,7 @@ __all__ = [
     "is_nested",
     "set_routing_",
     "set_level_maps_",
+    "plain_model",
 ]
 
 SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d)
@@ -240,6 +242,53 @@ def _swap_batchnorms(model: nn.Module, num_levels: int) -> list[str]:
 def is_nested(model: nn.Module) -> bool:
     """True if ``nestify_`` has been applied to ``model``."""
     return getattr(model, _SPEC_ATTR, None) is not None
+
+
+def plain_model(model: nn.Module, level: int | None = None) -> nn.Module:
+    """An ordinary copy of a nested model at one level (default: the densest); ``model`` is unchanged.
+
+    Every nested weight becomes a plain ``Parameter`` holding ``W * mask(level)`` (tied weights stay
+    tied), every :class:`NestedBatchNorm` a ``nn.BatchNorm{1,2,3}d`` with that level's running
+    statistics and the shared affine, and the copy is no longer nested. For tools that work on
+    plain models (``nestedsparse.structure.collapse``, export), and to start a new nested run.
+    """
+    spec = get_spec(model)
+    k = spec.num_levels - 1 if level is None else level
+    spec.check_level(k)
+    out = copy.deepcopy(model)
+    done: set[int] = set()
+    for _, mod in list(out.named_modules()):
+        if not parametrize.is_parametrized(mod, "weight"):
+            continue
+        masks = [p for p in mod.parametrizations.weight if isinstance(p, NestedMask)]
+        orig = mod.parametrizations.weight.original
+        # undo parametrize by hand: parametrize.remove_parametrizations deletes the property from
+        # the generated Parametrized* class, which the deep copy shares with ``model``
+        del mod._modules["parametrizations"]
+        mod.__class__ = mod.__class__.__bases__[0]
+        mod._parameters["weight"] = orig
+        if masks and id(orig) not in done:
+            done.add(id(orig))
+            with torch.no_grad():
+                orig.mul_((masks[0].level_map <= k).to(orig.dtype))
+    for _, parent in list(out.named_modules()):
+        for cname, child in list(parent.named_children()):
+            if isinstance(child, NestedBatchNorm):
+                cls = {(4,): nn.BatchNorm2d, (5,): nn.BatchNorm3d}.get(child.input_dims, nn.BatchNorm1d)
+                src = child.weight if child.affine else child.running_mean
+                dev = None if src is None else src.device
+                bn = cls(child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats,
+                         device=dev)
+                if child.affine:
+                    bn.weight, bn.bias = child.weight, child.bias
+                if child.track_running_stats:
+                    with torch.no_grad():
+                        bn.running_mean.copy_(child.running_mean[k])
+                        bn.running_var.copy_(child.running_var[k])
+                        bn.num_batches_tracked.copy_(child.num_batches_tracked[k])
+                setattr(parent, cname, bn.train(child.training))
+    delattr(out, _SPEC_ATTR)
+    return out
 
 
 def get_spec(model: nn.Module) -> LevelSpec:

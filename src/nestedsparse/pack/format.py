@@ -69,6 +69,7 @@ class PackedModel:
     ties: dict[str, str] = field(default_factory=dict)
     model_name: str | None = None
     model_kwargs: dict = field(default_factory=dict)
+    collapse: dict | None = None  # the layer-sparsity merges that built the architecture (structure.rebuild)
 
     def dense_bytes(self) -> int:
         """Bytes of the tensors every level needs (biases, BatchNorm, unpruned layers)."""
@@ -106,7 +107,8 @@ class PackedModel:
                     tensors[f"csr/{name}/{f}"] = torch.from_numpy(np.ascontiguousarray(arr))
         tensors.update({f"dense/{k}": v for k, v in self.dense.items()})
         meta = {"format": FORMAT, "version": VERSION, "spec": self.spec.to_dict(), "model": self.model_name,
-                "model_kwargs": self.model_kwargs, "layers": {n: pl.meta() for n, pl in self.layers.items()},
+                "model_kwargs": self.model_kwargs, "collapse": self.collapse,
+                "layers": {n: pl.meta() for n, pl in self.layers.items()},
                 "ties": self.ties, "sha256": {k: _digest(v) for k, v in tensors.items()}}
         write_tensors(path, tensors, meta)
 
@@ -130,8 +132,10 @@ def _kind(mod: nn.Module) -> str:
 
 
 def pack(model: nn.Module, dtype: str = "float32", model_name: str | None = None,
-         model_kwargs: dict | None = None) -> PackedModel:
+         model_kwargs: dict | None = None, collapse: dict | None = None) -> PackedModel:
     """Pack a nested model: every level in one NestedCSR per layer (``dtype`` float32 or int8).
+    ``model_name`` / ``model_kwargs`` / ``collapse`` (a layer-sparsity recipe,
+    ``CollapseResult.recipe()``) name the architecture, so ``load_packed`` can build it.
 
     Example::
 
@@ -156,7 +160,7 @@ def pack(model: nn.Module, dtype: str = "float32", model_name: str | None = None
                 ties[name] = owners[id(mask)]
     dense = {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if ".parametrizations.weight." not in k}
     return PackedModel(spec=spec, layers=layers, dense=dense, ties=ties, model_name=model_name,
-                       model_kwargs=dict(model_kwargs or {}))
+                       model_kwargs=dict(model_kwargs or {}), collapse=collapse or None)
 
 
 def _masks_of(mod: nn.Module):
@@ -195,9 +199,12 @@ def read_packed(path: str | os.PathLike) -> PackedModel:
     kwargs = meta.get("model_kwargs") or {}
     if not isinstance(kwargs, dict) or not isinstance(meta.get("model"), (str, type(None))):
         raise PackedFormatError(f"{where}: invalid model name or kwargs")
+    recipe = meta.get("collapse")
+    if not isinstance(recipe, (dict, type(None))):
+        raise PackedFormatError(f"{where}: invalid collapse recipe (expected an object or null)")
     dense = {k[len("dense/"):]: v for k, v in tensors.items() if k.startswith("dense/")}
     return PackedModel(spec=spec, layers=layers, dense=dense, ties=ties, model_name=meta.get("model"),
-                       model_kwargs=kwargs)
+                       model_kwargs=kwargs, collapse=recipe or None)
 
 
 def _check_checksums(tensors: dict, meta: dict, where: str) -> None:

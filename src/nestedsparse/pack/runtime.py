@@ -1192,7 +1192,8 @@ def load_packed(path: str | os.PathLike, model_factory: Callable[[], nn.Module] 
     Args:
         path: a file written by ``PackedModel.save``.
         model_factory: builds the (untrained) architecture; default: the registry model the
-            file names (``models.create(name, **kwargs)``).
+            file names (``models.create(name, **kwargs)``, collapsed by the file's layer-sparsity
+            recipe if it has one).
 
     Example::
 
@@ -1201,12 +1202,12 @@ def load_packed(path: str | os.PathLike, model_factory: Callable[[], nn.Module] 
     """
     packed = read_packed(path)
     if model_factory is None:
-        from .. import models
+        from ..structure import create_model
 
         if not packed.model_name:
             raise PackedFormatError(f"{path}: names no registry model; pass model_factory")
         try:
-            model = models.create(packed.model_name, **packed.model_kwargs)
+            model = create_model(packed.model_name, packed.model_kwargs, packed.collapse)
         except (TypeError, ValueError) as e:
             raise PackedFormatError(f"{path}: cannot build model {packed.model_name!r} ({e})") from None
     else:

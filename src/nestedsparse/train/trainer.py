@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 from ..io import atomic_write_bytes
 from ..nest import ROUTINGS, get_spec, iter_nested, set_routing_, use_level
 from ..select import create_selector
+from ..structure.collapse import find_links, is_collapsible, prox_layer_sparsity_
 from .checkpoint import FILENAME, load_checkpoint, save_checkpoint
 from .loss import SAMPLINGS, nested_loss, sample_levels
 
@@ -55,6 +56,12 @@ class TrainConfig:
         selector, selector_args: how level maps are chosen (``nestedsparse.select``).
         seed: data order, level sampling and (via the CLI) initialisation.
         max_steps_per_epoch: cap on steps per epoch (quick runs); None = the whole set.
+        layer_sparsity: lambda of the layer-sparsity regulariser (Hebiri & Lederer): after each
+            optimizer step, a proximal step of ``lr * lambda * ||min(theta_j, 0)||_2`` on every
+            collapsible candidate layer (``nestedsparse.structure.find_links``), so whole layers
+            become non-negative and merge (``nestedsparse.structure.collapse``); 0 = off.
+        input_nonneg: the model's inputs are >= 0 (images in [0, 1]): its first layer can be a
+            layer-sparsity candidate too.
     """
 
     epochs: int = 10
@@ -78,6 +85,8 @@ class TrainConfig:
     num_workers: int = 0
     device: str | None = None
     progress: bool = True
+    layer_sparsity: float = 0.0
+    input_nonneg: bool = False
     version: int = 1
 
     def __post_init__(self) -> None:
@@ -92,6 +101,8 @@ class TrainConfig:
             raise ValueError(f"need lr > 0, weight_decay >= 0, 0 <= momentum < 1; got {self.lr}, {self.weight_decay}, {self.momentum}")
         if not 0.0 <= self.distill <= 1.0 or self.temperature <= 0:
             raise ValueError(f"need 0 <= distill <= 1 and temperature > 0, got {self.distill}, {self.temperature}")
+        if not self.layer_sparsity >= 0:
+            raise ValueError(f"TrainConfig.layer_sparsity must be >= 0 (0 = off), got {self.layer_sparsity}")
         if self.max_steps_per_epoch is not None and self.max_steps_per_epoch < 1:
             raise ValueError(f"max_steps_per_epoch must be None or >= 1, got {self.max_steps_per_epoch}")
         object.__setattr__(self, "selector_args", dict(self.selector_args))
@@ -289,6 +300,10 @@ def train(
         history, start_epoch = meta["history"], meta["epoch"] + 1
     selector.begin(model, total)
     _broadcast_maps(model)
+    links = find_links(model, input_nonneg=config.input_nonneg) if config.layer_sparsity > 0 else []
+    if config.layer_sparsity > 0 and not links:
+        raise ValueError("TrainConfig.layer_sparsity > 0 but the model has no collapsible candidate "
+                         "(Linear -> ReLU -> Linear, or Conv2d -> ReLU -> 1x1 Conv2d, on a non-negative input)")
     objective = NestedObjective(model)
     if world > 1:
         ids = [device.index] if device.type == "cuda" else None
@@ -296,9 +311,12 @@ def train(
     for epoch in range(start_epoch, config.epochs):
         t0 = time.perf_counter()
         loss_sum = _train_epoch(model, objective, optimizer, selector, train_data, config, epoch,
-                                steps_per_epoch, total, rank, world, device, callback)
+                                steps_per_epoch, total, rank, world, device, callback, links)
         row = {"epoch": epoch, "step": (epoch + 1) * steps_per_epoch, "train_loss": loss_sum / steps_per_epoch,
                "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - t0}
+        if links:  # layer sparsity: how many candidate layers are all >= 0 (would merge) now
+            row["collapsible"] = sum(is_collapsible(model.get_submodule(lk.first)) for lk in links)
+            row["candidates"] = len(links)
         _broadcast_buffers(model)
         if test_data is not None:
             row["levels"] = evaluate(model, test_data, batch_size=config.eval_batch_size, device=device)
@@ -332,7 +350,7 @@ def _phase_levels(config, selector, spec, step: int, total: int) -> tuple[list[i
 
 
 def _train_epoch(model, objective, optimizer, selector, data, config, epoch, steps, total, rank, world,
-                 device, callback) -> float:
+                 device, callback, links=()) -> float:
     from tqdm.auto import tqdm
 
     spec = get_spec(model)
@@ -359,6 +377,8 @@ def _train_epoch(model, objective, optimizer, selector, data, config, epoch, ste
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if links:  # the regulariser's proximal step (identical on every rank: same weights, same lr)
+            prox_layer_sparsity_(model, links, optimizer.param_groups[0]["lr"] * config.layer_sparsity)
         if freezer is not None:
             freezer.restore()
         before = selector.done
