@@ -41,6 +41,15 @@ def _block(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(f"expected a block as ROWSxCOLS such as 1x2, got {text!r}") from None
 
 
+def _hierarchy(text: str):
+    if "," not in text and not text.strip().isdigit():
+        return text.strip()
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a hierarchy name or comma-separated ints, got {text!r}") from None
+
+
 def _kv(text: str) -> tuple[str, object]:
     if "=" not in text:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE such as width=4, got {text!r}")
@@ -78,6 +87,10 @@ def _add_train(sub) -> None:
                    help="layer-sparsity regulariser (Hebiri & Lederer): proximal step on collapsible layers' "
                         "negative parts; then `nestedsparse collapse` (default 0 = off)")
     p.add_argument("--input-nonneg", action="store_true", help="inputs are >= 0: the first layer may collapse too")
+    p.add_argument("--hierarchy", type=_hierarchy, default=None, metavar="NAME|MAP",
+                   help="hierarchical classification: a named fine->coarse map (fashion-mnist) or the map as "
+                        "comma-separated coarse labels; the sparsest --coarse-levels levels learn coarse classes")
+    p.add_argument("--coarse-levels", type=int, default=1, help="levels trained on coarse classes (default 1)")
     p.add_argument("--level-weights", type=_floats, default=None, help="loss weight per level")
     p.add_argument("--subset", type=int, default=None, help="use only the first N training images (quick runs)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -63,7 +63,8 @@ def cmd_train(args) -> int:
         routing=args.routing, sampling=args.sampling, level_weights=args.level_weights, distill=args.distill,
         temperature=args.temperature, selector=args.selector, selector_args=sel_args, seed=args.seed,
         max_steps_per_epoch=args.max_steps_per_epoch, device=args.device, progress=not args.no_progress,
-        layer_sparsity=args.layer_sparsity, input_nonneg=args.input_nonneg,
+        layer_sparsity=args.layer_sparsity, input_nonneg=args.input_nonneg, hierarchy=args.hierarchy,
+        coarse_levels=args.coarse_levels,
     )
     info = {"model": args.model, "model_kwargs": dict(args.model_arg), "dataset": args.dataset,
             "data_dir": args.data_dir, "spec": spec.to_dict(), "block": list(args.block), "config": config.to_dict(),
@@ -104,16 +105,23 @@ def _check_same_run(old: dict, new: dict, run: Path) -> None:
 
 
 def cmd_eval(args) -> int:
+    from .data.hierarchy import resolve_hierarchy
     from .metrics import level_summary
+    from .train.loss import Hierarchy
     from .train.trainer import evaluate
 
     run = Path(args.run)
     model, info = load_run_model(run)
     test_set = load_dataset(info["dataset"], args.data_dir or info.get("data_dir"), split="test")
     example = test_set.tensors[0][:1]
-    acc = {r["level"]: r["accuracy"] for r in evaluate(model, test_set)}
-    rows = [{**r, "accuracy": acc[r["level"]]} for r in level_summary(model, example)]
-    print(format_table(rows, ["level", "density", "params", "macs", "accuracy"]))
+    cfg = info.get("config", {})
+    hierarchy = None
+    if cfg.get("hierarchy") is not None:
+        hierarchy = Hierarchy(resolve_hierarchy(cfg["hierarchy"]), int(cfg.get("coarse_levels", 1)))
+    ev = {r["level"]: r for r in evaluate(model, test_set, hierarchy=hierarchy)}
+    keys = ["accuracy"] + (["coarse_accuracy", "coarse"] if hierarchy is not None else [])
+    rows = [{**r, **{k: ev[r["level"]][k] for k in keys}} for r in level_summary(model, example)]
+    print(format_table(rows, ["level", "density", "params", "macs", *keys]))
     out = {"model": info["model"], "dataset": info["dataset"], "levels": rows}
     (run / EVAL_FILE).write_text(json.dumps(out, indent=2))
     print(f"wrote {run / EVAL_FILE}")

@@ -41,8 +41,10 @@ from .hierarchy import (
     FASHION_MNIST_COARSE_CLASSES,
     FASHION_MNIST_HIERARCHY,
     FASHION_MNIST_HIERARCHY_GROUPS,
+    HIERARCHIES,
     coarse_labels,
     mapping_from_groups,
+    resolve_hierarchy,
 )
 from .synthetic import make_synthetic
 
@@ -64,6 +66,8 @@ __all__ = [
     "ImageDataset",
     "RestrictedUnpickler",
     "coarse_labels",
+    "HIERARCHIES",
+    "resolve_hierarchy",
     "download_fashion_mnist",
     "find_cifar",
     "find_fashion_mnist",

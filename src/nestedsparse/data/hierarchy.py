@@ -10,8 +10,10 @@ __all__ = [
     "FASHION_MNIST_COARSE_CLASSES",
     "FASHION_MNIST_HIERARCHY",
     "FASHION_MNIST_HIERARCHY_GROUPS",
+    "HIERARCHIES",
     "coarse_labels",
     "mapping_from_groups",
+    "resolve_hierarchy",
 ]
 
 #: Coarse group name -> fine Fashion-MNIST labels in that group.
@@ -78,3 +80,31 @@ def coarse_labels(fine: torch.Tensor, mapping: torch.Tensor | Sequence[int]) -> 
                 f"fine labels span {low}..{high}, mapping covers 0..{table.numel() - 1}"
             )
     return table[fine.long()]
+
+
+#: Named fine -> coarse maps (``TrainConfig(hierarchy=...)``, ``train --hierarchy``).
+HIERARCHIES: Mapping[str, torch.Tensor] = {"fashion-mnist": FASHION_MNIST_HIERARCHY}
+
+
+def resolve_hierarchy(spec: str | Sequence[int], num_fine: int | None = None) -> torch.Tensor:
+    """A fine -> coarse map from a name in :data:`HIERARCHIES` or an explicit list (``mapping[f]``
+    = coarse label of fine label ``f``; coarse labels 0..C-1, each used). ``num_fine``: the
+    model's number of classes, checked against the map's length."""
+    if isinstance(spec, str):
+        if spec not in HIERARCHIES:
+            raise ValueError(f"hierarchy {spec!r} is unknown; named ones: {', '.join(HIERARCHIES)} "
+                             "(or give the fine -> coarse map as a list of ints)")
+        table = HIERARCHIES[spec].clone()
+    else:
+        try:
+            table = torch.as_tensor([int(v) for v in spec], dtype=torch.int64)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"a hierarchy map is a list of coarse labels, one per fine label; got {spec!r:.80}") from e
+        if table.numel() == 0 or int(table.min()) < 0:
+            raise ValueError(f"a hierarchy map needs one coarse label >= 0 per fine label; got {spec!r:.80}")
+        used = torch.unique(table)
+        if used.numel() != int(table.max()) + 1:
+            raise ValueError(f"coarse labels must be 0..C-1, each used; the map uses {used.tolist()}")
+    if num_fine is not None and table.numel() != num_fine:
+        raise ValueError(f"the hierarchy maps {table.numel()} fine labels but the model has {num_fine} classes")
+    return table

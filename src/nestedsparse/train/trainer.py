@@ -30,7 +30,8 @@ from ..nest import ROUTINGS, get_spec, iter_nested, set_routing_, use_level
 from ..select import create_selector
 from ..structure.collapse import find_links, is_collapsible, prox_layer_sparsity_
 from .checkpoint import FILENAME, load_checkpoint, save_checkpoint
-from .loss import SAMPLINGS, nested_loss, sample_levels
+from ..data.hierarchy import resolve_hierarchy
+from .loss import SAMPLINGS, Hierarchy, coarse_logits, nested_loss, sample_levels
 
 __all__ = ["TrainConfig", "TrainResult", "train", "evaluate"]
 
@@ -62,6 +63,11 @@ class TrainConfig:
             become non-negative and merge (``nestedsparse.structure.collapse``); 0 = off.
         input_nonneg: the model's inputs are >= 0 (images in [0, 1]): its first layer can be a
             layer-sparsity candidate too.
+        hierarchy, coarse_levels: hierarchical classification (NestedNet): the sparsest
+            ``coarse_levels`` levels learn coarse classes, the others the fine ones.
+            ``hierarchy`` names a fine -> coarse map (``nestedsparse.data.HIERARCHIES``, e.g.
+            "fashion-mnist") or gives it as a list; None = off. Evaluation then also reports
+            each level's ``coarse_accuracy``.
     """
 
     epochs: int = 10
@@ -87,6 +93,8 @@ class TrainConfig:
     progress: bool = True
     layer_sparsity: float = 0.0
     input_nonneg: bool = False
+    hierarchy: str | tuple[int, ...] | None = None
+    coarse_levels: int = 1
     version: int = 1
 
     def __post_init__(self) -> None:
@@ -105,6 +113,12 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.layer_sparsity must be >= 0 (0 = off), got {self.layer_sparsity}")
         if self.max_steps_per_epoch is not None and self.max_steps_per_epoch < 1:
             raise ValueError(f"max_steps_per_epoch must be None or >= 1, got {self.max_steps_per_epoch}")
+        if self.hierarchy is not None:
+            if not isinstance(self.hierarchy, str):
+                object.__setattr__(self, "hierarchy", tuple(int(v) for v in self.hierarchy))
+            resolve_hierarchy(self.hierarchy)  # a clear error now, not at the first step
+        if not isinstance(self.coarse_levels, int) or self.coarse_levels < 1:
+            raise ValueError(f"TrainConfig.coarse_levels must be an int >= 1, got {self.coarse_levels!r}")
         object.__setattr__(self, "selector_args", dict(self.selector_args))
         if self.level_weights is not None:
             object.__setattr__(self, "level_weights", tuple(float(w) for w in self.level_weights))
@@ -113,7 +127,15 @@ class TrainConfig:
         """JSON-ready form."""
         d = asdict(self)
         d["level_weights"] = list(self.level_weights) if self.level_weights else None
+        if isinstance(self.hierarchy, tuple):
+            d["hierarchy"] = list(self.hierarchy)
         return d
+
+    def hierarchy_spec(self) -> Hierarchy | None:
+        """The :class:`~nestedsparse.train.loss.Hierarchy` this config asks for (None = off)."""
+        if self.hierarchy is None:
+            return None
+        return Hierarchy(resolve_hierarchy(self.hierarchy), self.coarse_levels)
 
 
 @dataclass
@@ -128,12 +150,14 @@ class TrainResult:
 class NestedObjective(nn.Module):
     """Wraps a nested model so the whole multi-level loss is one forward (one DDP reduction)."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, hierarchy: Hierarchy | None = None) -> None:
         super().__init__()
         self.model = model
+        self.hierarchy = hierarchy
 
     def forward(self, x, y, levels, weights=None, distill=0.0, temperature=1.0):
-        return nested_loss(self.model, x, y, levels, weights=weights, distill=distill, temperature=temperature)
+        return nested_loss(self.model, x, y, levels, weights=weights, distill=distill, temperature=temperature,
+                           hierarchy=self.hierarchy)
 
 
 # ---------------------------------------------------------------------------------------- helpers
@@ -232,8 +256,13 @@ class _Freezer:
 # ------------------------------------------------------------------------------------------ eval
 @torch.no_grad()
 def evaluate(model: nn.Module, data: Dataset, levels=None, batch_size: int = 1000,
-             device: torch.device | str | None = None) -> list[dict]:
-    """Accuracy (fraction) and mean loss of ``model`` on ``data`` at each level (default all)."""
+             device: torch.device | str | None = None, hierarchy: Hierarchy | None = None) -> list[dict]:
+    """Accuracy (fraction) and mean loss of ``model`` on ``data`` at each level (default all).
+
+    With a ``hierarchy`` every row also has ``coarse_accuracy`` (the argmax of
+    :func:`~nestedsparse.train.loss.coarse_logits` against the coarse labels) and ``coarse``
+    (whether the level was trained on coarse classes); ``loss`` is then the loss the level was
+    trained on."""
     spec = get_spec(model)
     device = torch.device(device) if device else next(model.parameters()).device
     levels = range(spec.num_levels) if levels is None else levels
@@ -241,15 +270,25 @@ def evaluate(model: nn.Module, data: Dataset, levels=None, batch_size: int = 100
     model.eval()
     out = []
     for k in levels:
-        correct, loss, n = 0, 0.0, 0
+        correct, ccorrect, loss, n = 0, 0, 0.0, 0
+        coarse = hierarchy is not None and hierarchy.is_coarse(k)
         with use_level(model, k):
             for x, y in _batches(data, torch.arange(len(data)), batch_size, 0):
                 x, y = x.to(device), y.to(device)
                 logits = model(x)
-                loss += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
                 correct += int((logits.argmax(-1) == y).sum())
                 n += len(y)
-        out.append({"level": k, "accuracy": correct / max(n, 1), "loss": loss / max(n, 1)})
+                if hierarchy is None:
+                    loss += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
+                    continue
+                cl, yc = coarse_logits(logits, hierarchy.mapping), hierarchy.mapping.to(y.device)[y]
+                ccorrect += int((cl.argmax(-1) == yc).sum())
+                loss += float(nn.functional.cross_entropy(cl, yc, reduction="sum") if coarse
+                              else nn.functional.cross_entropy(logits, y, reduction="sum"))
+        row = {"level": k, "accuracy": correct / max(n, 1), "loss": loss / max(n, 1)}
+        if hierarchy is not None:
+            row.update(coarse_accuracy=ccorrect / max(n, 1), coarse=coarse)
+        out.append(row)
     model.train(was_training)
     return out
 
@@ -304,7 +343,11 @@ def train(
     if config.layer_sparsity > 0 and not links:
         raise ValueError("TrainConfig.layer_sparsity > 0 but the model has no collapsible candidate "
                          "(Linear -> ReLU -> Linear, or Conv2d -> ReLU -> 1x1 Conv2d, on a non-negative input)")
-    objective = NestedObjective(model)
+    hierarchy = config.hierarchy_spec()
+    if hierarchy is not None and hierarchy.coarse_levels >= spec.num_levels:
+        raise ValueError(f"coarse_levels={hierarchy.coarse_levels} leaves no fine level of the {spec.num_levels}; "
+                         f"allowed 1..{spec.num_levels - 1}")
+    objective = NestedObjective(model, hierarchy)
     if world > 1:
         ids = [device.index] if device.type == "cuda" else None
         objective = nn.parallel.DistributedDataParallel(objective, device_ids=ids)
@@ -319,7 +362,8 @@ def train(
             row["candidates"] = len(links)
         _broadcast_buffers(model)
         if test_data is not None:
-            row["levels"] = evaluate(model, test_data, batch_size=config.eval_batch_size, device=device)
+            row["levels"] = evaluate(model, test_data, batch_size=config.eval_batch_size, device=device,
+                                     hierarchy=hierarchy)
         history.append(row)
         if rank == 0 and run_dir is not None:
             _write_epoch(run_dir, model, optimizer, selector, config, row, history, spec)
