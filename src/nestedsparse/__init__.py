@@ -21,7 +21,7 @@ from .nest import (
 )
 from .select import create_selector, list_selectors
 from .structure import collapse, find_links, prox_layer_sparsity_
-from .train import TrainConfig, TrainResult, evaluate, nested_loss, train
+from .train import LevelConsensus, TrainConfig, TrainResult, evaluate, fit_consensus, nested_loss, train
 
 __version__ = "0.1.0"
 
@@ -32,6 +32,8 @@ __all__ = [
     "set_level_", "use_level", "get_levels", "set_routing_", "plain_model",
     # selection and training
     "create_selector", "list_selectors", "nested_loss", "TrainConfig", "TrainResult", "train", "evaluate",
+    # consensus of levels
+    "LevelConsensus", "fit_consensus",
     # layer sparsity (whole layers collapse)
     "find_links", "prox_layer_sparsity_", "collapse",
     # files

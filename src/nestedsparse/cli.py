@@ -100,6 +100,10 @@ def _add_rest(sub) -> None:
     p = sub.add_parser("eval", help="per-level table of a run: density, params, MACs, accuracy")
     p.add_argument("run", help="run folder")
     p.add_argument("--data-dir", default=None)
+    p.add_argument("--consensus", action="store_true",
+                   help="also the consensus of levels (NestedNet): A = mean of probabilities, L = a linear layer "
+                        "over the levels' logits fitted on the training set")
+    p.add_argument("--consensus-epochs", type=int, default=1, help="epochs fitting the L consensus (default 1)")
     p = sub.add_parser("plot", help="accuracy vs MACs per level (PNG)")
     p.add_argument("runs", nargs="+", help="run folders (or eval.json files)")
     p.add_argument("-o", "--output", default=None, help="PNG path (default <first run>/pareto.png)")

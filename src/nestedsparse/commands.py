@@ -123,9 +123,35 @@ def cmd_eval(args) -> int:
     rows = [{**r, **{k: ev[r["level"]][k] for k in keys}} for r in level_summary(model, example)]
     print(format_table(rows, ["level", "density", "params", "macs", *keys]))
     out = {"model": info["model"], "dataset": info["dataset"], "levels": rows}
+    if args.consensus:
+        out["consensus"] = _consensus_rows(model, info, rows, hierarchy, args)
+        print(format_table(out["consensus"], ["consensus", "levels", "macs", "accuracy"]))
     (run / EVAL_FILE).write_text(json.dumps(out, indent=2))
     print(f"wrote {run / EVAL_FILE}")
     return 0
+
+
+def _consensus_rows(model, info: dict, rows: list[dict], hierarchy, args) -> list[dict]:
+    """NestedNet's consensus A and L over the run's fine levels (L fitted on its training set)."""
+    from .train.consensus import LevelConsensus, consensus_accuracy, fit_consensus
+
+    levels = [r["level"] for r in rows if hierarchy is None or not hierarchy.is_coarse(r["level"])]
+    if len(levels) < 2:
+        raise ValueError(f"--consensus needs two or more (fine) levels, the run has {levels}")
+    test_set = load_dataset(info["dataset"], args.data_dir or info.get("data_dir"), split="test")
+    train_set = load_dataset(info["dataset"], args.data_dir or info.get("data_dir"), split="train")
+    if info.get("subset"):
+        train_set = torch.utils.data.TensorDataset(*(t[: info["subset"]] for t in train_set.tensors))
+    macs = sum(r["macs"] for r in rows if r["level"] in levels)
+    out = []
+    for mode in ("average", "linear"):
+        cons = LevelConsensus(model, levels, mode, num_classes=int(info["model_kwargs"]["num_classes"]))
+        if mode == "linear":
+            fit_consensus(cons, train_set, epochs=args.consensus_epochs)
+        got = consensus_accuracy(cons, test_set)
+        out.append({"consensus": "A" if mode == "average" else "L", "levels": ",".join(map(str, levels)),
+                    "macs": macs, "accuracy": got["accuracy"]})
+    return out
 
 
 def cmd_plot(args) -> int:
