@@ -70,7 +70,10 @@ def _add_train(sub) -> None:
     p.add_argument("--allocation", default="erk", help="erk (default: small layers kept denser) | uniform | global")
     p.add_argument("--first-last-density", type=float, default=None, help="floor density of first and last layers")
     p.add_argument("--block", type=_block, default=(1, 1), help="prune blocks ROWSxCOLS, e.g. 1x2 (default 1x1)")
-    p.add_argument("--selector", default="magnitude", help="magnitude | nestednet")
+    p.add_argument("--selector", default="magnitude",
+                   help="magnitude | nestednet | channels (NestedNet's channel scheduling)")
+    p.add_argument("--widths", type=_floats, default=None,
+                   help="channel scheduling: width per level, increasing, last 1.0 (default sqrt of each density)")
     p.add_argument("--prune-end", type=float, default=None, help="fraction of training when the maps are fixed")
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoint")

@@ -79,3 +79,4 @@ def list_selectors() -> list[str]:
 
 def _load_builtin() -> None:
     from . import magnitude, nestednet  # noqa: F401  (registers them)
+    from ..structure import width  # noqa: F401  (channel scheduling: "channels")

@@ -1,0 +1,160 @@
+"""Channel scheduling (NestedNet): level k keeps the leading channels of every layer.
+
+Level ``k`` of a channel-scheduled network is a thinner network: each layer keeps its first
+``ceil(w_k * C)`` output channels and reads only the first ``ceil(w_k * C_in)`` channels of its
+input, with ``w_0 < w_1 < ... < w_{L-1} = 1`` the level widths. The model's input channels (image
+channels) and its outputs (classes) are never divided. In this library that is one more way to
+choose level maps -- a weight is active from the first level whose width holds both its output
+channel and its input channel -- so nesting, per-level BatchNorm, training, packing and the
+runtime all work unchanged; NestedNet's "width x sparsity" grids come from combining the widths
+with a magnitude selector's maps (:func:`channel_level_maps` then ``max`` with them).
+
+Which channel a weight reads is found from the graph (``torch.fx``): a Linear after a flatten
+of ``C`` feature maps of ``H x W`` reads channel ``f // (H*W)`` at feature ``f``; a grouped conv's
+``j``-th input of output channel ``o`` is input channel ``(o // (O/g)) * (I/g) + j``.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import fx, nn
+
+from ..nest import get_spec, iter_nested, set_level_maps_
+from ..select import Selector, register_selector
+from .collapse import _trace
+
+__all__ = ["channel_counts", "channel_level_maps", "ChannelSelector", "default_widths"]
+
+
+def default_widths(densities: Sequence[float]) -> tuple[float, ...]:
+    """Widths whose interior layers keep about ``densities`` of their weights: ``sqrt(d)``."""
+    return tuple(math.sqrt(d) for d in densities)
+
+
+def channel_counts(channels: int, widths: Sequence[float]) -> list[int]:
+    """Channels kept per level: ``ceil(w * channels)`` (at least one)."""
+    return [max(1, min(channels, math.ceil(w * channels - 1e-9))) for w in widths]
+
+
+def _levels_of(index: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
+    """Lowest level whose count holds each channel index."""
+    c = torch.tensor(counts, dtype=torch.int64)
+    return (index.unsqueeze(-1) >= c).sum(-1)
+
+
+def _producers(gm: fx.GraphModule, node: fx.Node, nested: set[str], seen: set | None = None) -> tuple[set, bool]:
+    """Nested layers whose outputs reach ``node``'s value without passing another nested layer,
+    and whether the model input reaches it that way."""
+    seen = set() if seen is None else seen
+    layers, from_input = set(), False
+    for a in node.all_input_nodes:
+        if a in seen:
+            continue
+        seen.add(a)
+        if a.op == "placeholder":
+            from_input = True
+        elif a.op == "call_module" and a.target in nested:
+            layers.add(a.target)
+        else:
+            sub, inp = _producers(gm, a, nested, seen)
+            layers |= sub
+            from_input |= inp
+    return layers, from_input
+
+
+def _feeds_output(gm: fx.GraphModule, node: fx.Node, nested: set[str], seen: set | None = None) -> bool:
+    seen = set() if seen is None else seen
+    for u in node.users:
+        if u in seen:
+            continue
+        seen.add(u)
+        if u.op == "output":
+            return True
+        if u.op == "call_module" and u.target in nested:
+            continue
+        if _feeds_output(gm, u, nested, seen):
+            return True
+    return False
+
+
+def channel_level_maps(model: nn.Module, widths: Sequence[float]) -> dict[str, torch.Tensor]:
+    """Level maps of channel scheduling with per-level ``widths`` (increasing, last 1.0), by layer name.
+
+    Raises ``ValueError`` when the widths are malformed, or when a Linear reads a flattened
+    input whose channel layout cannot be told from the graph.
+    """
+    spec = get_spec(model)
+    widths = [float(w) for w in widths]
+    if (len(widths) != spec.num_levels or any(not 0 < w <= 1 for w in widths)
+            or any(a >= b for a, b in zip(widths, widths[1:])) or widths[-1] != 1.0):
+        raise ValueError(f"channel widths must be {spec.num_levels} increasing fractions in (0, 1] ending at 1.0 "
+                         f"(one per level), got {widths}")
+    layers = {name: mod for name, mod, _ in iter_nested(model)}
+    gm = _trace(model)
+    nested = set(layers)
+    nodes = {n.target: n for n in gm.graph.nodes if n.op == "call_module" and n.target in nested}
+    maps = {}
+    for name, mod in layers.items():
+        w = mod.parametrizations.weight.original
+        O = w.shape[0]
+        node = nodes.get(name)
+        if node is None:  # not reached by the traced forward (e.g. tied and called under another name)
+            raise ValueError(f"layer {name!r} is not called by the traced forward; channel scheduling needs it")
+        producers, from_input = _producers(gm, node, nested)
+        divide_in = bool(producers) and not from_input
+        divide_out = not _feeds_output(gm, node, nested)
+        lv_out = (_levels_of(torch.arange(O), channel_counts(O, widths)) if divide_out
+                  else torch.zeros(O, dtype=torch.int64))
+        if isinstance(mod, nn.Linear):
+            I = w.shape[1]
+            if divide_in:
+                chans = {layers[p].parametrizations.weight.original.shape[0] for p in producers}
+                if len(chans) != 1 or I % next(iter(chans)):
+                    raise ValueError(f"Linear {name!r} reads {I} features from layers {sorted(producers)} with "
+                                     f"{sorted(chans)} channels: cannot tell its input channels")
+                C = next(iter(chans))
+                gin = torch.arange(I) // (I // C)
+                lv_in = _levels_of(gin, channel_counts(C, widths))
+            else:
+                lv_in = torch.zeros(I, dtype=torch.int64)
+            lm = torch.maximum(lv_out[:, None], lv_in[None, :])
+        else:
+            ipg, g = w.shape[1], mod.groups
+            if divide_in:
+                opg = O // g
+                gin = (torch.arange(O)[:, None] // opg) * ipg + torch.arange(ipg)[None, :]
+                lv_in = _levels_of(gin, channel_counts(ipg * g, widths))
+            else:
+                lv_in = torch.zeros(O, ipg, dtype=torch.int64)
+            lm = torch.maximum(lv_out[:, None], lv_in)
+            lm = lm.reshape(O, ipg, *([1] * (w.dim() - 2))).expand(w.shape)
+        maps[name] = lm.to(torch.uint8).contiguous()
+    return maps
+
+
+@register_selector("channels")
+class ChannelSelector(Selector):
+    """NestedNet's channel scheduling as a selector: the maps are set once, before training.
+
+    Args:
+        widths: width fraction per level (increasing, last 1.0); default ``sqrt(density)`` of
+            the model's LevelSpec, so interior layers keep about each level's density.
+    """
+
+    def __init__(self, widths: Sequence[float] | None = None) -> None:
+        super().__init__()
+        self.widths = None if widths is None else tuple(float(w) for w in widths)
+
+    def apply_(self, model: nn.Module) -> None:
+        widths = self.widths or default_widths(get_spec(model).densities)
+        set_level_maps_(model, channel_level_maps(model, widths))
+
+    def begin(self, model: nn.Module, total_steps: int) -> None:
+        super().begin(model, total_steps)
+        self.apply_(model)
+
+    @property
+    def done(self) -> bool:
+        return True

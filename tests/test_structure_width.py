@@ -1,0 +1,125 @@
+"""Channel scheduling (NestedNet): level k is the thin network of the leading channels."""
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+import nestedsparse as ns
+from nestedsparse.levels import check_nested
+from nestedsparse.structure import ChannelSelector, channel_counts, channel_level_maps
+
+
+def _convnet(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, groups=2), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(32, 5))
+
+
+def _nested_convnet(widths=(0.5, 1.0)):
+    m = _convnet()
+    ns.nestify_(m, ns.LevelSpec((0.25, 1.0)))
+    ChannelSelector(widths).apply_(m)
+    m.train()
+    for _ in range(3):  # per-level BatchNorm statistics
+        for k in range(2):
+            with ns.use_level(m, k):
+                m(torch.randn(8, 3, 6, 6))
+    return m.eval()
+
+
+def test_counts_and_mlp_maps():
+    assert channel_counts(10, (0.25, 0.5, 1.0)) == [3, 5, 10] and channel_counts(3, (0.1, 1.0)) == [1, 3]
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+    ns.nestify_(m, ns.LevelSpec((0.25, 1.0)))
+    maps = channel_level_maps(m, (0.5, 1.0))
+    want0 = torch.zeros(8, 6, dtype=torch.uint8)
+    want0[4:] = 1  # first layer: every input (the model's input is not divided), leading 4 outputs
+    assert torch.equal(maps["0"], want0)
+    mid = torch.ones(8, 8, dtype=torch.uint8)
+    mid[:4, :4] = 0
+    assert torch.equal(maps["2"], mid)
+    last = torch.zeros(3, 8, dtype=torch.uint8)
+    last[:, 4:] = 1  # the classes are never divided; only the leading inputs at level 0
+    assert torch.equal(maps["4"], last)
+
+
+def test_level0_is_the_thin_network():
+    m = _nested_convnet()
+    thin = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                         nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(),  # group 0 of the grouped conv, whole
+                         nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(16, 5)).eval()
+    with torch.no_grad():
+        w = [mod.parametrizations.weight.original for mod in (m[0], m[3], m[7])]
+        thin[0].weight.copy_(w[0][:4]); thin[0].bias.copy_(m[0].bias[:4])
+        bn = m[1]
+        thin[1].weight.copy_(bn.weight[:4]); thin[1].bias.copy_(bn.bias[:4])
+        thin[1].running_mean.copy_(bn.running_mean[0, :4]); thin[1].running_var.copy_(bn.running_var[0, :4])
+        thin[3].weight.copy_(w[1][:4]); thin[3].bias.copy_(m[3].bias[:4])
+        thin[7].weight.copy_(w[2][:, :16]); thin[7].bias.copy_(m[7].bias)
+    x = torch.randn(4, 3, 6, 6)
+    with ns.use_level(m, 0):
+        torch.testing.assert_close(m(x), thin(x), rtol=1e-5, atol=1e-5)
+
+
+def test_resnet_maps_nest_and_pack_and_run(tmp_path):
+    from nestedsparse import models
+    from nestedsparse.pack import load_packed, pack
+
+    torch.manual_seed(0)
+    m = models.create("resnet20", in_channels=3)
+    spec = ns.LevelSpec((0.0625, 0.25, 1.0))
+    ns.nestify_(m, spec)
+    maps = channel_level_maps(m, (0.25, 0.5, 1.0))
+    for name, lm in maps.items():
+        check_nested(lm, spec.num_levels)
+        if name not in ("stem.0", "classifier"):
+            assert [round(float((lm <= k).float().mean()), 4) for k in range(3)] == [0.0625, 0.25, 1.0]
+    ChannelSelector((0.25, 0.5, 1.0)).apply_(m)
+    m.eval()
+    path = tmp_path / "r.nsp"
+    pack(m, model_name="resnet20", model_kwargs={"in_channels": 3}).save(path)
+    rt = load_packed(path)
+    x = torch.randn(2, 3, 32, 32)
+    for k in range(3):
+        with ns.use_level(m, k):
+            torch.testing.assert_close(rt(x, level=k), m(x), rtol=1e-4, atol=1e-4)
+
+
+def test_trains_with_the_channels_selector():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
+    ns.nestify_(m, ns.LevelSpec((0.25, 1.0)))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(128, 6, generator=g)
+    data = TensorDataset(x, (x[:, 0] > 0).long() + (x[:, 1] > 0).long())
+    res = ns.train(m, data, data, ns.TrainConfig(epochs=2, batch_size=32, selector="channels", progress=False))
+    lm = m[0].parametrizations.weight[0].level_map
+    assert int((lm == 0).sum()) == 8 * 6  # sqrt(0.25) = half the hidden units at level 0
+    assert len(res.final) == 2
+
+
+def test_bad_widths():
+    m = _convnet()
+    ns.nestify_(m, ns.LevelSpec((0.25, 1.0)))
+    for bad in ((0.5,), (0.5, 0.9), (1.0, 1.0), (0.0, 1.0)):
+        with pytest.raises(ValueError, match="widths"):
+            channel_level_maps(m, bad)
+
+
+def test_cli_channels(tmp_path, capsys):
+    import json
+
+    from nestedsparse.cli import main
+
+    run = tmp_path / "w"
+    args = ["train", "--model", "lenet5", "--dataset", "synthetic", "--densities", "0.25,1.0", "--selector", "channels",
+            "--widths", "0.5,1.0", "--epochs", "1", "--max-steps-per-epoch", "3", "--out", str(run), "--no-progress"]
+    assert main(args) == 0
+    assert main(["eval", str(run)]) == 0
+    lv = json.loads((run / "eval.json").read_text())["levels"]
+    assert lv[0]["macs"] < 0.45 * lv[1]["macs"]  # half the channels: about a quarter of the interior MACs
+    assert main(args[:-3] + ["--widths", "0.5,1.0", "--selector", "magnitude", "--out", str(tmp_path / "x")]) == 2
+    assert "needs --selector channels" in capsys.readouterr().err
