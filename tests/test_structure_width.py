@@ -53,12 +53,17 @@ def test_level0_is_the_thin_network():
                          nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(16, 5)).eval()
     with torch.no_grad():
         w = [mod.parametrizations.weight.original for mod in (m[0], m[3], m[7])]
-        thin[0].weight.copy_(w[0][:4]); thin[0].bias.copy_(m[0].bias[:4])
+        thin[0].weight.copy_(w[0][:4])
+        thin[0].bias.copy_(m[0].bias[:4])
         bn = m[1]
-        thin[1].weight.copy_(bn.weight[:4]); thin[1].bias.copy_(bn.bias[:4])
-        thin[1].running_mean.copy_(bn.running_mean[0, :4]); thin[1].running_var.copy_(bn.running_var[0, :4])
-        thin[3].weight.copy_(w[1][:4]); thin[3].bias.copy_(m[3].bias[:4])
-        thin[7].weight.copy_(w[2][:, :16]); thin[7].bias.copy_(m[7].bias)
+        thin[1].weight.copy_(bn.weight[:4])
+        thin[1].bias.copy_(bn.bias[:4])
+        thin[1].running_mean.copy_(bn.running_mean[0, :4])
+        thin[1].running_var.copy_(bn.running_var[0, :4])
+        thin[3].weight.copy_(w[1][:4])
+        thin[3].bias.copy_(m[3].bias[:4])
+        thin[7].weight.copy_(w[2][:, :16])
+        thin[7].bias.copy_(m[7].bias)
     x = torch.randn(4, 3, 6, 6)
     with ns.use_level(m, 0):
         torch.testing.assert_close(m(x), thin(x), rtol=1e-5, atol=1e-5)
