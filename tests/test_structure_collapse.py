@@ -113,7 +113,7 @@ def test_negative_part_norm_value_and_finite_gradient_at_zero():
         return float(torch.cat([lin.weight.detach().clamp(max=0).flatten(), lin.bias.detach().clamp(max=0)]).norm())
 
     want = neg_norm(m[2]) + neg_norm(m[4])
-    assert float(negative_part_norm(m, links)) == pytest.approx(want, rel=1e-5)
+    assert float(negative_part_norm(m, links).detach()) == pytest.approx(want, rel=1e-5)
     _make_nonneg_(m[2])
     pen = negative_part_norm(m, links[:1])
     pen.backward()

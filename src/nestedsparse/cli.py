@@ -72,6 +72,8 @@ def _add_train(sub) -> None:
     p.add_argument("--block", type=_block, default=(1, 1), help="prune blocks ROWSxCOLS, e.g. 1x2 (default 1x1)")
     p.add_argument("--selector", default="magnitude",
                    help="magnitude | nestednet | channels (NestedNet's channel scheduling)")
+    p.add_argument("--depth", type=_ints, default=None, metavar="N0,N1,...",
+                   help="layer scheduling (NestedNet): blocks per stage each level runs, e.g. 2,3,5 on resnet32")
     p.add_argument("--widths", type=_floats, default=None,
                    help="channel scheduling: width per level, increasing, last 1.0 (default sqrt of each density)")
     p.add_argument("--prune-end", type=float, default=None, help="fraction of training when the maps are fixed")

@@ -13,7 +13,7 @@ from .io import load_into_, read_meta, save
 from .levels import LevelSpec
 from .nest import nestify_
 from .report import format_table, plot_pareto, read_eval
-from .structure import create_model
+from .structure import create_model, depth_schedule_
 
 RUN_FILE, MODEL_FILE, EVAL_FILE = "run.json", "model.safetensors", "eval.json"
 
@@ -33,6 +33,8 @@ def build_model(info: dict) -> torch.nn.Module:
     """The nested model a run describes (fresh weights; load a file into it)."""
     model = create_model(info["model"], info.get("model_kwargs", {}), info.get("collapse"))
     nestify_(model, LevelSpec.from_dict(info["spec"]), block=tuple(info.get("block", (1, 1))))
+    if info.get("depth"):  # layer scheduling: blocks per stage at each level
+        depth_schedule_(model, info["depth"])
     return model
 
 
@@ -76,6 +78,8 @@ def cmd_train(args) -> int:
     info = {"model": args.model, "model_kwargs": dict(args.model_arg), "dataset": args.dataset,
             "data_dir": args.data_dir, "spec": spec.to_dict(), "block": list(args.block), "config": config.to_dict(),
             "subset": args.subset}
+    if args.depth is not None:
+        info["depth"] = list(args.depth)
     train_set = load_dataset(args.dataset, args.data_dir, split="train")
     if args.subset:
         train_set = torch.utils.data.TensorDataset(*(t[: args.subset] for t in train_set.tensors))

@@ -108,8 +108,13 @@ def save(model: nn.Module, path: str | os.PathLike, extra: Mapping | None = None
         path: target file (``.safetensors``).
         extra: JSON-ready facts to keep beside it (e.g. ``{"model": "lenet5", "model_kwargs": {}}``).
     """
+    from .structure.depth import depth_schedule  # noqa: PLC0415
+
     spec = get_spec(model)
     meta = {"format": MODEL_FORMAT, "version": MODEL_VERSION, "spec": spec.to_dict(), "extra": dict(extra or {})}
+    depth = depth_schedule(model)
+    if depth:  # layer scheduling: which blocks each level skips (load_into_ gates them again)
+        meta["depth"] = depth
     write_tensors(path, model.state_dict(), meta)
 
 
@@ -129,8 +134,28 @@ def load_into_(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         nestify_(model, spec)
     elif get_spec(model) != spec:
         raise CheckpointError(f"{path}: file has levels {spec.densities}, the model {get_spec(model).densities}")
+    _apply_depth(model, meta.get("depth"), path)
     _load_state_checked(model, tensors, path)
     return model
+
+
+def _apply_depth(model: nn.Module, depth, path) -> None:
+    """Gate the blocks a file's layer schedule names (or check the model's own gates equal it)."""
+    from .structure.depth import depth_schedule, gate_blocks_  # noqa: PLC0415
+
+    depth = depth or {}
+    if not isinstance(depth, dict) or not all(isinstance(k, str) and isinstance(v, int) for k, v in depth.items()):
+        raise CheckpointError(f"{path}: invalid layer schedule in metadata (expected {{block name: min level}})")
+    own = depth_schedule(model)
+    if own:
+        if own != depth:
+            raise CheckpointError(f"{path}: file's layer schedule {depth} differs from the model's {own}")
+        return
+    if depth:
+        try:
+            gate_blocks_(model, depth, check=False)
+        except ValueError as e:
+            raise CheckpointError(f"{path}: {e}") from None
 
 
 def load(path: str | os.PathLike, model_factory: Callable[[], nn.Module]) -> nn.Module:

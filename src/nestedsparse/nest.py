@@ -249,7 +249,8 @@ def plain_model(model: nn.Module, level: int | None = None) -> nn.Module:
 
     Every nested weight becomes a plain ``Parameter`` holding ``W * mask(level)`` (tied weights stay
     tied), every :class:`NestedBatchNorm` a ``nn.BatchNorm{1,2,3}d`` with that level's running
-    statistics and the shared affine, and the copy is no longer nested. For tools that work on
+    statistics and the shared affine, a block the level skips (layer scheduling) an
+    ``nn.Identity``, and the copy is no longer nested. For tools that work on
     plain models (``nestedsparse.structure.collapse``, export), and to start a new nested run.
     """
     spec = get_spec(model)
@@ -287,6 +288,16 @@ def plain_model(model: nn.Module, level: int | None = None) -> nn.Module:
                         bn.running_var.copy_(child.running_var[k])
                         bn.num_batches_tracked.copy_(child.num_batches_tracked[k])
                 setattr(parent, cname, bn.train(child.training))
+    from .structure.depth import is_gated  # noqa: PLC0415
+
+    for _, parent in list(out.named_modules()):  # layer scheduling: a skipped block goes, a kept one is plain
+        for cname, child in list(parent.named_children()):
+            if is_gated(child):
+                if child.level_gate.min_level > k:
+                    setattr(parent, cname, nn.Identity())
+                else:
+                    del child._modules["level_gate"]
+                    child.__class__ = child.__class__.__bases__[0]
     delattr(out, _SPEC_ATTR)
     return out
 
@@ -350,9 +361,14 @@ def _resolve(name: str, level: LevelArg, current: int) -> int:
 
 
 def _level_owners(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    from .structure.depth import LevelGate  # noqa: PLC0415 - layer scheduling's gates hold a level too
+
     for name, mod, mask in iter_nested(model):
         yield name, mask
     yield from iter_nested_bn(model)
+    for name, mod in model.named_modules():
+        if isinstance(mod, LevelGate):
+            yield name, mod
 
 
 def set_run_levels_(model: nn.Module, levels) -> None:

@@ -70,6 +70,7 @@ class PackedModel:
     model_name: str | None = None
     model_kwargs: dict = field(default_factory=dict)
     collapse: dict | None = None  # the layer-sparsity merges that built the architecture (structure.rebuild)
+    depth: dict = field(default_factory=dict)  # layer scheduling: {block name: min level} (structure.depth)
 
     def dense_bytes(self) -> int:
         """Bytes of the tensors every level needs (biases, BatchNorm, unpruned layers)."""
@@ -107,7 +108,7 @@ class PackedModel:
                     tensors[f"csr/{name}/{f}"] = torch.from_numpy(np.ascontiguousarray(arr))
         tensors.update({f"dense/{k}": v for k, v in self.dense.items()})
         meta = {"format": FORMAT, "version": VERSION, "spec": self.spec.to_dict(), "model": self.model_name,
-                "model_kwargs": self.model_kwargs, "collapse": self.collapse,
+                "model_kwargs": self.model_kwargs, "collapse": self.collapse, "depth": self.depth,
                 "layers": {n: pl.meta() for n, pl in self.layers.items()},
                 "ties": self.ties, "sha256": {k: _digest(v) for k, v in tensors.items()}}
         write_tensors(path, tensors, meta)
@@ -159,8 +160,10 @@ def pack(model: nn.Module, dtype: str = "float32", model_name: str | None = None
             if owners.get(id(mask)) not in (None, name):
                 ties[name] = owners[id(mask)]
     dense = {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if ".parametrizations.weight." not in k}
+    from ..structure.depth import depth_schedule  # noqa: PLC0415
+
     return PackedModel(spec=spec, layers=layers, dense=dense, ties=ties, model_name=model_name,
-                       model_kwargs=dict(model_kwargs or {}), collapse=collapse or None)
+                       model_kwargs=dict(model_kwargs or {}), collapse=collapse or None, depth=depth_schedule(model))
 
 
 def _masks_of(mod: nn.Module):
@@ -202,9 +205,13 @@ def read_packed(path: str | os.PathLike) -> PackedModel:
     recipe = meta.get("collapse")
     if not isinstance(recipe, (dict, type(None))):
         raise PackedFormatError(f"{where}: invalid collapse recipe (expected an object or null)")
+    depth = meta.get("depth") or {}
+    if not isinstance(depth, dict) or not all(
+            isinstance(k, str) and type(v) is int and 1 <= v < spec.num_levels for k, v in depth.items()):
+        raise PackedFormatError(f"{where}: invalid layer schedule (expected {{block name: level 1..{spec.num_levels - 1}}})")
     dense = {k[len("dense/"):]: v for k, v in tensors.items() if k.startswith("dense/")}
     return PackedModel(spec=spec, layers=layers, dense=dense, ties=ties, model_name=meta.get("model"),
-                       model_kwargs=kwargs, collapse=recipe or None)
+                       model_kwargs=kwargs, collapse=recipe or None, depth=depth)
 
 
 def _check_checksums(tensors: dict, meta: dict, where: str) -> None:

@@ -81,10 +81,12 @@ def dense_model_for_level(rt, level: int) -> nn.Module:
 
     Every packed layer becomes ``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d`` with the level's dense
     weight (``layer.dense_weight(level)``) and bias; every per-level BatchNorm a
-    :class:`ChannelAffine` with the level's scale / shift. ``rt`` is left untouched and shares no
+    :class:`ChannelAffine` with the level's scale / shift; a block the level skips (layer
+    scheduling) an ``nn.Identity``. ``rt`` is left untouched and shares no
     packed arrays with the result. Layers that share one packed weight (ties) share one dense weight.
     """
-    from .runtime import LevelBatchNorm, _SparseBase
+    from ..structure.depth import is_gated
+    from .runtime import LevelBatchNorm, _OpenGate, _SparseBase
 
     rt.spec.check_level(level)
     memo: dict[int, nn.Module] = {}
@@ -95,6 +97,11 @@ def dense_model_for_level(rt, level: int) -> nn.Module:
             memo[id(mod)] = _plain_layer(mod, level)
         elif isinstance(mod, LevelBatchNorm):
             memo[id(mod)] = ChannelAffine(mod.scale[level], mod.shift[level])
+        elif is_gated(mod):  # layer scheduling: the level's network has only the blocks it runs
+            if mod.level_gate.min_level > level:
+                memo[id(mod)] = nn.Identity()
+            else:
+                memo[id(mod.level_gate)] = _OpenGate()
     # Tied packed layers are separate modules over one NestedCSR: give them one dense Parameter.
     by_csr: dict[int, nn.Module] = {}
     for mod in rt.model.modules():

@@ -671,6 +671,28 @@ class FeatureMajorChain(nn.Module):
 LinearChain = FeatureMajorChain  # the name of its first, Linear-only form
 
 
+class _OpenGate(nn.Module):
+    """A gate that always lets its block run (a level's dense copy keeps only the blocks it runs)."""
+
+    def active(self) -> bool:
+        return True
+
+
+class CallLevelGate(nn.Module):
+    """Layer scheduling's gate in the runtime: its block runs when the call's level (for this
+    block's name) is at least ``min_level``."""
+
+    def __init__(self, name: str, gate: nn.Module) -> None:
+        super().__init__()
+        self.name, self.min_level, self.top = name, gate.min_level, gate.num_levels - 1
+
+    def active(self) -> bool:
+        return _level_for(self.name, self.top) >= self.min_level
+
+    def extra_repr(self) -> str:
+        return f"min_level={self.min_level}"
+
+
 class LevelBatchNorm(nn.Module):
     """Inference BatchNorm with running statistics per level, picked by the call's level."""
 
@@ -715,6 +737,24 @@ class PackedRuntime(nn.Module):
         self.model, self.spec = model.eval(), spec
         self.names = [n for n, m in model.named_modules() if isinstance(m, (_SparseBase, LevelBatchNorm))]
         self.graph: nn.Module | None = _fuse(model, programs) if fuse else None
+        # layer scheduling: which blocks run depends on the call's level, so the traced graph does
+        # too -- one per set of running blocks, traced when first needed (the gates' branch is
+        # resolved while tracing); ``graph`` is the densest level's
+        self._gates = [m for m in model.modules() if isinstance(m, CallLevelGate)]
+        self._fuse_args = (fuse, programs)
+        self._graphs: dict[tuple, nn.Module | None] = {}
+        if self._gates:
+            self._graphs[(True,) * len(self._gates)] = self.graph
+
+    def _graph_now(self) -> nn.Module | None:
+        """The traced graph for the blocks the current call's level runs."""
+        if not self._gates:
+            return self.graph
+        key = tuple(g.active() for g in self._gates)
+        if key not in self._graphs:
+            fuse, programs = self._fuse_args
+            self._graphs[key] = _fuse(self.model, programs) if fuse else None
+        return self._graphs[key]
 
     def forward(self, x: torch.Tensor, level: int | Mapping[str, int] | None = None) -> torch.Tensor:
         level = self.spec.num_levels - 1 if level is None else level
@@ -724,7 +764,8 @@ class PackedRuntime(nn.Module):
         try:
             with torch.inference_mode():
                 # the traced graph's forward directly: GraphModule.__call__ adds a wrapper per call
-                return self.model(x) if self.graph is None else self.graph.forward(x)
+                g = self.graph if not self._gates else self._graph_now()
+                return self.model(x) if g is None else g.forward(x)
         finally:
             _LEVEL.reset(token)
 
@@ -736,13 +777,23 @@ class PackedRuntime(nn.Module):
         """What runs each packed layer: :class:`FusedSparse` modules of ``graph``, else the layers."""
         if self.graph is None:
             return self.sparse_layers()
+        graphs = [self.graph]
+        if self._gates:  # every level's graph (traced now if not yet)
+            for k in range(self.spec.num_levels):
+                token = _LEVEL.set(k)
+                try:
+                    self._graph_now()
+                finally:
+                    _LEVEL.reset(token)
+            graphs = [g for g in self._graphs.values() if g is not None]
         out, seen = [], set()
-        for node in self.graph.graph.nodes:
-            mod = self.graph.get_submodule(node.target) if node.op == "call_module" else None
-            if isinstance(mod, (FusedSparse, _SparseBase, FeatureMajorChain, _program().PlaneProgram)) \
-                    and id(mod) not in seen:
-                seen.add(id(mod))
-                out.append(mod)
+        for g in graphs:
+            for node in g.graph.nodes:
+                mod = g.get_submodule(node.target) if node.op == "call_module" else None
+                if isinstance(mod, (FusedSparse, _SparseBase, FeatureMajorChain, _program().PlaneProgram)) \
+                        and id(mod) not in seen:
+                    seen.add(id(mod))
+                    out.append(mod)
         return out
 
     def tune(self, example: torch.Tensor, levels=None, repeats: int = 7) -> dict:
@@ -860,7 +911,8 @@ def _inline_pad_shortcuts(graph: torch.fx.Graph, modules: dict[str, nn.Module]) 
 
 class _LeafTracer(torch.fx.Tracer):
     """Traces the model's own code; packed layers, per-level BatchNorms and the option-A ResNet
-    shortcut (a depth-first program op) stay leaf calls."""
+    shortcut (a depth-first program op) stay leaf calls. A block under layer scheduling is traced
+    through or left out, as the level being traced runs it or not."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         from ..models.resnet import PadShortcut  # noqa: PLC0415
@@ -1140,6 +1192,13 @@ def runtime_from_packed(packed: PackedModel, model: nn.Module) -> PackedRuntime:
     from torch.nn.utils import parametrize
 
     nestify_(model, packed.spec)
+    if packed.depth:  # layer scheduling: gate the blocks, their gates then read the call's level
+        from ..structure.depth import gate_blocks_  # noqa: PLC0415
+
+        try:
+            gate_blocks_(model, packed.depth, check=False)
+        except ValueError as e:
+            raise PackedFormatError(f"layer schedule does not fit the model: {e}") from None
     nested = {name: mod for name, mod, _ in iter_nested(model)}
     if set(nested) != set(packed.layers):
         raise PackedFormatError(f"file layers {sorted(packed.layers)} do not match the model's {sorted(nested)}")
@@ -1159,9 +1218,13 @@ def runtime_from_packed(packed: PackedModel, model: nn.Module) -> PackedRuntime:
         cls = SparseLinear if pl.kind == "linear" else SparseConv
         built[name] = cls(name, pl, mod.bias)
         _set_child(model, name, built[name])
+    from ..structure.depth import LevelGate  # noqa: PLC0415
+
     for name, bn in list(model.named_modules()):
         if isinstance(bn, NestedBatchNorm):
             _set_child(model, name, LevelBatchNorm(name, bn))
+        elif isinstance(bn, LevelGate):
+            _set_child(model, name, CallLevelGate(name, bn))
     return PackedRuntime(model, packed.spec)
 
 

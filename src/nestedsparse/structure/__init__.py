@@ -1,4 +1,5 @@
-"""Structure of the network itself: channel scheduling (width) and layer sparsity (collapsing whole layers)."""
+"""Structure of the network itself: channel scheduling (width), layer scheduling (depth) and layer
+sparsity (collapsing whole layers)."""
 from .collapse import (
     CollapseResult,
     Link,
@@ -10,8 +11,9 @@ from .collapse import (
     prox_layer_sparsity_,
     rebuild,
 )
+from .depth import LevelGate, depth_schedule, depth_schedule_, gate_blocks_, is_gated
 from .width import ChannelSelector, channel_counts, channel_level_maps, default_widths
 
 __all__ = ["Link", "CollapseResult", "find_links", "is_collapsible", "negative_part_norm", "prox_layer_sparsity_",
            "collapse", "rebuild", "create_model", "ChannelSelector", "channel_level_maps", "channel_counts",
-           "default_widths"]
+           "default_widths", "LevelGate", "depth_schedule", "depth_schedule_", "gate_blocks_", "is_gated"]

@@ -1,0 +1,143 @@
+"""Layer scheduling (NestedNet): lower levels skip whole residual blocks."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import nestedsparse as ns
+from nestedsparse import models
+from nestedsparse.io import CheckpointError
+from nestedsparse.structure import depth_schedule, depth_schedule_, gate_blocks_, is_gated
+
+SPEC = ns.LevelSpec((0.2, 0.5, 1.0))
+
+
+def _resnet(counts=(1, 2, 3), seed=0):
+    torch.manual_seed(seed)
+    m = models.create("resnet20", in_channels=3)
+    ns.nestify_(m, SPEC)
+    if counts is not None:
+        depth_schedule_(m, counts)
+    m.train()
+    for _ in range(2):  # per-level BatchNorm statistics
+        for k in range(3):
+            with ns.use_level(m, k):
+                m(torch.randn(4, 3, 16, 16))
+    return m.eval()
+
+
+def test_schedule_names_the_blocks_each_level_skips():
+    m = _resnet()
+    want = {f"layer{s}.{i}": i for s in (1, 2, 3) for i in (1, 2)}
+    assert depth_schedule(m) == want
+    assert all(is_gated(m.get_submodule(n)) for n in want) and not is_gated(m.layer1[0])
+    assert "layer1.1.level_gate" in ns.get_levels(m)
+    # parameter names do not change: a gated model loads an ungated model's state
+    assert set(m.state_dict()) == set(_resnet(counts=None).state_dict())
+
+
+def test_level_k_runs_only_its_blocks():
+    m = _resnet()
+    x = torch.randn(2, 3, 16, 16)
+    for k, n in enumerate((1, 2, 3)):
+        ref = copy.deepcopy(m)
+        for s in (1, 2, 3):
+            stage = ref.get_submodule(f"layer{s}")
+            for i in range(n, 3):
+                stage[i] = nn.Identity()
+        with ns.use_level(m, k), ns.use_level(ref, k):
+            torch.testing.assert_close(m(x), ref(x))
+    macs = [r["macs"] for r in ns.level_summary(m, x[:1])]
+    assert macs[0] < macs[1] < macs[2]
+    # rerouting: the first stage at level 0 (one block), the rest at level 2 (all blocks)
+    ref = copy.deepcopy(m)
+    for i in (1, 2):
+        ref.layer1[i] = nn.Identity()
+    with ns.use_level(m, {"": 2, "layer1": 0}), ns.use_level(ref, {"": 2, "layer1": 0}):
+        torch.testing.assert_close(m(x), ref(x))
+
+
+def test_skipped_blocks_get_no_gradient_from_their_level():
+    m = _resnet()
+    m.train()
+    x, y = torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 3])
+    loss, _ = ns.nested_loss(m, x, y, [0])
+    loss.backward()
+    w_skip = m.layer2[1].conv1.parametrizations.weight.original
+    w_run = m.layer2[0].conv1.parametrizations.weight.original
+    assert w_skip.grad is None and w_run.grad is not None and float(w_run.grad.abs().sum()) > 0
+
+
+def test_save_load_pack_and_runtime_keep_the_schedule(tmp_path):
+    from nestedsparse.pack import load_packed, pack
+    from nestedsparse.pack.onnx import dense_model_for_level
+
+    m = _resnet()
+    path = tmp_path / "m.safetensors"
+    ns.save(m, path)
+    fresh = models.create("resnet20", in_channels=3)
+    ns.load_into_(fresh, path)
+    assert depth_schedule(fresh) == depth_schedule(m)
+    fresh.eval()
+    x = torch.randn(2, 3, 16, 16)
+    for k in range(3):
+        with ns.use_level(m, k), ns.use_level(fresh, k):
+            torch.testing.assert_close(fresh(x), m(x))
+    other = models.create("resnet20", in_channels=3)
+    ns.nestify_(other, SPEC)
+    gate_blocks_(other, {"layer3.2": 2})
+    with pytest.raises(CheckpointError, match="layer schedule"):
+        ns.load_into_(other, path)
+
+    packed = tmp_path / "m.nsp"
+    pack(m, model_name="resnet20", model_kwargs={"in_channels": 3}).save(packed)
+    rt = load_packed(packed)
+    for k in range(3):
+        with ns.use_level(m, k):
+            want = m(x)
+        torch.testing.assert_close(rt(x, level=k), want, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(dense_model_for_level(rt, k)(x), want, rtol=1e-4, atol=1e-4)
+    with ns.use_level(m, {"": 2, "layer1": 0}):
+        want = m(x)
+    torch.testing.assert_close(rt(x, level={"": 2, "layer1": 0}), want, rtol=1e-4, atol=1e-4)
+
+
+def test_bad_schedules_are_refused():
+    m = models.create("resnet20", in_channels=3)
+    ns.nestify_(m, SPEC)
+    for counts, msg in (((1, 2), "one per level"), ((2, 1, 3), "non-decreasing"), ((0, 1, 3), ">= 1"),
+                        ((1, 2, 2), "stage length")):
+        with pytest.raises(ValueError, match=msg):
+            depth_schedule_(m, counts)
+    with pytest.raises(ValueError, match="keeps its input's shape"):
+        gate_blocks_(m, {"layer2.0": 1})  # the downsampling block
+    with pytest.raises(ValueError, match="no block named"):
+        gate_blocks_(m, {"layer9.0": 1})
+    with pytest.raises(ValueError, match="1..2"):
+        gate_blocks_(m, {"layer1.1": 3})
+    seq = nn.Sequential(nn.Linear(3, 3), nn.ReLU(), nn.Linear(3, 2))
+    ns.nestify_(seq, SPEC)
+    with pytest.raises(ValueError, match="no stages named"):
+        depth_schedule_(seq, (1, 1, 1))
+    gate_blocks_(m, {"layer1.1": 1})
+    with pytest.raises(ValueError, match="gated already"):
+        gate_blocks_(m, {"layer1.1": 2})
+
+
+def test_cli_train_with_depth(tmp_path):
+    import json
+
+    from nestedsparse.cli import main
+    from nestedsparse.pack import load_packed
+
+    run = tmp_path / "d"
+    args = ["train", "--model", "resnet20", "--dataset", "synthetic", "--densities", "0.3,1.0", "--depth", "1,3",
+            "--epochs", "1", "--max-steps-per-epoch", "2", "--batch-size", "8", "--out", str(run), "--no-progress"]
+    assert main(args) == 0
+    assert main(["eval", str(run)]) == 0
+    lv = json.loads((run / "eval.json").read_text())["levels"]
+    assert lv[0]["macs"] < 0.5 * lv[1]["macs"]
+    assert main(["pack", str(run), "-o", str(tmp_path / "d.nsp")]) == 0
+    assert load_packed(tmp_path / "d.nsp").model.layer3[2].level_gate.min_level == 1
+    assert main(args + ["--resume"]) == 0  # same schedule: resumes
