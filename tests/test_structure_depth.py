@@ -141,3 +141,15 @@ def test_cli_train_with_depth(tmp_path):
     assert main(["pack", str(run), "-o", str(tmp_path / "d.nsp")]) == 0
     assert load_packed(tmp_path / "d.nsp").model.layer3[2].level_gate.min_level == 1
     assert main(args + ["--resume"]) == 0  # same schedule: resumes
+
+
+def test_plain_model_of_a_level_drops_the_blocks_it_skips():
+    m = _resnet()
+    x = torch.randn(2, 3, 16, 16)
+    for k in range(3):
+        p = ns.plain_model(m, k)
+        assert not any(is_gated(mm) for mm in p.modules())
+        for stage in (p.layer1, p.layer2, p.layer3):  # counts (1, 2, 3): level k keeps k + 1 blocks
+            assert [isinstance(b, nn.Identity) for b in stage] == [i > k for i in range(3)]
+        with ns.use_level(m, k):
+            torch.testing.assert_close(p(x), m(x))

@@ -6,8 +6,8 @@ input, with ``w_0 < w_1 < ... < w_{L-1} = 1`` the level widths. The model's inpu
 channels) and its outputs (classes) are never divided. In this library that is one more way to
 choose level maps -- a weight is active from the first level whose width holds both its output
 channel and its input channel -- so nesting, per-level BatchNorm, training, packing and the
-runtime all work unchanged; NestedNet's "width x sparsity" grids come from combining the widths
-with a magnitude selector's maps (:func:`channel_level_maps` then ``max`` with them).
+runtime all work unchanged. (The element-wise ``max`` of these maps and a magnitude selector's
+is nested too -- thinner *and* sparser levels -- but no selector builds that combination yet.)
 
 Which channel a weight reads is found from the graph (``torch.fx``): a Linear after a flatten
 of ``C`` feature maps of ``H x W`` reads channel ``f // (H*W)`` at feature ``f``; a grouped conv's
