@@ -15,8 +15,8 @@ def _counts(model):
 
 
 def test_registry_lists_and_rejects():
-    assert {"magnitude", "nestednet"} <= set(list_selectors())
-    with pytest.raises(ValueError, match="unknown selector 'x'; known: magnitude, nestednet"):
+    assert {"magnitude", "nestednet", "channels"} <= set(list_selectors())
+    with pytest.raises(ValueError, match="unknown selector 'x'; known: channels, magnitude, nestednet"):
         create_selector("x")
     with pytest.raises(ValueError, match="start <= end"):
         create_selector("magnitude", start=0.6, end=0.2)
