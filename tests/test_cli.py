@@ -118,6 +118,17 @@ def test_layer_sparsity_train_collapse_refit_pack(tmp_path, capsys):
             torch.testing.assert_close(rt(x, level=k), model(x), rtol=1e-4, atol=1e-4)
     assert main(["collapse", str(run), "--out", str(run)]) == 2
     assert "new run folder" in capsys.readouterr().err
+    # merge only (no refit): the densest level computes what the trained model's densest level did
+    import nestedsparse as ns
+
+    merged_only = tmp_path / "merged"
+    assert main(["collapse", str(run), "--out", str(merged_only), "--epochs", "0", "--no-progress"]) == 0
+    before, _ = load_run_model(run)
+    after, _ = load_run_model(merged_only)
+    before.eval()
+    after.eval()
+    with ns.use_level(before, 1), ns.use_level(after, 1):
+        torch.testing.assert_close(after(x), before(x), rtol=1e-4, atol=1e-4)
 
 
 def info_input(run):
@@ -125,3 +136,26 @@ def info_input(run):
 
     info = json.loads((run / "run.json").read_text())
     return tuple(load_dataset(info["dataset"], None, split="test").tensors[0].shape[1:])
+
+
+def test_collapse_refuses_what_it_cannot_do_and_old_runs_resume(tmp_path, capsys):
+    run = tmp_path / "plain"
+    args = ["train", "--model", "mlp", "--dataset", "synthetic", "--densities", "0.5,1.0", "--epochs", "1",
+            "--batch-size", "64", "--out", str(run), "--no-progress"]
+    assert main(args) == 0
+    capsys.readouterr()
+    assert main(["collapse", str(run), "--out", str(tmp_path / "c")]) == 2  # trained without the penalty
+    assert "no layer of" in capsys.readouterr().err
+    # a run folder written before the newer settings existed resumes with their defaults
+    info = json.loads((run / "run.json").read_text())
+    for key in ("layer_sparsity", "input_nonneg", "hierarchy", "coarse_levels"):
+        info["config"].pop(key)
+    (run / "run.json").write_text(json.dumps(info))
+    assert main(args + ["--resume"]) == 0
+    deep = tmp_path / "deep"
+    assert main(["train", "--model", "resnet20", "--dataset", "synthetic", "--densities", "0.5,1.0", "--depth", "1,3",
+                 "--epochs", "1", "--max-steps-per-epoch", "1", "--batch-size", "8", "--out", str(deep),
+                 "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["collapse", str(deep), "--out", str(tmp_path / "dc")]) == 2
+    assert "layer scheduling" in capsys.readouterr().err

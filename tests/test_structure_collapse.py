@@ -168,7 +168,7 @@ def test_links_rebuild_the_architecture_for_a_saved_state():
     x = torch.randn(4, 7)
     torch.testing.assert_close(fresh(x), res.model(x))
     with pytest.raises(ValueError, match="not a mergeable link"):
-        collapse(_mlp(), links=[Link("0", "1", "2")])  # input sign unknown: no such link
+        collapse(_mlp(), links=[Link("0", "2", "4")])  # no such Linear -> ReLU -> Linear in the graph
 
 
 def test_collapse_refuses_nested_and_untraceable_models():
@@ -243,3 +243,69 @@ def test_train_with_layer_sparsity_then_collapse_and_refit(tmp_path):
         ns.train(bad, _blobs(), None, cfg)
     with pytest.raises(ValueError, match="layer_sparsity"):
         ns.TrainConfig(layer_sparsity=-1.0)
+
+
+class _InPlace(nn.Module):
+    def __init__(self, op):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc0, self.fc1, self.fc2 = nn.Linear(4, 6), nn.Linear(6, 6), nn.Linear(6, 3)
+        _make_nonneg_(self.fc1)
+        self.op = op
+
+    def forward(self, x):
+        h = F.relu(self.fc0(x))
+        if self.op == "sub_":
+            h.sub_(5.0)
+        elif self.op == "masked_fill_":
+            h.masked_fill_(h > 0.1, -1.0)
+        return self.fc2(F.relu(self.fc1(h)))
+
+
+@pytest.mark.parametrize("op", ["sub_", "masked_fill_"])
+def test_a_value_changed_in_place_has_no_sign(op):
+    m = _InPlace(op).eval()
+    assert find_links(m) == []
+    res = collapse(m)
+    assert res.merged == []
+    x = torch.randn(5, 4)
+    torch.testing.assert_close(res.model(x), m(x))
+
+
+def test_a_second_layer_called_twice_is_not_merged_into():
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.fc1, self.fc2 = nn.Linear(4, 4), nn.Linear(4, 4)
+            _make_nonneg_(self.fc1)
+
+        def forward(self, x):
+            return self.fc2(F.relu(self.fc1(x))) + self.fc2(x)
+
+    m = Twice().eval()
+    res = collapse(m, input_nonneg=True)
+    assert res.merged == []
+    x = torch.rand(3, 4)
+    torch.testing.assert_close(res.model(x), m(x))
+
+
+def test_a_recipe_replays_on_fresh_weights_whatever_proved_it():
+    class Chain(nn.Module):  # fc1's input is non-negative only because fc0 (no activation) is >= 0
+        def __init__(self):
+            super().__init__()
+            self.fc0, self.fc1, self.fc2 = nn.Linear(4, 5), nn.Linear(5, 5), nn.Linear(5, 2)
+
+        def forward(self, x):
+            return self.fc2(F.relu(self.fc1(self.fc0(F.relu(x)))))
+
+    torch.manual_seed(0)
+    m = Chain().eval()
+    _make_nonneg_(m.fc0, m.fc1)
+    res = collapse(m)
+    assert [lk.first for lk in res.merged] == ["fc1"]
+    torch.manual_seed(1)
+    fresh = collapse(Chain(), links=res.merged).model  # fc0 has negative weights now
+    fresh.load_state_dict(res.model.state_dict())
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(fresh(x), res.model(x))

@@ -153,3 +153,75 @@ def test_plain_model_of_a_level_drops_the_blocks_it_skips():
             assert [isinstance(b, nn.Identity) for b in stage] == [i > k for i in range(3)]
         with ns.use_level(m, k):
             torch.testing.assert_close(p(x), m(x))
+
+
+def test_only_blocks_can_be_gated_and_files_are_checked(tmp_path):
+    from nestedsparse.pack import PackedFormatError, load_packed, pack
+
+    m = models.create("resnet20", in_channels=3)
+    ns.nestify_(m, SPEC)
+    for name in ("layer1.1.conv1", "layer1.1.bn1", "layer1", "layer1.1.conv1.parametrizations.weight.0", "stem.2"):
+        with pytest.raises(ValueError, match="cannot be gated"):
+            gate_blocks_(m, {name: 1})
+    # a hostile schedule in a file: refused at load, not at the first call
+    p = pack(m, model_name="resnet20", model_kwargs={"in_channels": 3})
+    for bad in ({"layer2.0": 1}, {"layer1.1.conv1": 1}, {"nope": 1}):
+        p.depth = bad
+        p.save(tmp_path / "bad.nsp")
+        with pytest.raises(PackedFormatError, match="layer schedule"):
+            load_packed(tmp_path / "bad.nsp")
+    p.depth = {"layer1.1": 7}
+    p.save(tmp_path / "bad.nsp")
+    with pytest.raises(PackedFormatError, match="layer schedule"):
+        load_packed(tmp_path / "bad.nsp")
+    good = _resnet()
+    ns.save(good, tmp_path / "g.safetensors")
+    from nestedsparse.io import read_tensors, write_tensors
+
+    tensors, meta = read_tensors(tmp_path / "g.safetensors", "nestedsparse.model", (1, 2))
+    meta["depth"] = {"layer2.0": 1}  # shape-changing block
+    write_tensors(tmp_path / "b.safetensors", tensors, meta)
+    with pytest.raises(CheckpointError, match="layer schedule"):
+        ns.load_into_(models.create("resnet20", in_channels=3), tmp_path / "b.safetensors")
+
+
+def test_gated_weights_are_inactive_below_their_block():
+    m = _resnet()
+    for name, lv in depth_schedule(m).items():
+        for _, _, mask in ns.iter_nested(m.get_submodule(name)):
+            assert int(mask.level_map.min()) >= lv
+    # selectors' later maps are clamped too
+    from nestedsparse.select import create_selector
+
+    create_selector("magnitude").apply_(m)
+    assert int(m.layer3[2].conv1.parametrizations.weight[0].level_map.min()) == 2
+
+
+def test_threads_running_other_levels_while_tracing_is_not_needed(tmp_path):
+    """Every level's graph exists after load: no call traces, so threads never see fx patching."""
+    import threading
+
+    from nestedsparse.pack import load_packed, pack
+
+    m = _resnet()
+    pack(m, model_name="resnet20", model_kwargs={"in_channels": 3}).save(tmp_path / "m.nsp")
+    rt = load_packed(tmp_path / "m.nsp")
+    x = torch.randn(1, 3, 16, 16)
+    want = {k: rt(x, level=k) for k in range(3)}
+    n_graphs = len(rt._graphs)
+    errors = []
+
+    def work(k):
+        try:
+            for _ in range(30):
+                if not torch.equal(rt(x, level=k), want[k]):
+                    errors.append(k)
+        except Exception as e:  # noqa: BLE001
+            errors.append(repr(e))
+
+    ts = [threading.Thread(target=work, args=(k,)) for k in (0, 1, 2, 0)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert errors == [] and len(rt._graphs) == n_graphs == 3

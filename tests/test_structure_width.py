@@ -128,3 +128,60 @@ def test_cli_channels(tmp_path, capsys):
     assert lv[0]["macs"] < 0.45 * lv[1]["macs"]  # half the channels: about a quarter of the interior MACs
     assert main(args[:-3] + ["--widths", "0.5,1.0", "--selector", "magnitude", "--out", str(tmp_path / "x")]) == 2
     assert "needs --selector channels" in capsys.readouterr().err
+
+
+def _dropped_channels_leak(m, x, widths):
+    """How much level 0's output moves when only BatchNorm shifts of channels level 0 drops move:
+    0 for a true thin network."""
+    import copy
+
+    from nestedsparse.nest import NestedBatchNorm
+
+    ns.nestify_(m, ns.LevelSpec((0.5, 1.0)))
+    ChannelSelector(widths).apply_(m)
+    m.eval()
+    p = copy.deepcopy(m)
+    with torch.no_grad():
+        for mod in p.modules():
+            if isinstance(mod, NestedBatchNorm):
+                mod.bias[channel_counts(mod.num_features, widths)[0]:] += 5.0
+    with ns.use_level(m, 0), ns.use_level(p, 0):
+        return float((m(x) - p(x)).abs().max())
+
+
+@pytest.mark.parametrize("name,kw,shape", [("resnet20", {"in_channels": 3}, (3, 32, 32)),
+                                           ("wrn", {"in_channels": 3}, (3, 32, 32)),
+                                           ("mobilenet_v1", {"in_channels": 3}, (3, 32, 32)),
+                                           ("lenet5", {}, (1, 28, 28))])
+def test_registry_models_level0_ignores_dropped_channels(name, kw, shape):
+    from nestedsparse import models
+
+    torch.manual_seed(0)
+    assert _dropped_channels_leak(models.create(name, **kw), torch.randn(2, *shape), (0.5, 1.0)) == 0.0
+
+
+def test_channel_moving_ops_are_refused():
+    class Cat(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(16, 8, 1)
+
+        def forward(self, x):
+            return self.c(torch.cat([self.a(x).relu(), self.b(x).relu()], 1))
+
+    class ChannelsLast(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Linear(8 * 4 * 4, 4)
+
+        def forward(self, x):
+            return self.fc(self.a(x).relu().permute(0, 2, 3, 1).flatten(1))
+
+    for m in (Cat(), ChannelsLast()):
+        ns.nestify_(m, ns.LevelSpec((0.25, 1.0)))
+        with pytest.raises(ValueError, match="cannot follow channels"):
+            channel_level_maps(m, (0.5, 1.0))
+    half = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 2))
+    ns.nestify_(half, ns.LevelSpec((0.25, 1.0)), filter_fn=lambda mod, name: name != "2")
+    with pytest.raises(ValueError, match="not nested"):
+        channel_level_maps(half, (0.5, 1.0))

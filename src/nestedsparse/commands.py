@@ -104,8 +104,12 @@ def cmd_train(args) -> int:
 
 def _check_same_run(old: dict, new: dict, run: Path) -> None:
     """A resumed run must have the settings it started with (progress bar and device aside)."""
-    def key(d):
-        cfg = {k: v for k, v in d.get("config", {}).items() if k not in ("progress", "device")}
+    from .train.trainer import TrainConfig
+
+    defaults = TrainConfig().to_dict()
+
+    def key(d):  # settings a run folder from an older version lacks are the defaults it ran with
+        cfg = {k: v for k, v in {**defaults, **d.get("config", {})}.items() if k not in ("progress", "device")}
         return {**{k: d.get(k) for k in new if k != "config"}, "config": cfg}
 
     a, b = key(old), key(new)
@@ -203,13 +207,19 @@ def cmd_collapse(args) -> int:
     if out.resolve() == run.resolve():
         raise ValueError("--out must be a new run folder, not the run being collapsed")
     model, info = load_run_model(run)
+    if info.get("depth"):
+        raise ValueError(f"{run} uses layer scheduling (--depth); collapse traces the model into one graph and "
+                         "would lose its block gates: collapse a run without --depth")
     spec = LevelSpec.from_dict(info["spec"])
     level = spec.num_levels - 1 if args.level is None else args.level
     plain = plain_model(model, level).eval()
     cfg = dict(info["config"])
     res = collapse(plain, input_nonneg=bool(cfg.get("input_nonneg", False)))
     rows = [{"first": lk.first, "into": lk.second} for lk in res.merged]
-    print(format_table(rows) if rows else "no layer is collapsible (each candidate has a negative weight or bias)")
+    if not rows:
+        raise ValueError(f"no layer of {run} is collapsible ({len(res.remaining)} candidate(s), each with a negative "
+                         "weight or bias): train longer or with a larger --layer-sparsity")
+    print(format_table(rows))
     def n_params(m):
         return sum(p.numel() for p in m.parameters())
 

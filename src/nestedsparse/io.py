@@ -24,7 +24,7 @@ from .nest import get_spec, is_nested, nestify_
 __all__ = ["CheckpointError", "atomic_write_bytes", "write_tensors", "read_tensors", "save", "load", "load_into_"]
 
 MODEL_FORMAT = "nestedsparse.model"
-MODEL_VERSION = 1
+MODEL_VERSION = 2  # 2: records a layer schedule ("depth"); files without one are still written as 1
 _META_KEY = "nestedsparse"
 
 
@@ -111,21 +111,21 @@ def save(model: nn.Module, path: str | os.PathLike, extra: Mapping | None = None
     from .structure.depth import depth_schedule  # noqa: PLC0415
 
     spec = get_spec(model)
-    meta = {"format": MODEL_FORMAT, "version": MODEL_VERSION, "spec": spec.to_dict(), "extra": dict(extra or {})}
+    meta = {"format": MODEL_FORMAT, "version": 1, "spec": spec.to_dict(), "extra": dict(extra or {})}
     depth = depth_schedule(model)
     if depth:  # layer scheduling: which blocks each level skips (load_into_ gates them again)
-        meta["depth"] = depth
+        meta.update(depth=depth, version=MODEL_VERSION)
     write_tensors(path, model.state_dict(), meta)
 
 
 def read_meta(path: str | os.PathLike) -> dict:
     """The JSON metadata of a saved model (spec, extra) without building the model."""
-    return read_tensors(path, MODEL_FORMAT, (MODEL_VERSION,))[1]
+    return read_tensors(path, MODEL_FORMAT, (1, MODEL_VERSION))[1]
 
 
 def load_into_(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Load a saved nested model into ``model`` (nested here with the file's spec if it is not yet)."""
-    tensors, meta = read_tensors(path, MODEL_FORMAT, (MODEL_VERSION,))
+    tensors, meta = read_tensors(path, MODEL_FORMAT, (1, MODEL_VERSION))
     try:
         spec = LevelSpec.from_dict(meta["spec"])
     except (KeyError, TypeError, ValueError) as e:
@@ -152,10 +152,10 @@ def _apply_depth(model: nn.Module, depth, path) -> None:
             raise CheckpointError(f"{path}: file's layer schedule {depth} differs from the model's {own}")
         return
     if depth:
-        try:
-            gate_blocks_(model, depth, check=False)
-        except ValueError as e:
-            raise CheckpointError(f"{path}: {e}") from None
+        try:  # the shape check runs when the model names its input shape (the registry's do)
+            gate_blocks_(model, depth, check=hasattr(model, "input_shape"))
+        except (ValueError, RuntimeError) as e:
+            raise CheckpointError(f"{path}: layer schedule does not fit the model: {e}") from None
 
 
 def load(path: str | os.PathLike, model_factory: Callable[[], nn.Module]) -> nn.Module:

@@ -347,6 +347,9 @@ def set_level_maps_(model: nn.Module, maps: Mapping[str, torch.Tensor]) -> None:
         if lm.numel() and int(lm.max()) > spec.num_levels:
             raise ValueError(f"level map for {n!r} holds {int(lm.max())}; allowed values are 0..{spec.num_levels}")
         old.copy_(lm.to(torch.uint8))
+    from .structure.depth import clamp_gated_maps_  # noqa: PLC0415 - layer scheduling's blocks
+
+    clamp_gated_maps_(model)
 
 
 def _resolve(name: str, level: LevelArg, current: int) -> int:

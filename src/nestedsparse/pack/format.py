@@ -31,7 +31,9 @@ from .csr import NestedCSR, NestedCSRError, from_dense, validate
 
 __all__ = ["PackedFormatError", "PackedLayer", "PackedModel", "pack", "read_packed", "FORMAT", "VERSION"]
 
-FORMAT, VERSION = "nestedsparse.packed", 1
+# version 2: the file records a layer schedule or a collapse recipe (a version-1 reader would build a
+# different network); files without them are still written as version 1
+FORMAT, VERSION = "nestedsparse.packed", 2
 KINDS = {nn.Linear: "linear", nn.Conv1d: "conv1d", nn.Conv2d: "conv2d"}
 _CSR_FIELDS = ("row_offsets", "level_counts", "col_indices", "values", "scales")
 
@@ -107,7 +109,8 @@ class PackedModel:
                 if arr is not None:
                     tensors[f"csr/{name}/{f}"] = torch.from_numpy(np.ascontiguousarray(arr))
         tensors.update({f"dense/{k}": v for k, v in self.dense.items()})
-        meta = {"format": FORMAT, "version": VERSION, "spec": self.spec.to_dict(), "model": self.model_name,
+        version = VERSION if (self.depth or self.collapse) else 1
+        meta = {"format": FORMAT, "version": version, "spec": self.spec.to_dict(), "model": self.model_name,
                 "model_kwargs": self.model_kwargs, "collapse": self.collapse, "depth": self.depth,
                 "layers": {n: pl.meta() for n, pl in self.layers.items()},
                 "ties": self.ties, "sha256": {k: _digest(v) for k, v in tensors.items()}}
@@ -179,7 +182,7 @@ def _masks_of(mod: nn.Module):
 def read_packed(path: str | os.PathLike) -> PackedModel:
     """Read and fully check a packed file; raise :class:`PackedFormatError` on any fault."""
     try:
-        tensors, meta = read_tensors(path, FORMAT, (VERSION,))
+        tensors, meta = read_tensors(path, FORMAT, (1, VERSION))
     except CheckpointError as e:
         raise PackedFormatError(str(e)) from None
     where = Path(path).name

@@ -738,23 +738,29 @@ class PackedRuntime(nn.Module):
         self.names = [n for n, m in model.named_modules() if isinstance(m, (_SparseBase, LevelBatchNorm))]
         self.graph: nn.Module | None = _fuse(model, programs) if fuse else None
         # layer scheduling: which blocks run depends on the call's level, so the traced graph does
-        # too -- one per set of running blocks, traced when first needed (the gates' branch is
-        # resolved while tracing); ``graph`` is the densest level's
+        # too -- one per set of running blocks (the gates' branch is resolved while tracing);
+        # ``graph`` is the densest level's
         self._gates = [m for m in model.modules() if isinstance(m, CallLevelGate)]
-        self._fuse_args = (fuse, programs)
+        self.names += [n for n, m in model.named_modules() if isinstance(m, CallLevelGate)]
         self._graphs: dict[tuple, nn.Module | None] = {}
-        if self._gates:
+        if self._gates:  # traced now, every level: tracing patches nn.Module for the whole process,
+            # so it must not happen while other threads run the model
             self._graphs[(True,) * len(self._gates)] = self.graph
+            for k in range(spec.num_levels):
+                token = _LEVEL.set(k)
+                try:
+                    key = tuple(g.active() for g in self._gates)
+                    if key not in self._graphs:
+                        self._graphs[key] = _fuse(model, programs) if fuse else None
+                finally:
+                    _LEVEL.reset(token)
 
     def _graph_now(self) -> nn.Module | None:
-        """The traced graph for the blocks the current call's level runs."""
+        """The traced graph for the blocks the current call's level runs; None (run the model's
+        own forward) for a per-layer level map whose set of running blocks no level has."""
         if not self._gates:
             return self.graph
-        key = tuple(g.active() for g in self._gates)
-        if key not in self._graphs:
-            fuse, programs = self._fuse_args
-            self._graphs[key] = _fuse(self.model, programs) if fuse else None
-        return self._graphs[key]
+        return self._graphs.get(tuple(g.active() for g in self._gates))
 
     def forward(self, x: torch.Tensor, level: int | Mapping[str, int] | None = None) -> torch.Tensor:
         level = self.spec.num_levels - 1 if level is None else level
@@ -777,15 +783,7 @@ class PackedRuntime(nn.Module):
         """What runs each packed layer: :class:`FusedSparse` modules of ``graph``, else the layers."""
         if self.graph is None:
             return self.sparse_layers()
-        graphs = [self.graph]
-        if self._gates:  # every level's graph (traced now if not yet)
-            for k in range(self.spec.num_levels):
-                token = _LEVEL.set(k)
-                try:
-                    self._graph_now()
-                finally:
-                    _LEVEL.reset(token)
-            graphs = [g for g in self._graphs.values() if g is not None]
+        graphs = [self.graph] if not self._gates else [g for g in self._graphs.values() if g is not None]
         out, seen = [], set()
         for g in graphs:
             for node in g.graph.nodes:
@@ -1195,9 +1193,9 @@ def runtime_from_packed(packed: PackedModel, model: nn.Module) -> PackedRuntime:
     if packed.depth:  # layer scheduling: gate the blocks, their gates then read the call's level
         from ..structure.depth import gate_blocks_  # noqa: PLC0415
 
-        try:
-            gate_blocks_(model, packed.depth, check=False)
-        except ValueError as e:
+        try:  # the shape check runs when the model names its input shape (the registry's do)
+            gate_blocks_(model, packed.depth, check=hasattr(model, "input_shape"))
+        except (ValueError, RuntimeError) as e:
             raise PackedFormatError(f"layer schedule does not fit the model: {e}") from None
     nested = {name: mod for name, mod, _ in iter_nested(model)}
     if set(nested) != set(packed.layers):

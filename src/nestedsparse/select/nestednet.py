@@ -125,6 +125,9 @@ class NestedNetSelector(Selector):
             new = level_map_from_scores(score, sub, spec.num_levels)
             m.level_map.copy_(torch.where(parent, new, m.level_map))
             m.soft = None
+        from ..structure.depth import clamp_gated_maps_  # noqa: PLC0415 - layer scheduling's blocks
+
+        clamp_gated_maps_(model)
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "start": self.start, "end": self.end, "gamma": self.gamma}

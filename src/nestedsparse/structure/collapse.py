@@ -39,12 +39,12 @@ from torch import fx, nn
 __all__ = ["Link", "CollapseResult", "find_links", "negative_part_norm", "prox_layer_sparsity_", "collapse",
            "is_collapsible", "rebuild", "create_model"]
 
-_NONNEG_MODULES = (nn.ReLU, nn.ReLU6, nn.Sigmoid, nn.Softmax, nn.Hardsigmoid, nn.Softplus)
+_NONNEG_MODULES = (nn.ReLU, nn.ReLU6, nn.Sigmoid, nn.Softmax, nn.Hardsigmoid)
 _KEEP_SIGN_MODULES = (nn.Flatten, nn.Unflatten, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d,
                       nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d,
                       nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d)
 _NONNEG_FUNCTIONS = {F.relu, torch.relu, F.relu6, torch.sigmoid, F.sigmoid, F.softmax, torch.softmax,
-                     F.hardsigmoid, F.softplus}
+                     F.hardsigmoid}
 _KEEP_SIGN_FUNCTIONS = {torch.flatten, torch.reshape, F.dropout, F.max_pool1d, F.max_pool2d, F.avg_pool1d,
                         F.avg_pool2d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_max_pool1d,
                         F.adaptive_max_pool2d, torch.squeeze, torch.unsqueeze, torch.permute, torch.transpose,
@@ -109,6 +109,27 @@ def _trace(model: nn.Module) -> fx.GraphModule:
                          f"{type(e).__name__}: {e}); wrap data-dependent control flow in a leaf module") from e
 
 
+_INPLACE_FUNCTIONS = {operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv,
+                      operator.ifloordiv, operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor}
+
+
+def _mutates(gm: fx.GraphModule, user: fx.Node, value: fx.Node) -> bool:
+    """Whether ``user`` may change ``value`` in place (in-place tensor methods and operators, modules
+    or functions called with ``inplace=True``), other than an in-place ReLU (which keeps a
+    non-negative value non-negative). A value changed in place has no provable sign."""
+    if not user.args or user.args[0] is not value:
+        return bool(user.kwargs.get("out") is value)
+    if _is_relu(gm, user):
+        return False
+    if user.op == "call_method":
+        return user.target.endswith("_") or user.target in ("copy_", "__setitem__")
+    if user.op == "call_function":
+        return user.target in _INPLACE_FUNCTIONS or bool(user.kwargs.get("inplace"))
+    if user.op == "call_module":
+        return bool(getattr(gm.get_submodule(user.target), "inplace", False))
+    return False
+
+
 def _is_relu(gm: fx.GraphModule, n: fx.Node) -> bool:
     if n.op == "call_module":
         return isinstance(gm.get_submodule(n.target), nn.ReLU)
@@ -142,7 +163,7 @@ class _Signs:
             return False
         if n not in self.memo:
             self.memo[n] = False  # cycles cannot happen in an fx graph; this only guards recursion
-            self.memo[n] = self._nonneg(n)
+            self.memo[n] = self._nonneg(n) and not any(_mutates(self.gm, u, n) for u in n.users)
         return self.memo[n]
 
     def _nonneg(self, n: fx.Node) -> bool:
@@ -186,8 +207,12 @@ def _layer_type(mod: nn.Module) -> type | None:
     return None
 
 
-def _links(gm: fx.GraphModule, input_nonneg: bool) -> list[tuple[Link, fx.Node, fx.Node, fx.Node]]:
+def _links(gm: fx.GraphModule, input_nonneg: bool, prove: bool = True) -> list[tuple[Link, fx.Node, fx.Node, fx.Node]]:
     signs = _Signs(gm, input_nonneg)
+    calls: dict[str, int] = {}
+    for n in gm.graph.nodes:
+        if n.op == "call_module":
+            calls[n.target] = calls.get(n.target, 0) + 1
     out = []
     for n in gm.graph.nodes:
         if n.op != "call_module" or _layer_type(gm.get_submodule(n.target)) is None:
@@ -202,7 +227,9 @@ def _links(gm: fx.GraphModule, input_nonneg: bool) -> list[tuple[Link, fx.Node, 
         second = nxt[0]
         if not _mergeable(gm.get_submodule(n.target), gm.get_submodule(second.target)):
             continue
-        if not n.args or not signs(n.args[0]):
+        if calls[second.target] != 1:  # merging would change its other calls too
+            continue
+        if not n.args or (prove and not signs(n.args[0])):  # a replayed recipe was proved when it was made
             continue
         act_name = act.target if act.op == "call_module" else str(act.name)
         out.append((Link(str(n.target), str(act_name), str(second.target)), n, act, second))
@@ -290,13 +317,17 @@ def collapse(model: nn.Module, *, input_nonneg: bool = False, links: Sequence[Li
         model: a plain (not nested) model torch.fx can trace. Nest the collapsed model afterwards
             (``nestify_``) to give it sparsity levels.
         input_nonneg: the model's input is >= 0 (a first layer can then collapse too).
-        links: merge exactly these links, in order, whatever the signs of their parameters (rebuild
-            a collapsed architecture to load its saved weights into); default: repeatedly merge
-            every candidate whose ``first`` layer is all >= 0 until none is left.
+        links: merge exactly these links, in order, whatever the signs of their parameters and
+            inputs -- they were proved when the recipe was made -- to rebuild a collapsed
+            architecture and load its saved weights into it; each must still be a
+            ``first -> ReLU -> second`` pattern of the graph. Default: repeatedly merge every
+            candidate whose ``first`` layer is all >= 0 until none is left.
 
     Returns:
         A :class:`CollapseResult`. The collapsed model computes the same function as ``model``
-        (up to float rounding) when the default merges were taken.
+        (up to float rounding) when the default merges were taken. It is traced code: Python
+        values the forward reads (``self.training`` passed to ``F.dropout``, for one) are fixed
+        as they were when ``collapse`` ran -- use ``nn.Dropout`` modules in a model to refit.
     """
     from ..nest import is_nested  # noqa: PLC0415 - structure builds on nest
 
@@ -308,7 +339,7 @@ def collapse(model: nn.Module, *, input_nonneg: bool = False, links: Sequence[Li
     merged: list[Link] = []
     wanted = list(links) if links is not None else None
     while True:
-        found = _links(gm, input_nonneg)
+        found = _links(gm, input_nonneg, prove=wanted is None)
         if wanted is not None:
             if not wanted:
                 break
@@ -334,6 +365,8 @@ def collapse(model: nn.Module, *, input_nonneg: bool = False, links: Sequence[Li
         merged.append(lk)
     gm.delete_all_unused_submodules()
     gm.recompile()
+    if hasattr(model, "input_shape"):  # what bench / export / layer scheduling read
+        gm.input_shape = model.input_shape
     remaining = [c[0] for c in _links(gm, input_nonneg)]
     return CollapseResult(model=gm, merged=merged, remaining=remaining, layers_before=before,
                           layers_after=_count_layers(gm), input_nonneg=input_nonneg)
@@ -359,4 +392,6 @@ def create_model(name: str, kwargs: dict | None = None, collapse_recipe: dict | 
     from .. import models  # noqa: PLC0415
 
     model = models.create(name, **(kwargs or {}))
-    return model if not collapse_recipe else rebuild(model, collapse_recipe)
+    if not collapse_recipe or not collapse_recipe.get("links"):
+        return model
+    return rebuild(model, collapse_recipe)

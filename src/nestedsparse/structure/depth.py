@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-__all__ = ["LevelGate", "gate_blocks_", "depth_schedule_", "depth_schedule", "is_gated"]
+__all__ = ["LevelGate", "gate_blocks_", "depth_schedule_", "depth_schedule", "is_gated", "clamp_gated_maps_"]
 
 _GATED: dict[type, type] = {}
 
@@ -81,12 +81,20 @@ def gate_blocks_(model: nn.Module, schedule: Mapping[str, int], example_input: t
     model's whole schedule."""
     from ..nest import get_spec  # noqa: PLC0415 - structure builds on nest
 
+    from ..nest import NestedBatchNorm, NestedMask  # noqa: PLC0415
+
     spec = get_spec(model)
     mods = dict(model.named_modules())
     for name, lv in schedule.items():
-        mod = mods.get(name)
+        mod = mods.get(name) if isinstance(name, str) else None
         if mod is None or name == "":
             raise ValueError(f"no block named {name!r} to gate; blocks are named as in model.named_modules()")
+        if (".parametrizations" in f".{name}" or hasattr(mod, "parametrizations")
+                or isinstance(mod, (NestedMask, NestedBatchNorm, LevelGate, nn.Sequential, nn.ModuleList, nn.ModuleDict))
+                or not any(True for _ in mod.children())):
+            raise ValueError(f"{name!r} ({type(mod).__name__}) cannot be gated: layer scheduling skips blocks -- "
+                             "modules with their own forward that hold layers (not a single layer, BatchNorm or "
+                             "mask, and not an nn.Sequential, whose forward would call the gate)")
         if not isinstance(lv, int) or not 1 <= lv <= spec.num_levels - 1:
             raise ValueError(f"block {name!r}: min level must be an int in 1..{spec.num_levels - 1}, got {lv!r}")
         if is_gated(mod):
@@ -116,7 +124,25 @@ def gate_blocks_(model: nn.Module, schedule: Mapping[str, int], example_input: t
         mod = mods[name]
         mod.__class__ = _gated_class(type(mod))
         mod.level_gate = LevelGate(lv, spec.num_levels)
+    clamp_gated_maps_(model)
     return depth_schedule(model)
+
+
+@torch.no_grad()
+def clamp_gated_maps_(model: nn.Module) -> None:
+    """No weight inside a gated block is active below the block's ``min_level`` (the levels that
+    skip it): raise such level-map entries to ``min_level``. Otherwise ``own`` / ``frozen-core``
+    routing would leave them untrained (only the levels that skip the block could train them) and
+    the per-level counts would include weights those levels never use. Selectors' maps pass
+    through here (``set_level_maps_``)."""
+    from ..nest import NestedMask  # noqa: PLC0415
+
+    for _, block in model.named_modules():
+        if is_gated(block):
+            m = block.level_gate.min_level
+            for sub in block.modules():
+                if isinstance(sub, NestedMask):
+                    sub.level_map.clamp_(min=m)
 
 
 def depth_schedule_(model: nn.Module, counts: Sequence[int], stages: Sequence[str] | None = None,

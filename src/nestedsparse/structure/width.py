@@ -16,6 +16,7 @@ of ``C`` feature maps of ``H x W`` reads channel ``f // (H*W)`` at feature ``f``
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -44,9 +45,31 @@ def _levels_of(index: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
     return (index.unsqueeze(-1) >= c).sum(-1)
 
 
+_REORDER_FUNCTIONS = {torch.cat, torch.concat, torch.stack, torch.permute, torch.transpose, torch.movedim,
+                      torch.swapaxes, torch.roll, torch.flip, torch.split, torch.chunk, torch.gather,
+                      torch.index_select, torch.narrow, nn.functional.pad, nn.functional.pixel_shuffle,
+                      nn.functional.pixel_unshuffle, nn.functional.channel_shuffle, operator.getitem}
+_REORDER_METHODS = {"permute", "transpose", "movedim", "swapaxes", "roll", "flip", "split", "chunk", "gather",
+                    "index_select", "narrow", "unfold", "t", "T", "mT", "__getitem__", "repeat", "expand"}
+_REORDER_MODULES = (nn.PixelShuffle, nn.PixelUnshuffle, nn.ChannelShuffle, nn.ZeroPad2d, nn.ConstantPad2d,
+                    nn.ReflectionPad2d, nn.ReplicationPad2d)
+
+
+def _moves_channels(gm: fx.GraphModule, n: fx.Node) -> bool:
+    """Whether ``n`` may move, join, split or pad channels (then channel indices cannot be followed)."""
+    if n.op == "call_function":
+        return n.target in _REORDER_FUNCTIONS
+    if n.op == "call_method":
+        return n.target in _REORDER_METHODS
+    if n.op == "call_module":
+        return isinstance(gm.get_submodule(n.target), _REORDER_MODULES)
+    return False
+
+
 def _producers(gm: fx.GraphModule, node: fx.Node, nested: set[str], seen: set | None = None) -> tuple[set, bool]:
     """Nested layers whose outputs reach ``node``'s value without passing another nested layer,
-    and whether the model input reaches it that way."""
+    and whether the model input reaches it that way. Raises ``ValueError`` when the path holds an
+    op that moves channels or a Linear / Conv layer that is not nested."""
     seen = set() if seen is None else seen
     layers, from_input = set(), False
     for a in node.all_input_nodes:
@@ -58,6 +81,12 @@ def _producers(gm: fx.GraphModule, node: fx.Node, nested: set[str], seen: set | 
         elif a.op == "call_module" and a.target in nested:
             layers.add(a.target)
         else:
+            if _moves_channels(gm, a):
+                raise ValueError(f"channel scheduling cannot follow channels through {a.name}: it may "
+                                 "move, join, split or pad channels; nest such a model with another selector")
+            if a.op == "call_module" and isinstance(gm.get_submodule(a.target), (nn.Linear, nn.Conv1d, nn.Conv2d)):
+                raise ValueError(f"layer {a.target!r} is not nested: channel scheduling needs every Linear / Conv "
+                                 "layer nested")
             sub, inp = _producers(gm, a, nested, seen)
             layers |= sub
             from_input |= inp

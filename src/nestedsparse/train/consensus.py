@@ -39,7 +39,8 @@ class LevelConsensus(nn.Module):
         num_classes: outputs per level; needed by ``mode="linear"``.
 
     ``forward(x)`` returns ``[N, num_classes]`` scores: log-probabilities (average) or logits
-    (linear). Only :attr:`head` (linear mode) has trainable parameters.
+    (linear). ``model`` is a submodule (``.to()`` / ``.eval()`` reach it, ``state_dict()`` holds
+    it); :func:`fit_consensus` trains only :attr:`head`.
     """
 
     def __init__(self, model: nn.Module, levels: Sequence[int] | None = None, mode: str = "average",

@@ -129,8 +129,12 @@ def nested_loss(
             if teacher is None:
                 teacher = logits.detach() / temperature
             else:
-                t = coarse_logits(teacher, hierarchy.mapping) if coarse else teacher
-                kl = F.kl_div(F.log_softmax(out / temperature, dim=-1), F.softmax(t, dim=-1), reduction="batchmean")
+                # the temperature softens the fine logits, then classes are summed into superclasses
+                # (student and teacher alike)
+                soft = logits / temperature
+                t, st = ((coarse_logits(teacher, hierarchy.mapping), coarse_logits(soft, hierarchy.mapping))
+                         if coarse else (teacher, soft))
+                kl = F.kl_div(F.log_softmax(st, dim=-1), F.softmax(t, dim=-1), reduction="batchmean")
                 term = (1 - distill) * task + distill * kl * temperature**2
         total = total + wk * term
     return total, parts

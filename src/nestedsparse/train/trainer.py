@@ -29,6 +29,7 @@ from ..io import atomic_write_bytes
 from ..nest import ROUTINGS, get_spec, iter_nested, set_routing_, use_level
 from ..select import create_selector
 from ..structure.collapse import find_links, is_collapsible, prox_layer_sparsity_
+from ..structure.depth import depth_schedule
 from .checkpoint import FILENAME, load_checkpoint, save_checkpoint
 from ..data.hierarchy import resolve_hierarchy
 from .loss import SAMPLINGS, Hierarchy, coarse_logits, nested_loss, sample_levels
@@ -350,7 +351,9 @@ def train(
     objective = NestedObjective(model, hierarchy)
     if world > 1:
         ids = [device.index] if device.type == "cuda" else None
-        objective = nn.parallel.DistributedDataParallel(objective, device_ids=ids)
+        # layer scheduling: a step that runs only low levels leaves the skipped blocks unused
+        objective = nn.parallel.DistributedDataParallel(objective, device_ids=ids,
+                                                        find_unused_parameters=bool(depth_schedule(model)))
     for epoch in range(start_epoch, config.epochs):
         t0 = time.perf_counter()
         loss_sum = _train_epoch(model, objective, optimizer, selector, train_data, config, epoch,
