@@ -6,13 +6,13 @@
 - ``consensus`` (NestedNet A / L): over the baseline's levels, against its best single level.
 - ``channels`` (NestedNet channel scheduling): LeNet-5 with widths 0.25 / 0.5 / 1.0 (the same
   densities for the interior layers) against the magnitude-pruned baseline: accuracy and MACs.
-- ``depth`` (NestedNet layer scheduling): ResNet-20, levels running 1 / 2 / 3 blocks per stage,
-  against the same nested ResNet-20 without the schedule: accuracy, MACs, and packed batch-1
-  latency per level (interleaved in one process).
+- ``depth`` (NestedNet layer scheduling): ResNet-20 (on a subset), levels running 1 / 2 / 3 blocks
+  per stage, against the same nested ResNet-20 without the schedule: accuracy, MACs, and packed
+  batch-1 latency per level (interleaved in one process).
 - ``layer_sparsity`` (Hebiri & Lederer): an MLP 784-300-100-10 trained with the proximal penalty,
   collapsed and refit, against the same MLP trained without it.
 
-    python benchmarks/structure.py --epochs 3
+    python benchmarks/structure.py
 """
 from __future__ import annotations
 
@@ -40,8 +40,8 @@ def _subset(ds, n):
     return ds if not n else torch.utils.data.TensorDataset(*(t[:n] for t in ds.tensors))
 
 
-def _train(model, train_set, test_set, args, **cfg):
-    config = ns.TrainConfig(epochs=args.epochs, batch_size=128, lr=0.05, seed=args.seed, progress=False,
+def _train(model, train_set, test_set, args, epochs=None, **cfg):
+    config = ns.TrainConfig(epochs=epochs or args.epochs, batch_size=128, lr=0.05, seed=args.seed, progress=False,
                             max_steps_per_epoch=args.max_steps, **cfg)
     t0 = time.perf_counter()
     ns.train(model, train_set, None, config)
@@ -103,7 +103,7 @@ def depth(args, train_set, test_set) -> list[dict]:
         ns.nestify_(m, ns.LevelSpec((0.1, 0.3, 1.0)))
         if gated:
             ns.structure.depth_schedule_(m, (1, 2, 3))
-        _train(m, _subset(train_set, args.resnet_subset), test_set, args)
+        _train(m, _subset(train_set, args.resnet_subset), test_set, args, epochs=args.resnet_epochs)
         nets[gated] = m.eval()
     old = _set_threads(args.threads)
     try:
@@ -155,10 +155,11 @@ def layer_sparsity(args, train_set, test_set) -> list[dict]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-steps", type=int, default=None, help="cap steps per epoch (smoke runs)")
-    p.add_argument("--resnet-subset", type=int, default=12000, help="training images for the ResNet-20 runs")
+    p.add_argument("--resnet-subset", type=int, default=6000, help="training images for the ResNet-20 runs")
+    p.add_argument("--resnet-epochs", type=int, default=2)
     p.add_argument("--lam", type=float, default=2e-3, help="layer-sparsity lambda")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=100)
@@ -172,7 +173,8 @@ def main() -> None:
     for tool in args.tools.split(","):
         rows += {"lenet": lenet, "depth": depth, "layer_sparsity": layer_sparsity}[tool](args, train_set, test_set)
         print(f"{tool} done at {time.perf_counter() - t0:.0f} s", flush=True)
-    meta = {"epochs": args.epochs, "seed": args.seed, "resnet_subset": args.resnet_subset, "lambda": args.lam,
+    meta = {"epochs": args.epochs, "seed": args.seed, "resnet_subset": args.resnet_subset,
+            "resnet_epochs": args.resnet_epochs, "lambda": args.lam,
             "seconds": round(time.perf_counter() - t0, 1), "torch": torch.__version__, "python": platform.python_version(),
             "method": "one run; every baseline trained in the same run with the same seed, epochs and optimizer; "
                       "latencies: medians of interleaved calls"}
