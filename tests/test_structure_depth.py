@@ -98,9 +98,17 @@ def test_save_load_pack_and_runtime_keep_the_schedule(tmp_path):
             want = m(x)
         torch.testing.assert_close(rt(x, level=k), want, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(dense_model_for_level(rt, k)(x), want, rtol=1e-4, atol=1e-4)
-    with ns.use_level(m, {"": 2, "layer1": 0}):
-        want = m(x)
-    torch.testing.assert_close(rt(x, level={"": 2, "layer1": 0}), want, rtol=1e-4, atol=1e-4)
+    from nestedsparse.pack.runtime import PackedRuntime
+
+    unfused = PackedRuntime(rt.model, rt.spec, fuse=False)
+    for lv in ({"": 2, "layer1": 0}, {"": 0, "layer3.2": 2}, {"": 2, "layer2.1.level_gate": 0}):
+        with ns.use_level(m, lv):
+            want = m(x)
+        torch.testing.assert_close(rt(x, level=lv), want, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(unfused(x, level=lv), want, rtol=1e-4, atol=1e-4)
+    for k in range(3):
+        with ns.use_level(m, k):
+            torch.testing.assert_close(unfused(x, level=k), m(x), rtol=1e-4, atol=1e-4)
 
 
 def test_bad_schedules_are_refused():
