@@ -159,3 +159,13 @@ def test_collapse_refuses_what_it_cannot_do_and_old_runs_resume(tmp_path, capsys
     capsys.readouterr()
     assert main(["collapse", str(deep), "--out", str(tmp_path / "dc")]) == 2
     assert "layer scheduling" in capsys.readouterr().err
+
+
+def test_resume_without_the_depth_schedule_is_refused(tmp_path, capsys):
+    run = tmp_path / "d"
+    args = ["train", "--model", "resnet20", "--dataset", "synthetic", "--densities", "0.5,1.0", "--epochs", "1",
+            "--max-steps-per-epoch", "1", "--batch-size", "8", "--out", str(run), "--no-progress"]
+    assert main(args + ["--depth", "1,3"]) == 0
+    capsys.readouterr()
+    assert main(args + ["--resume"]) == 2
+    assert "depth" in capsys.readouterr().err

@@ -309,3 +309,29 @@ def test_a_recipe_replays_on_fresh_weights_whatever_proved_it():
     fresh.load_state_dict(res.model.state_dict())
     x = torch.randn(3, 4)
     torch.testing.assert_close(fresh(x), res.model(x))
+
+
+@pytest.mark.parametrize("op", ["view_sub_", "slice_mul_", "torch_neg_"])
+def test_a_view_changed_in_place_has_no_sign(op):
+    class Alias(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.fc0, self.fc1, self.fc2 = nn.Linear(4, 6), nn.Linear(6, 6), nn.Linear(6, 3)
+            _make_nonneg_(self.fc1)
+
+        def forward(self, x):
+            h = F.relu(self.fc0(x))
+            if op == "view_sub_":
+                h.view(-1).sub_(5.0)
+            elif op == "slice_mul_":
+                h[:, :].mul_(-1.0)
+            else:
+                torch.neg_(h)
+            return self.fc2(F.relu(self.fc1(h)))
+
+    m = Alias().eval()
+    res = collapse(m)
+    assert res.merged == []
+    x = torch.randn(5, 4)
+    torch.testing.assert_close(res.model(x), m(x))

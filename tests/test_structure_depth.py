@@ -233,3 +233,45 @@ def test_threads_running_other_levels_while_tracing_is_not_needed(tmp_path):
     for t in ts:
         t.join()
     assert errors == [] and len(rt._graphs) == n_graphs == 3
+
+
+def test_tied_weights_outside_a_gated_block_stay_active():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+
+        def forward(self, x):
+            return x + torch.relu(self.fc(x))
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.b1, self.b2, self.head = Block(), Block(), nn.Linear(8, 8)
+            self.head.weight = self.b2.fc.weight  # tied
+            self.input_shape = (8,)
+
+        def forward(self, x):
+            return self.head(self.b2(self.b1(x)))
+
+    torch.manual_seed(0)
+    m = Net()
+    ns.nestify_(m, ns.LevelSpec((0.5, 1.0)))
+    before = int((m.head.parametrizations.weight[0].level_map == 0).sum())
+    gate_blocks_(m, {"b2": 1, "b1": 1})
+    assert int((m.head.parametrizations.weight[0].level_map == 0).sum()) == before > 0
+    assert int(m.b1.fc.parametrizations.weight[0].level_map.min()) == 1  # not tied: clamped
+
+
+def test_loading_a_file_from_before_the_clamp_clamps_it(tmp_path):
+    from nestedsparse.io import read_tensors, write_tensors
+
+    m = _resnet()
+    ns.save(m, tmp_path / "m.safetensors")
+    tensors, meta = read_tensors(tmp_path / "m.safetensors", "nestedsparse.model", (1, 2))
+    key = "layer3.2.conv1.parametrizations.weight.0.level_map"
+    tensors[key] = torch.zeros_like(tensors[key])  # what an older version saved: active from level 0
+    write_tensors(tmp_path / "old.safetensors", tensors, meta)
+    fresh = models.create("resnet20", in_channels=3)
+    ns.load_into_(fresh, tmp_path / "old.safetensors")
+    assert int(fresh.layer3[2].conv1.parametrizations.weight[0].level_map.min()) == 2

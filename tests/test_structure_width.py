@@ -185,3 +185,17 @@ def test_channel_moving_ops_are_refused():
     ns.nestify_(half, ns.LevelSpec((0.25, 1.0)), filter_fn=lambda mod, name: name != "2")
     with pytest.raises(ValueError, match="not nested"):
         channel_level_maps(half, (0.5, 1.0))
+
+
+def test_flatten_by_view_of_the_batch_size_is_followed():
+    class ViewFlat(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.bn, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Linear(8 * 4 * 4, 4)
+
+        def forward(self, x):
+            h = torch.relu(self.bn(self.a(x)))
+            return self.fc(h.view(h.shape[0], -1))
+
+    torch.manual_seed(0)
+    assert _dropped_channels_leak(ViewFlat(), torch.randn(2, 3, 4, 4), (0.5, 1.0)) == 0.0

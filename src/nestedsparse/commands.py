@@ -110,7 +110,7 @@ def _check_same_run(old: dict, new: dict, run: Path) -> None:
 
     def key(d):  # settings a run folder from an older version lacks are the defaults it ran with
         cfg = {k: v for k, v in {**defaults, **d.get("config", {})}.items() if k not in ("progress", "device")}
-        return {**{k: d.get(k) for k in new if k != "config"}, "config": cfg}
+        return {**{k: d.get(k) for k in set(old) | set(new) if k != "config"}, "config": cfg}
 
     a, b = key(old), key(new)
     diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))

@@ -136,6 +136,9 @@ def load_into_(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         raise CheckpointError(f"{path}: file has levels {spec.densities}, the model {get_spec(model).densities}")
     _apply_depth(model, meta.get("depth"), path)
     _load_state_checked(model, tensors, path)
+    from .structure.depth import clamp_gated_maps_  # noqa: PLC0415 - files from before the clamp existed
+
+    clamp_gated_maps_(model)
     return model
 
 

@@ -166,7 +166,8 @@ def pack(model: nn.Module, dtype: str = "float32", model_name: str | None = None
     from ..structure.depth import depth_schedule  # noqa: PLC0415
 
     return PackedModel(spec=spec, layers=layers, dense=dense, ties=ties, model_name=model_name,
-                       model_kwargs=dict(model_kwargs or {}), collapse=collapse or None, depth=depth_schedule(model))
+                       model_kwargs=dict(model_kwargs or {}), collapse=collapse if collapse and collapse.get("links") else None,
+                       depth=depth_schedule(model))
 
 
 def _masks_of(mod: nn.Module):

@@ -1256,6 +1256,11 @@ def load_packed(path: str | os.PathLike, model_factory: Callable[[], nn.Module] 
             file names (``models.create(name, **kwargs)``, collapsed by the file's layer-sparsity
             recipe if it has one).
 
+    Build runtimes before other threads start running PyTorch modules (or in another process):
+    building one traces the model with ``torch.fx``, which patches ``nn.Module`` for the whole
+    process while it runs, so a module called from another thread meanwhile fails. Calls on a
+    built runtime never trace.
+
     Example::
 
         rt = load_packed("lenet5.nsp")

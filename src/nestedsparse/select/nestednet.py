@@ -77,6 +77,9 @@ class NestedNetSelector(Selector):
         if self.step_count == 0:  # fresh run: every weight active at every level until learned
             for _, _, m in iter_nested(model):
                 m.level_map.fill_(0)
+            from ..structure.depth import clamp_gated_maps_  # noqa: PLC0415
+
+            clamp_gated_maps_(model)
         self._enter(model, *self._phase(model, self.step_count))
 
     def step(self, model: nn.Module) -> None:

@@ -105,7 +105,7 @@ def _trace(model: nn.Module) -> fx.GraphModule:
     try:
         return fx.GraphModule(model, _Tracer().trace(model), type(model).__name__)
     except Exception as e:  # noqa: BLE001 - re-raised with what to do
-        raise ValueError(f"layer sparsity needs a model torch.fx can trace ({type(model).__name__}: "
+        raise ValueError(f"this needs a model torch.fx can trace ({type(model).__name__}: "
                          f"{type(e).__name__}: {e}); wrap data-dependent control flow in a leaf module") from e
 
 
@@ -124,9 +124,32 @@ def _mutates(gm: fx.GraphModule, user: fx.Node, value: fx.Node) -> bool:
     if user.op == "call_method":
         return user.target.endswith("_") or user.target in ("copy_", "__setitem__")
     if user.op == "call_function":
-        return user.target in _INPLACE_FUNCTIONS or bool(user.kwargs.get("inplace"))
+        return (user.target in _INPLACE_FUNCTIONS or bool(user.kwargs.get("inplace"))
+                or getattr(user.target, "__name__", "").endswith("_"))  # torch.neg_, torch.add_, ...
     if user.op == "call_module":
         return bool(getattr(gm.get_submodule(user.target), "inplace", False))
+    return False
+
+
+_VIEW_METHODS = {"view", "view_as", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "transpose", "permute",
+                 "t", "narrow", "expand", "expand_as", "as_strided", "detach", "unfold", "movedim", "swapaxes",
+                 "diagonal", "split", "chunk", "unbind", "select", "contiguous", "__getitem__"}
+_VIEW_FUNCTIONS = {operator.getitem, torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.transpose,
+                   torch.permute, torch.narrow, torch.detach, torch.movedim, torch.swapaxes, torch.diagonal,
+                   torch.split, torch.chunk, torch.unbind, torch.select}
+
+
+def _mutated(gm: fx.GraphModule, value: fx.Node, depth: int = 0) -> bool:
+    """Whether ``value``, or a view of it (a chain of view ops), is changed in place anywhere."""
+    for u in value.users:
+        if _mutates(gm, u, value):
+            return True
+        is_view = ((u.op == "call_method" and u.target in _VIEW_METHODS)
+                   or (u.op == "call_function" and u.target in _VIEW_FUNCTIONS)
+                   or (u.op == "call_module" and isinstance(gm.get_submodule(u.target), (nn.Flatten, nn.Unflatten,
+                                                                                         nn.Identity))))
+        if is_view and u.args and u.args[0] is value and (depth > 50 or _mutated(gm, u, depth + 1)):
+            return True
     return False
 
 
@@ -163,7 +186,7 @@ class _Signs:
             return False
         if n not in self.memo:
             self.memo[n] = False  # cycles cannot happen in an fx graph; this only guards recursion
-            self.memo[n] = self._nonneg(n) and not any(_mutates(self.gm, u, n) for u in n.users)
+            self.memo[n] = self._nonneg(n) and not _mutated(self.gm, n)
         return self.memo[n]
 
     def _nonneg(self, n: fx.Node) -> bool:

@@ -137,12 +137,19 @@ def clamp_gated_maps_(model: nn.Module) -> None:
     through here (``set_level_maps_``)."""
     from ..nest import NestedMask  # noqa: PLC0415
 
-    for _, block in model.named_modules():
-        if is_gated(block):
-            m = block.level_gate.min_level
-            for sub in block.modules():
-                if isinstance(sub, NestedMask):
-                    sub.level_map.clamp_(min=m)
+    gated = [(name, block) for name, block in model.named_modules() if is_gated(block)]
+    if not gated:
+        return
+    users: dict[int, list[str]] = {}  # mask -> every module path that reaches it (tied weights: several)
+    for path, sub in model.named_modules(remove_duplicate=False):
+        if isinstance(sub, NestedMask):
+            users.setdefault(id(sub), []).append(path)
+    for name, block in gated:
+        m = block.level_gate.min_level
+        for sub in block.modules():
+            # a weight also used outside the block (tied) stays active where that use needs it
+            if isinstance(sub, NestedMask) and all(u.startswith(name + ".") for u in users.get(id(sub), [])):
+                sub.level_map.clamp_(min=m)
 
 
 def depth_schedule_(model: nn.Module, counts: Sequence[int], stages: Sequence[str] | None = None,

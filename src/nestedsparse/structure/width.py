@@ -11,7 +11,9 @@ is nested too -- thinner *and* sparser levels -- but no selector builds that com
 
 Which channel a weight reads is found from the graph (``torch.fx``): a Linear after a flatten
 of ``C`` feature maps of ``H x W`` reads channel ``f // (H*W)`` at feature ``f``; a grouped conv's
-``j``-th input of output channel ``o`` is input channel ``(o // (O/g)) * (I/g) + j``.
+``j``-th input of output channel ``o`` is input channel ``(o // (O/g)) * (I/g) + j``. Ops that
+move, join, split or pad channels (``torch.cat``, ``permute``, ``F.pad``, indexing -- so also
+the option-A ResNet shortcut) on the way between two layers are refused with a ``ValueError``.
 """
 from __future__ import annotations
 
@@ -66,6 +68,17 @@ def _moves_channels(gm: fx.GraphModule, n: fx.Node) -> bool:
     return False
 
 
+def _is_shape_value(n: fx.Node) -> bool:
+    """``x.shape``, ``x.size()``, ``x.dim()`` and items of them: sizes, not tensor values."""
+    if n.op == "call_method":
+        return n.target in ("size", "dim", "numel")
+    if n.op == "call_function" and n.target is getattr:
+        return len(n.args) > 1 and n.args[1] in ("shape", "ndim")
+    if n.op == "call_function" and n.target is operator.getitem and isinstance(n.args[0], fx.Node):
+        return _is_shape_value(n.args[0])
+    return False
+
+
 def _producers(gm: fx.GraphModule, node: fx.Node, nested: set[str], seen: set | None = None) -> tuple[set, bool]:
     """Nested layers whose outputs reach ``node``'s value without passing another nested layer,
     and whether the model input reaches it that way. Raises ``ValueError`` when the path holds an
@@ -73,7 +86,7 @@ def _producers(gm: fx.GraphModule, node: fx.Node, nested: set[str], seen: set | 
     seen = set() if seen is None else seen
     layers, from_input = set(), False
     for a in node.all_input_nodes:
-        if a in seen:
+        if a in seen or _is_shape_value(a):
             continue
         seen.add(a)
         if a.op == "placeholder":

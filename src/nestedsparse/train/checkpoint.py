@@ -68,6 +68,9 @@ def load_checkpoint(run_dir: str | os.PathLike, model: nn.Module, optimizer: tor
     msd = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
     try:
         model.load_state_dict(msd, strict=True)
+        from ..structure.depth import clamp_gated_maps_  # noqa: PLC0415 - runs from before the clamp existed
+
+        clamp_gated_maps_(model)
     except RuntimeError as e:
         raise CheckpointError(f"{path}: model state does not fit this model ({e})") from None
     state: dict[int, dict] = {}
