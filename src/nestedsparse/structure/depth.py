@@ -79,9 +79,7 @@ def gate_blocks_(model: nn.Module, schedule: Mapping[str, int], example_input: t
     With ``check`` (default) one forward on ``example_input`` (default zeros of the model's
     ``input_shape``) verifies every gated block returns the shape it is given. Returns the
     model's whole schedule."""
-    from ..nest import get_spec  # noqa: PLC0415 - structure builds on nest
-
-    from ..nest import NestedBatchNorm, NestedMask  # noqa: PLC0415
+    from ..nest import NestedBatchNorm, NestedMask, get_spec  # noqa: PLC0415 - structure builds on nest
 
     spec = get_spec(model)
     mods = dict(model.named_modules())
@@ -133,8 +131,10 @@ def clamp_gated_maps_(model: nn.Module) -> None:
     """No weight inside a gated block is active below the block's ``min_level`` (the levels that
     skip it): raise such level-map entries to ``min_level``. Otherwise ``own`` / ``frozen-core``
     routing would leave them untrained (only the levels that skip the block could train them) and
-    the per-level counts would include weights those levels never use. Selectors' maps pass
-    through here (``set_level_maps_``)."""
+    the per-level counts would include weights those levels never use. A weight tied to a layer
+    outside the block is left as it is. Selectors' maps (``set_level_maps_``) and loaded files
+    pass through here. The weights a skipped block gives up are not handed to other layers: a
+    level's density falls below the spec's by their share."""
     from ..nest import NestedMask  # noqa: PLC0415
 
     gated = [(name, block) for name, block in model.named_modules() if is_gated(block)]
