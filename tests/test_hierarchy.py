@@ -1,5 +1,6 @@
 """Hierarchical classification (NestedNet): coarse levels inside a fine network."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -113,3 +114,31 @@ def test_cli_train_and_eval_with_a_hierarchy(tmp_path, capsys):
     assert all(0.0 <= r["coarse_accuracy"] <= 1.0 for r in levels)
     with pytest.raises(SystemExit):
         main(args[:-3] + ["--hierarchy", "x,y", "--out", str(run)])
+
+
+def test_the_map_can_come_from_the_datasets_own_coarse_labels(tmp_path, capsys):
+    from nestedsparse.data import mapping_from_dataset
+    from nestedsparse.data._common import ImageDataset
+
+    fine = torch.tensor([0, 1, 2, 3, 4, 5, 0, 3])
+    ds = ImageDataset(torch.zeros(8, 1, 2, 2), fine, name="toy", classes=list("abcdef"),
+                      coarse_targets=MAP[fine], coarse_classes=["x", "y", "z"])
+    assert mapping_from_dataset(ds) == tuple(MAP.tolist())
+    bad = ImageDataset(torch.zeros(8, 1, 2, 2), fine, name="toy", classes=list("abcdef"),
+                       coarse_targets=torch.tensor([0, 0, 1, 1, 1, 2, 1, 1]), coarse_classes=["x", "y", "z"])
+    with pytest.raises(ValueError, match="not a function"):
+        mapping_from_dataset(bad)
+    with pytest.raises(ValueError, match="no coarse labels"):
+        mapping_from_dataset(TensorDataset(torch.zeros(2, 1), torch.tensor([0, 1])))
+    assert main(["train", "--model", "mlp", "--dataset", "synthetic", "--densities", "0.5,1.0", "--epochs", "1",
+                 "--hierarchy", "data", "--out", str(tmp_path / "r"), "--no-progress"]) == 2
+    assert "no coarse labels" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz").exists(),
+                    reason="Fashion-MNIST not installed")
+def test_fashion_mnist_coarse_labels_give_the_named_map():
+    from nestedsparse.data import load_dataset, mapping_from_dataset
+
+    got = mapping_from_dataset(load_dataset("fashion-mnist", split="test"))
+    assert got == tuple(resolve_hierarchy("fashion-mnist").tolist())

@@ -93,7 +93,8 @@ def _add_train(sub) -> None:
                         "negative parts; then `nestedsparse collapse` (default 0 = off)")
     p.add_argument("--input-nonneg", action="store_true", help="inputs are >= 0: the first layer may collapse too")
     p.add_argument("--hierarchy", type=_hierarchy, default=None, metavar="NAME|MAP",
-                   help="hierarchical classification: a named fine->coarse map (fashion-mnist) or the map as "
+                   help="hierarchical classification: a named fine->coarse map (fashion-mnist), 'data' (the "
+                        "data set's own coarse labels, e.g. CIFAR-100's 20 superclasses) or the map as "
                         "comma-separated coarse labels; the sparsest --coarse-levels levels learn coarse classes")
     p.add_argument("--coarse-levels", type=int, default=1, help="levels trained on coarse classes (default 1)")
     p.add_argument("--level-weights", type=_floats, default=None, help="loss weight per level")

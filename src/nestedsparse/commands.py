@@ -1,6 +1,7 @@
 """What each CLI command does, on top of the library's verbs (argparse lives in ``cli.py``)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -72,7 +73,8 @@ def cmd_train(args) -> int:
         routing=args.routing, sampling=args.sampling, level_weights=args.level_weights, distill=args.distill,
         temperature=args.temperature, selector=args.selector, selector_args=sel_args, seed=args.seed,
         max_steps_per_epoch=args.max_steps_per_epoch, device=args.device, progress=not args.no_progress,
-        layer_sparsity=args.layer_sparsity, input_nonneg=args.input_nonneg, hierarchy=args.hierarchy,
+        layer_sparsity=args.layer_sparsity, input_nonneg=args.input_nonneg,
+        hierarchy=None if args.hierarchy == "data" else args.hierarchy,
         coarse_levels=args.coarse_levels,
     )
     info = {"model": args.model, "model_kwargs": dict(args.model_arg), "dataset": args.dataset,
@@ -81,6 +83,11 @@ def cmd_train(args) -> int:
     if args.depth is not None:
         info["depth"] = list(args.depth)
     train_set = load_dataset(args.dataset, args.data_dir, split="train")
+    if args.hierarchy == "data":  # the dataset's own superclasses (CIFAR-100's 20, ...), stored as a list
+        from .data.hierarchy import mapping_from_dataset
+
+        config = dataclasses.replace(config, hierarchy=mapping_from_dataset(train_set))
+        info["config"] = config.to_dict()
     if args.subset:
         train_set = torch.utils.data.TensorDataset(*(t[: args.subset] for t in train_set.tensors))
     test_set = load_dataset(args.dataset, args.data_dir, split="test")

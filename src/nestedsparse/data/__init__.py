@@ -43,6 +43,7 @@ from .hierarchy import (
     FASHION_MNIST_HIERARCHY_GROUPS,
     HIERARCHIES,
     coarse_labels,
+    mapping_from_dataset,
     mapping_from_groups,
     resolve_hierarchy,
 )
@@ -68,6 +69,7 @@ __all__ = [
     "coarse_labels",
     "HIERARCHIES",
     "resolve_hierarchy",
+    "mapping_from_dataset",
     "download_fashion_mnist",
     "find_cifar",
     "find_fashion_mnist",

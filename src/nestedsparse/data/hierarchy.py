@@ -14,6 +14,7 @@ __all__ = [
     "coarse_labels",
     "mapping_from_groups",
     "resolve_hierarchy",
+    "mapping_from_dataset",
 ]
 
 #: Coarse group name -> fine Fashion-MNIST labels in that group.
@@ -91,6 +92,9 @@ def resolve_hierarchy(spec: str | Sequence[int], num_fine: int | None = None) ->
     = coarse label of fine label ``f``; coarse labels 0..C-1, each used). ``num_fine``: the
     model's number of classes, checked against the map's length."""
     if isinstance(spec, str):
+        if spec == "data":
+            raise ValueError("hierarchy 'data' is read from the training set's coarse labels: use it with "
+                             "`nestedsparse train`, or pass nestedsparse.data.mapping_from_dataset(train_set)")
         if spec not in HIERARCHIES:
             raise ValueError(f"hierarchy {spec!r} is unknown; named ones: {', '.join(HIERARCHIES)} "
                              "(or give the fine -> coarse map as a list of ints)")
@@ -108,3 +112,22 @@ def resolve_hierarchy(spec: str | Sequence[int], num_fine: int | None = None) ->
     if num_fine is not None and table.numel() != num_fine:
         raise ValueError(f"the hierarchy maps {table.numel()} fine labels but the model has {num_fine} classes")
     return table
+
+
+def mapping_from_dataset(data) -> tuple[int, ...]:
+    """The fine -> coarse map a dataset's own ``coarse_targets`` define (CIFAR-100's 20
+    superclasses, Fashion-MNIST's 6 groups); ``ValueError`` when it has none or a fine label
+    appears under two coarse labels."""
+    coarse = getattr(data, "coarse_targets", None)
+    fine = data.tensors[1] if hasattr(data, "tensors") else None
+    if coarse is None or fine is None:
+        raise ValueError(f"{getattr(data, 'name', type(data).__name__)} has no coarse labels; give the hierarchy "
+                         "by name or as a list of coarse labels, one per class")
+    n = int(fine.max()) + 1
+    table = torch.full((n,), -1, dtype=torch.int64)
+    table[fine.long()] = coarse.long()
+    if not torch.equal(table[fine.long()], coarse.long()):
+        raise ValueError("the dataset's coarse labels are not a function of its fine labels")
+    if bool((table < 0).any()):
+        raise ValueError(f"fine labels {(table < 0).nonzero().flatten().tolist()} never appear in the dataset")
+    return tuple(int(v) for v in table)
