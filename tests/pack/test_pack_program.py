@@ -643,3 +643,26 @@ def test_global_pool_over_wide_rows(tmp_path):
     x[0, :, 3, 3] = float("nan")
     assert torch.isnan(rt(x, level=0)[0]).all() and not torch.isnan(rt(x, level=0)[1]).any()
     assert _ran(prog)
+
+
+class DropoutHead(nn.Module):
+    """Convs, a global pool, a Dropout, then the classifier (Dropout is the identity at inference)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.c2 = nn.Conv2d(8, 16, 3, padding=1)
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.3), nn.Identity())
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x):
+        return self.fc(self.pool(F.relu(self.c2(F.relu(self.c1(x))))))
+
+
+def test_a_classifier_behind_a_dropout_joins_the_program(tmp_path):
+    m, rt = _custom(DropoutHead, tmp_path)
+    (prog,) = _programs(rt)
+    assert prog._tail and len([n for n in rt.graph.graph.nodes if n.op == "call_module"]) == 1
+    for batch in (1, 3):
+        _all_sparse(rt, batch)
+        _assert_levels(rt, m, torch.randn(batch, 3, 8, 8))

@@ -907,6 +907,20 @@ def _inline_pad_shortcuts(graph: torch.fx.Graph, modules: dict[str, nn.Module]) 
     return made
 
 
+def _drop_pass_through(graph: torch.fx.Graph, modules: Mapping[str, nn.Module]) -> bool:
+    """Remove the modules that are the identity at inference (``nn.Identity``, dropout: the runtime
+    only infers), so what they separate can fuse -- a classifier behind a dropout joins the conv
+    program before it."""
+    made = False
+    for node in list(graph.nodes):
+        if (node.op == "call_module" and type(modules.get(node.target)) in _PASS_THROUGH and len(node.args) == 1
+                and not node.kwargs and isinstance(node.args[0], torch.fx.Node)):
+            node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
+            made = True
+    return made
+
+
 class _LeafTracer(torch.fx.Tracer):
     """Traces the model's own code; packed layers, per-level BatchNorms and the option-A ResNet
     shortcut (a depth-first program op) stay leaf calls. A block under layer scheduling is traced
@@ -990,7 +1004,8 @@ def _fuse(model: nn.Module, programs: bool = True) -> nn.Module | None:
     except Exception:  # noqa: BLE001 - any tracing failure just means "run unfused"
         return None
     modules = dict(model.named_modules())
-    fused_any = _inline_pad_shortcuts(graph, modules)
+    fused_any = _drop_pass_through(graph, modules)
+    fused_any |= _inline_pad_shortcuts(graph, modules)
     for i, node in enumerate(list(graph.nodes)):
         layer = modules.get(node.target) if node.op == "call_module" else None
         if not isinstance(layer, _SparseBase) or node.kwargs or len(node.args) != 1:
