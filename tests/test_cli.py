@@ -169,3 +169,43 @@ def test_resume_without_the_depth_schedule_is_refused(tmp_path, capsys):
     capsys.readouterr()
     assert main(args + ["--resume"]) == 2
     assert "depth" in capsys.readouterr().err
+
+
+def test_collapsing_a_collapsed_run_replays_both_merges(tmp_path):
+    """Three ReLU links: the first collapse merges what is non-negative, a second run of the
+    penalty and collapse merges more; the second run's recipe rebuilds from the registry model."""
+    import torch
+
+    from nestedsparse.commands import load_run_model
+
+    run, once, twice = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    base = ["--dataset", "synthetic", "--densities", "1.0", "--batch-size", "32", "--weight-decay", "0",
+            "--no-progress"]
+    assert main(["train", "--model", "mlp", "--epochs", "1", "--layer-sparsity", "20", "--out", str(run), *base[:-1],
+                 "--no-progress"]) == 0
+    assert main(["collapse", str(run), "--out", str(once), "--epochs", "0", "--no-progress"]) == 0
+    info = json.loads((once / "run.json").read_text())
+    assert len(info["collapse"]["links"]) == 1
+    m, _ = load_run_model(once)  # rebuilt from the recipe
+    assert sum(isinstance(x, torch.nn.Linear) for x in m.modules()) == 2
+    # the collapsed run has no candidate left (its remaining link starts at the raw input) ...
+    assert main(["collapse", str(once), "--out", str(twice), "--epochs", "0"]) == 2
+    # ... until its input is declared non-negative and its first layer is made non-negative
+    import nestedsparse as ns
+
+    info["config"]["input_nonneg"] = True
+    (once / "run.json").write_text(json.dumps(info))
+    with torch.no_grad():
+        for p in m.get_submodule("features.1").parameters():
+            p.abs_()
+    ns.save(m, once / "model.safetensors", extra={"model": "mlp", "model_kwargs": info["model_kwargs"],
+                                                   "collapse": info["collapse"]})
+    assert main(["collapse", str(once), "--out", str(twice), "--epochs", "0", "--no-progress"]) == 0
+    links = json.loads((twice / "run.json").read_text())["collapse"]["links"]
+    assert [lk[0] for lk in links] == ["features.3", "features.1"]  # both merges, in order
+    m2, _ = load_run_model(twice)  # the registry MLP with both merges replayed, then the weights
+    assert sum(isinstance(x, torch.nn.Linear) for x in m2.modules()) == 1
+    x = torch.rand(4, 1, 28, 28)
+    m.eval()
+    m2.eval()
+    torch.testing.assert_close(m2(x), m(x), rtol=1e-4, atol=1e-4)

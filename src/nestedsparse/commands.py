@@ -233,6 +233,8 @@ def cmd_collapse(args) -> int:
     print(f"layers {res.layers_before} -> {res.layers_after}, parameters {n_params(plain):,} -> "
           f"{n_params(res.model):,} (level {level}); {len(res.remaining)} candidate(s) left")
     recipe = res.recipe()
+    if info.get("collapse"):  # collapsing a collapsed run: its merges come first when the recipe is replayed
+        recipe["links"] = list(info["collapse"]["links"]) + recipe["links"]
     new = res.model
     nestify_(new, spec, block=tuple(info.get("block", (1, 1))))
     cfg.update(layer_sparsity=0.0, epochs=args.epochs or 1, progress=not args.no_progress)

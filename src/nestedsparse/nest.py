@@ -257,6 +257,8 @@ def plain_model(model: nn.Module, level: int | None = None) -> nn.Module:
     k = spec.num_levels - 1 if level is None else level
     spec.check_level(k)
     out = copy.deepcopy(model)
+    if hasattr(model, "input_shape"):  # a GraphModule's deep copy drops plain attributes
+        out.input_shape = model.input_shape
     done: set[int] = set()
     for _, mod in list(out.named_modules()):
         if not parametrize.is_parametrized(mod, "weight"):
@@ -298,7 +300,8 @@ def plain_model(model: nn.Module, level: int | None = None) -> nn.Module:
                 else:
                     del child._modules["level_gate"]
                     child.__class__ = child.__class__.__bases__[0]
-    delattr(out, _SPEC_ATTR)
+    if hasattr(out, _SPEC_ATTR):
+        delattr(out, _SPEC_ATTR)
     return out
 
 

@@ -112,6 +112,8 @@ def dense_model_for_level(rt, level: int) -> nn.Module:
     # deepcopy with the replacements pre-seeded in the memo: the packed modules (and their
     # arrays) are never copied, everything else (the forward code, activations, pools) is.
     dense = copy.deepcopy(rt.model, memo)
+    if hasattr(rt.model, "input_shape"):  # a GraphModule's (collapsed model's) deep copy drops it
+        dense.input_shape = rt.model.input_shape
     dense.eval()
     for p in dense.parameters():
         p.requires_grad_(False)
