@@ -127,7 +127,13 @@ def test_cli_channels(tmp_path, capsys):
     lv = json.loads((run / "eval.json").read_text())["levels"]
     assert lv[0]["macs"] < 0.45 * lv[1]["macs"]  # half the channels: about a quarter of the interior MACs
     assert main(args[:-3] + ["--widths", "0.5,1.0", "--selector", "magnitude", "--out", str(tmp_path / "x")]) == 2
-    assert "needs --selector channels" in capsys.readouterr().err
+    assert "need --selector channels" in capsys.readouterr().err
+    sparse_run = tmp_path / "ws"
+    assert main(args[:-3] + ["--sparse-channels", "--densities", "0.1,1.0", "--out", str(sparse_run),
+                             "--no-progress"]) == 0
+    assert main(["eval", str(sparse_run)]) == 0
+    lv_ws = json.loads((sparse_run / "eval.json").read_text())["levels"]
+    assert lv_ws[0]["density"] < lv[0]["density"] and lv_ws[0]["macs"] < lv[0]["macs"]
 
 
 def _dropped_channels_leak(m, x, widths):
@@ -199,3 +205,45 @@ def test_flatten_by_view_of_the_batch_size_is_followed():
 
     torch.manual_seed(0)
     assert _dropped_channels_leak(ViewFlat(), torch.randn(2, 3, 4, 4), (0.5, 1.0)) == 0.0
+
+
+def test_width_times_sparsity_is_nested_inside_the_channels():
+    from nestedsparse import models
+    from nestedsparse.structure import width_sparsity_maps
+
+    torch.manual_seed(0)
+    m = models.create("resnet20", in_channels=3)
+    spec = ns.LevelSpec((0.05, 0.2, 1.0))
+    ns.nestify_(m, spec)
+    widths = (0.5, 0.75, 1.0)
+    ws, cm = width_sparsity_maps(m, widths), channel_level_maps(m, widths)
+    for name, _, mask in ns.iter_nested(m):
+        lm = ws[name]
+        check_nested(lm, 3)
+        for k in range(3):
+            active, thin = lm <= k, cm[name] <= k
+            assert bool((active <= thin).all())  # only inside level k's channels
+            # as many as the allocation gives, capped by the channels; the largest inside them at level 0
+            assert int(active.sum()) == min(int((mask.level_map <= k).sum()), int(thin.sum()))
+    wt = m.layer2[1].conv1.parametrizations.weight.original.detach().abs()
+    lm, thin = ws["layer2.1.conv1"], cm["layer2.1.conv1"] <= 0
+    assert float(wt[lm <= 0].min()) >= float(wt[thin & (lm > 0)].max())
+    with pytest.raises(ValueError, match="explicit widths"):
+        ChannelSelector(sparse=True)
+    ChannelSelector(widths, sparse=True).apply_(m)
+    assert torch.equal(m.layer2[1].conv1.parametrizations.weight[0].level_map, ws["layer2.1.conv1"])
+
+
+def test_a_resumed_run_keeps_its_width_sparsity_maps():
+    m = _convnet()
+    ns.nestify_(m, ns.LevelSpec((0.25, 1.0)))
+    sel = ChannelSelector((0.5, 1.0), sparse=True)
+    sel.begin(m, 10)
+    before = {n: mk.level_map.clone() for n, _, mk in ns.iter_nested(m)}
+    with torch.no_grad():  # training moved the weights; a resumed selector must not re-rank them
+        for p in m.parameters():
+            p.mul_(torch.rand_like(p))
+    resumed = ChannelSelector((0.5, 1.0), sparse=True)
+    resumed.load_state_dict({**sel.state_dict(), "step_count": 4})
+    resumed.begin(m, 10)
+    assert all(torch.equal(mk.level_map, before[n]) for n, _, mk in ns.iter_nested(m))

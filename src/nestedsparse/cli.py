@@ -74,6 +74,9 @@ def _add_train(sub) -> None:
                    help="magnitude | nestednet | channels (NestedNet's channel scheduling)")
     p.add_argument("--depth", type=_ints, default=None, metavar="N0,N1,...",
                    help="layer scheduling (NestedNet): blocks per stage each level runs, e.g. 2,3,5 on resnet32")
+    p.add_argument("--sparse-channels", action="store_true",
+                   help="with --selector channels --widths: also prune inside the kept channels to --densities by "
+                        "magnitude (width x sparsity)")
     p.add_argument("--widths", type=_floats, default=None,
                    help="channel scheduling: width per level, increasing, last 1.0 (default sqrt of each density)")
     p.add_argument("--prune-end", type=float, default=None, help="fraction of training when the maps are fixed")

@@ -58,13 +58,15 @@ def cmd_train(args) -> int:
     if args.selector != "magnitude" and tuple(args.block) != (1, 1):
         raise ValueError(f"--block {args.block[0]}x{args.block[1]} needs --selector magnitude; {args.selector} prunes single weights")
     sel_args = {"block": list(args.block)} if args.selector == "magnitude" else {}
-    if args.widths is not None and args.selector != "channels":
-        raise ValueError("--widths sets channel scheduling's level widths; it needs --selector channels")
+    if (args.widths is not None or args.sparse_channels) and args.selector != "channels":
+        raise ValueError("--widths / --sparse-channels set channel scheduling; they need --selector channels")
     if args.selector == "channels":
         if args.prune_end is not None:
             raise ValueError("--prune-end schedules magnitude / nestednet pruning; channel scheduling has no schedule")
         if args.widths is not None:
             sel_args["widths"] = list(args.widths)
+        if args.sparse_channels:
+            sel_args["sparse"] = True
     if args.prune_end is not None:
         sel_args["end"] = args.prune_end
     config = TrainConfig(

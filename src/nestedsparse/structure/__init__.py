@@ -12,8 +12,8 @@ from .collapse import (
     rebuild,
 )
 from .depth import LevelGate, depth_schedule, depth_schedule_, gate_blocks_, is_gated
-from .width import ChannelSelector, channel_counts, channel_level_maps, default_widths
+from .width import ChannelSelector, channel_counts, channel_level_maps, default_widths, width_sparsity_maps
 
 __all__ = ["Link", "CollapseResult", "find_links", "is_collapsible", "negative_part_norm", "prox_layer_sparsity_",
            "collapse", "rebuild", "create_model", "ChannelSelector", "channel_level_maps", "channel_counts",
-           "default_widths", "LevelGate", "depth_schedule", "depth_schedule_", "gate_blocks_", "is_gated"]
+           "default_widths", "width_sparsity_maps", "LevelGate", "depth_schedule", "depth_schedule_", "gate_blocks_", "is_gated"]

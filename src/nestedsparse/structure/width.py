@@ -6,8 +6,8 @@ input, with ``w_0 < w_1 < ... < w_{L-1} = 1`` the level widths. The model's inpu
 channels) and its outputs (classes) are never divided. In this library that is one more way to
 choose level maps -- a weight is active from the first level whose width holds both its output
 channel and its input channel -- so nesting, per-level BatchNorm, training, packing and the
-runtime all work unchanged. (The element-wise ``max`` of these maps and a magnitude selector's
-is nested too -- thinner *and* sparser levels -- but no selector builds that combination yet.)
+runtime all work unchanged. ``ChannelSelector(widths, sparse=True)`` also prunes inside the kept
+channels by magnitude (Grimaldi et al.'s width x sparsity: thinner *and* sparser levels).
 
 Which channel a weight reads is found from the graph (``torch.fx``): a Linear after a flatten
 of ``C`` feature maps of ``H x W`` reads channel ``f // (H*W)`` at feature ``f``; a grouped conv's
@@ -24,11 +24,12 @@ from collections.abc import Sequence
 import torch
 from torch import fx, nn
 
+from ..levels import level_map_from_scores
 from ..nest import get_spec, iter_nested, set_level_maps_
 from ..select import Selector, register_selector
 from .collapse import _trace
 
-__all__ = ["channel_counts", "channel_level_maps", "ChannelSelector", "default_widths"]
+__all__ = ["channel_counts", "channel_level_maps", "width_sparsity_maps", "ChannelSelector", "default_widths"]
 
 
 def default_widths(densities: Sequence[float]) -> tuple[float, ...]:
@@ -176,6 +177,30 @@ def channel_level_maps(model: nn.Module, widths: Sequence[float]) -> dict[str, t
     return maps
 
 
+@torch.no_grad()
+def width_sparsity_maps(model: nn.Module, widths: Sequence[float]) -> dict[str, torch.Tensor]:
+    """Width x sparsity (Grimaldi et al.): level k keeps the leading channels of ``widths[k]`` *and*,
+    inside them, only the largest-magnitude weights -- as many as the model's LevelSpec gives the
+    layer at level k (its allocation), at most all of that level's channels.
+
+    One ranking makes the levels nested: weights of thinner levels' channels first, then by
+    ``|W|``; level k takes the first ``min(count_k, |channels_k|)``, all inside its channels."""
+    from ..nest import layer_counts, magnitude_scores  # noqa: PLC0415
+
+    spec = get_spec(model)
+    cmaps = channel_level_maps(model, widths)
+    counts = layer_counts(model, magnitude_scores(model))
+    out = {}
+    for name, mod, _ in iter_nested(model):
+        cm = cmaps[name].long()
+        w = mod.parametrizations.weight.original.detach().abs().double()
+        thin = [int((cm <= k).sum()) for k in range(spec.num_levels)]
+        c = [min(a, b) for a, b in zip(counts[name], thin)]
+        score = (spec.num_levels - cm).double() * (float(w.max()) + 1.0) + w
+        out[name] = level_map_from_scores(score, c, spec.num_levels)
+    return out
+
+
 @register_selector("channels")
 class ChannelSelector(Selector):
     """NestedNet's channel scheduling as a selector: the maps are set once, before training.
@@ -183,19 +208,30 @@ class ChannelSelector(Selector):
     Args:
         widths: width fraction per level (increasing, last 1.0); default ``sqrt(density)`` of
             the model's LevelSpec, so interior layers keep about each level's density.
+        sparse: also prune inside the kept channels to the LevelSpec's per-layer counts by
+            magnitude (width x sparsity, :func:`width_sparsity_maps`); needs explicit ``widths``.
+            The magnitudes are the weights' when training starts: the maps stay fixed after.
     """
 
-    def __init__(self, widths: Sequence[float] | None = None) -> None:
+    def __init__(self, widths: Sequence[float] | None = None, sparse: bool = False) -> None:
         super().__init__()
         self.widths = None if widths is None else tuple(float(w) for w in widths)
+        if sparse and self.widths is None:
+            raise ValueError("width x sparsity needs explicit widths: the spec's densities set the sparsity")
+        self.sparse = bool(sparse)
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "widths": self.widths, "sparse": self.sparse}
 
     def apply_(self, model: nn.Module) -> None:
         widths = self.widths or default_widths(get_spec(model).densities)
-        set_level_maps_(model, channel_level_maps(model, widths))
+        maps = width_sparsity_maps(model, widths) if self.sparse else channel_level_maps(model, widths)
+        set_level_maps_(model, maps)
 
     def begin(self, model: nn.Module, total_steps: int) -> None:
         super().begin(model, total_steps)
-        self.apply_(model)
+        if self.step_count == 0:  # a resumed run keeps the maps its checkpoint holds
+            self.apply_(model)
 
     @property
     def done(self) -> bool:
