@@ -247,3 +247,15 @@ def test_a_resumed_run_keeps_its_width_sparsity_maps():
     resumed.load_state_dict({**sel.state_dict(), "step_count": 4})
     resumed.begin(m, 10)
     assert all(torch.equal(mk.level_map, before[n]) for n, _, mk in ns.iter_nested(m))
+
+
+def test_width_sparsity_keeps_its_channels_with_a_nan_weight():
+    from nestedsparse.structure import width_sparsity_maps
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 1))
+    with torch.no_grad():
+        m[2].weight[7, 7, 0, 0] = float("nan")
+    ns.nestify_(m, ns.LevelSpec((0.1, 1.0)))
+    ws, cm = width_sparsity_maps(m, (0.5, 1.0)), channel_level_maps(m, (0.5, 1.0))
+    assert int(((ws["2"] <= 0) & ~(cm["2"] <= 0)).sum()) == 0 and int((ws["2"] <= 0).sum()) > 0

@@ -237,6 +237,7 @@ def cmd_collapse(args) -> int:
     recipe = res.recipe()
     if info.get("collapse"):  # collapsing a collapsed run: its merges come first when the recipe is replayed
         recipe["links"] = list(info["collapse"]["links"]) + recipe["links"]
+        recipe["input_nonneg"] = bool(info["collapse"]["input_nonneg"] or recipe["input_nonneg"])
     new = res.model
     nestify_(new, spec, block=tuple(info.get("block", (1, 1))))
     cfg.update(layer_sparsity=0.0, epochs=args.epochs or 1, progress=not args.no_progress)

@@ -196,8 +196,14 @@ def width_sparsity_maps(model: nn.Module, widths: Sequence[float]) -> dict[str, 
         w = mod.parametrizations.weight.original.detach().abs().double()
         thin = [int((cm <= k).sum()) for k in range(spec.num_levels)]
         c = [min(a, b) for a, b in zip(counts[name], thin)]
-        score = (spec.num_levels - cm).double() * (float(w.max()) + 1.0) + w
-        out[name] = level_map_from_scores(score, c, spec.num_levels)
+        # the rank by |W| (largest first, NaN last, ties by index), then the channel level in front:
+        # integers, so no magnitude can blur the bands
+        flat = torch.nan_to_num(w.reshape(-1), nan=-math.inf)
+        order = torch.sort(-flat, stable=True).indices
+        rank = torch.empty_like(order)
+        rank[order] = torch.arange(order.numel())
+        score = -(cm.reshape(-1).double() * order.numel() + rank.double())
+        out[name] = level_map_from_scores(score.reshape(w.shape), c, spec.num_levels)
     return out
 
 
