@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..levels import level_map_from_scores
-from ..nest import dense_weight, get_spec, iter_nested, layer_counts, magnitude_scores
+from ..nest import dense_weight, get_spec, iter_nested, layer_counts, magnitude_scores, set_level_maps_
 from . import Selector, register_selector
 
 
@@ -75,11 +75,7 @@ class NestedNetSelector(Selector):
         super().begin(model, total_steps)
         self._current = None
         if self.step_count == 0:  # fresh run: every weight active at every level until learned
-            for _, _, m in iter_nested(model):
-                m.level_map.fill_(0)
-            from ..structure.depth import clamp_gated_maps_  # noqa: PLC0415
-
-            clamp_gated_maps_(model)
+            set_level_maps_(model, {n: torch.zeros_like(m.level_map) for n, _, m in iter_nested(model)})
         self._enter(model, *self._phase(model, self.step_count))
 
     def step(self, model: nn.Module) -> None:
@@ -118,6 +114,7 @@ class NestedNetSelector(Selector):
         """Make level ``level``'s mask binary with the exact count, inside the parent level."""
         spec = get_spec(model)
         counts = layer_counts(model, magnitude_scores(model))
+        maps = {}
         for n, mod, m in iter_nested(model):
             parent = m.level_map <= level + 1
             w = dense_weight(mod).detach()
@@ -126,11 +123,9 @@ class NestedNetSelector(Selector):
             sub = [min(c, size) for c in counts[n][: level + 1]] + [size]
             sub += [sub[-1]] * (spec.num_levels - len(sub))
             new = level_map_from_scores(score, sub, spec.num_levels)
-            m.level_map.copy_(torch.where(parent, new, m.level_map))
+            maps[n] = torch.where(parent, new, m.level_map)
             m.soft = None
-        from ..structure.depth import clamp_gated_maps_  # noqa: PLC0415 - layer scheduling's blocks
-
-        clamp_gated_maps_(model)
+        set_level_maps_(model, maps)  # checked, and clamped inside gated blocks (layer scheduling)
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "start": self.start, "end": self.end, "gamma": self.gamma}
