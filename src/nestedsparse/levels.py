@@ -145,6 +145,16 @@ def count_for(density: float, n: int) -> int:
     return min(n, max(1, int(math.floor(density * n + 0.5))))
 
 
+def descending_ranks(scores: torch.Tensor) -> torch.Tensor:
+    """Flat int64 rank of every entry by descending score (0 = highest); NaN ranks last, ties go
+    to the lower flat index, so the ranking is deterministic."""
+    flat = torch.nan_to_num(scores.detach().reshape(-1).to(torch.float64), nan=-math.inf)
+    order = torch.sort(-flat, stable=True).indices
+    ranks = torch.empty_like(order)
+    ranks[order] = torch.arange(flat.numel(), device=order.device)
+    return ranks
+
+
 def level_map_from_scores(scores: torch.Tensor, counts: Sequence[int], num_levels: int) -> torch.Tensor:
     """Level map from importance ``scores`` and per-level active ``counts`` (non-decreasing).
 
@@ -156,12 +166,8 @@ def level_map_from_scores(scores: torch.Tensor, counts: Sequence[int], num_level
         raise ValueError(f"need one count per level ({num_levels}), got {len(counts)}")
     if any(b < a for a, b in zip(counts, counts[1:])) or counts[0] < 0 or counts[-1] > n:
         raise ValueError(f"counts must be non-decreasing within 0..{n}, got {list(counts)}")
-    flat = scores.detach().reshape(-1).to(torch.float64)
-    flat = torch.nan_to_num(flat, nan=-math.inf)
-    order = torch.sort(-flat, stable=True).indices  # descending score, ties by index
-    ranks = torch.empty_like(order)
-    ranks[order] = torch.arange(n, device=order.device)
-    bounds = torch.tensor(list(counts), device=order.device)
+    ranks = descending_ranks(scores)
+    bounds = torch.tensor(list(counts), device=ranks.device)
     # level of an entry = number of levels whose count it does not reach = first k with rank < counts[k]
     lm = torch.searchsorted(bounds, ranks, right=True)
     return lm.to(torch.uint8).reshape(scores.shape)

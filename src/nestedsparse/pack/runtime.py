@@ -740,8 +740,9 @@ class PackedRuntime(nn.Module):
         # layer scheduling: which blocks run depends on the call's level, so the traced graph does
         # too -- one per set of running blocks (the gates' branch is resolved while tracing);
         # ``graph`` is the densest level's
-        self._gates = [m for m in model.modules() if isinstance(m, CallLevelGate)]
-        self.names += [n for n, m in model.named_modules() if isinstance(m, CallLevelGate)]
+        gates = [(n, m) for n, m in model.named_modules() if isinstance(m, CallLevelGate)]
+        self._gates = [m for _, m in gates]
+        self.names += [n for n, _ in gates]  # a per-call level map may name a gate
         self._graphs: dict[tuple, nn.Module | None] = {}
         if self._gates:  # traced now, every level: tracing patches nn.Module for the whole process,
             # so it must not happen while other threads run the model

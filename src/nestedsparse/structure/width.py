@@ -24,8 +24,8 @@ from collections.abc import Sequence
 import torch
 from torch import fx, nn
 
-from ..levels import level_map_from_scores
-from ..nest import get_spec, iter_nested, set_level_maps_
+from ..levels import descending_ranks, level_map_from_scores
+from ..nest import dense_weight, get_spec, iter_nested, set_level_maps_
 from ..select import Selector, register_selector
 from .collapse import _trace
 
@@ -140,7 +140,7 @@ def channel_level_maps(model: nn.Module, widths: Sequence[float]) -> dict[str, t
     nodes = {n.target: n for n in gm.graph.nodes if n.op == "call_module" and n.target in nested}
     maps = {}
     for name, mod in layers.items():
-        w = mod.parametrizations.weight.original
+        w = dense_weight(mod)
         O = w.shape[0]
         node = nodes.get(name)
         if node is None:  # not reached by the traced forward (e.g. tied and called under another name)
@@ -153,7 +153,7 @@ def channel_level_maps(model: nn.Module, widths: Sequence[float]) -> dict[str, t
         if isinstance(mod, nn.Linear):
             I = w.shape[1]
             if divide_in:
-                chans = {layers[p].parametrizations.weight.original.shape[0] for p in producers}
+                chans = {dense_weight(layers[p]).shape[0] for p in producers}
                 if len(chans) != 1 or I % next(iter(chans)):
                     raise ValueError(f"Linear {name!r} reads {I} features from layers {sorted(producers)} with "
                                      f"{sorted(chans)} channels: cannot tell its input channels")
@@ -193,17 +193,12 @@ def width_sparsity_maps(model: nn.Module, widths: Sequence[float]) -> dict[str, 
     out = {}
     for name, mod, _ in iter_nested(model):
         cm = cmaps[name].long()
-        w = mod.parametrizations.weight.original.detach().abs().double()
+        w = dense_weight(mod).detach().abs()
         thin = [int((cm <= k).sum()) for k in range(spec.num_levels)]
         c = [min(a, b) for a, b in zip(counts[name], thin)]
-        # the rank by |W| (largest first, NaN last, ties by index), then the channel level in front:
-        # integers, so no magnitude can blur the bands
-        flat = torch.nan_to_num(w.reshape(-1), nan=-math.inf)
-        order = torch.sort(-flat, stable=True).indices
-        rank = torch.empty_like(order)
-        rank[order] = torch.arange(order.numel())
-        score = -(cm.reshape(-1).double() * order.numel() + rank.double())
-        out[name] = level_map_from_scores(score.reshape(w.shape), c, spec.num_levels)
+        # the rank by |W|, then the channel level in front: integers, so no magnitude can blur the bands
+        score = -(cm.double() * w.numel() + descending_ranks(w).reshape(w.shape).double())
+        out[name] = level_map_from_scores(score, c, spec.num_levels)
     return out
 
 
