@@ -367,13 +367,18 @@ def _resolve(name: str, level: LevelArg, current: int) -> int:
 
 
 def _level_owners(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """Everything that holds a level, in one pass: each distinct mask (under the first module
+    that uses it), each per-level BatchNorm and each layer-scheduling gate."""
     from .structure.depth import LevelGate  # noqa: PLC0415 - layer scheduling's gates hold a level too
 
-    for name, mod, mask in iter_nested(model):
-        yield name, mask
-    yield from iter_nested_bn(model)
+    seen: set[int] = set()
     for name, mod in model.named_modules():
-        if isinstance(mod, LevelGate):
+        if parametrize.is_parametrized(mod, "weight"):
+            for p in mod.parametrizations.weight:
+                if isinstance(p, NestedMask) and id(p) not in seen:
+                    seen.add(id(p))
+                    yield name, p
+        elif isinstance(mod, (NestedBatchNorm, LevelGate)):
             yield name, mod
 
 
