@@ -79,6 +79,8 @@ def test_pack_bench_export_commands(tmp_path, capsys):
     onnx_path = tmp_path / "m0.onnx"
     assert main(["export", str(nsp), "--level", "0", "-o", str(onnx_path)]) == 0
     assert onnx_path.stat().st_size > 0
+    assert main(["export", str(nsp), "--level", "0", "--slim", "-o", str(tmp_path / "m0s.onnx")]) == 0
+    assert "slim" in capsys.readouterr().out and (tmp_path / "m0s.onnx").stat().st_size > 0
     assert main(["export", str(nsp), "--level", "9", "-o", str(onnx_path)]) == 2
     assert "out of range" in capsys.readouterr().err
 

@@ -6,6 +6,7 @@
     nestedsparse pack runs/a -o a.nsp   # every level in one file (--dtype float32|int8)
     nestedsparse bench a.nsp --batch 1,64
     nestedsparse export a.nsp --level 0 -o a0.onnx
+    nestedsparse export a.nsp --level 0 --slim -o a0_thin.onnx
 
 A run folder holds ``run.json`` (model, data set, levels, training config), ``metrics.jsonl``,
 ``checkpoint.safetensors`` (resumable) and ``model.safetensors`` (the trained nested model).
@@ -139,6 +140,9 @@ def _add_rest(sub) -> None:
     p.add_argument("packed")
     p.add_argument("--level", type=int, required=True)
     p.add_argument("-o", "--output", required=True)
+    p.add_argument("--slim", action="store_true",
+                   help="drop the channels only zero weights read (a channel-scheduled level becomes its thin "
+                        "dense network)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -279,6 +279,8 @@ def cmd_bench(args) -> int:
 def cmd_export(args) -> int:
     from .pack.onnx import export_level
 
-    err = export_level(args.packed, args.level, args.output)
-    print(f"wrote {args.output} (max |onnxruntime - runtime| = {err:.2e})", file=sys.stdout)
+    err = export_level(args.packed, args.level, args.output, slim=getattr(args, "slim", False))
+    size = Path(args.output).stat().st_size
+    print(f"wrote {args.output} ({size:,} bytes{', slim' if getattr(args, 'slim', False) else ''}; "
+          f"max |onnxruntime - runtime| = {err:.2e})", file=sys.stdout)
     return 0

@@ -94,6 +94,33 @@ def test_export_conv_bn_model(tmp_path, tiny_conv):
         assert 0.0 <= err <= 1e-4
 
 
+def test_export_slim_channel_levels(tmp_path):
+    """A channel-scheduled level exports as its thin dense network: a smaller file, same outputs."""
+    ort = pytest.importorskip("onnxruntime")
+    from nestedsparse.structure import ChannelSelector
+
+    torch.manual_seed(0)
+    m = models.create("resnet20", in_channels=3)
+    nestify_(m, SPEC)
+    ChannelSelector((0.25, 0.5, 1.0)).apply_(m)
+    _randomise_bn(m)
+    path = tmp_path / "r.nsp"
+    pack(m, model_name="resnet20", model_kwargs={"in_channels": 3}).save(path)
+    rt = load_packed(path)
+    x = torch.randn(3, 3, 32, 32)
+    sizes = {}
+    for k in (0, 2):
+        for slim in (False, True):
+            out = tmp_path / f"l{k}{'s' if slim else ''}.onnx"
+            assert 0.0 <= export_level(path, k, out, slim=slim) <= 1e-4
+            sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+            got = torch.from_numpy(sess.run(None, {"input": x.numpy()})[0])
+            torch.testing.assert_close(got, rt(x, level=k), atol=1e-4, rtol=1e-4)
+            sizes[k, slim] = out.stat().st_size
+    assert sizes[0, True] < 0.1 * sizes[0, False]  # a quarter of the channels: ~1/16 of the weights
+    assert abs(sizes[2, True] - sizes[2, False]) < 0.01 * sizes[2, False]  # the full width: nothing to drop
+
+
 def test_export_rejects_bad_level_and_missing_shape(tmp_path, tiny_conv, lenet_file):
     pytest.importorskip("onnxruntime")
     with pytest.raises(ValueError):
