@@ -198,6 +198,8 @@ def test_bad_calls_say_what_to_do():
         slim(nn.Sequential(nn.Linear(3, 2)))
     with pytest.raises(ValueError, match="level"):
         slim_model(m, 3)
+    with pytest.raises(ValueError, match="fails on the example input of shape"):
+        slim_model(m, 0, example=(3, 28, 28))  # LeNet-5 takes one channel
 
     class Branchy(nn.Module):
         def __init__(self):

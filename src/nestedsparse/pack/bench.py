@@ -43,7 +43,7 @@ __all__ = ["bench_packed", "time_interleaved", "ROW_KEYS"]
 
 #: Keys of every row :func:`bench_packed` returns.
 ROW_KEYS = ("batch", "level", "density", "ours_ms", "torch_dense_ms", "ort_dense_ms", "speedup_vs_torch",
-            "speedup_vs_ort", "bytes", "dense_model_bytes", "sparse_layers", "layers", "threads", "repeats")
+            "speedup_vs_ort", "bytes", "dense_model_bytes", "sparse_layers", "layers", "slim", "threads", "repeats")
 
 
 def time_interleaved(fns: Mapping[Hashable, Callable[[], object]], repeats: int = 50, warmup: int = 3,
@@ -148,7 +148,8 @@ def bench_packed(path: str | os.PathLike, batches: Sequence[int] = (1, 64), thre
         ``speedup_vs_torch`` (= torch_dense_ms / ours_ms), ``speedup_vs_ort`` (or None),
         ``bytes`` (the packed level alone, ``PackedModel.level_bytes``), ``dense_model_bytes``
         (the float32 dense model), ``sparse_layers`` / ``layers`` (layers that tune() left on
-        the sparse kernel at this level and batch / all packed layers), ``threads``, ``repeats``.
+        the sparse kernel at this level and batch / all packed layers), ``slim`` (the level runs
+        as its slim dense network, ``rt.tune``), ``threads``, ``repeats``.
 
     Example::
 
@@ -220,6 +221,7 @@ def bench_packed(path: str | os.PathLike, batches: Sequence[int] = (1, 64), thre
                         "speedup_vs_ort": None if ort_ms is None else round(ort_ms / ours, 4),
                         "bytes": int(packed.level_bytes(k)), "dense_model_bytes": _param_bytes(dense),
                         "sparse_layers": sum(m.choice(k, b) == "sparse" for m in layers), "layers": len(layers),
+                        "slim": rt.uses_slim(k, b),
                         "threads": n_threads, "repeats": int(repeats),
                     })
             sess = None

@@ -33,9 +33,11 @@ from .csr import to_dense
 from .format import PackedFormatError, PackedLayer, PackedModel, read_packed
 
 __all__ = ["PackedRuntime", "SparseLinear", "SparseConv", "LevelBatchNorm", "FusedSparse", "FeatureMajorChain",
-           "load_packed", "runtime_from_packed"]
+           "load_packed", "runtime_from_packed", "SLIM"]
 
 _LEVEL: contextvars.ContextVar = contextvars.ContextVar("nestedsparse_level", default=None)
+#: The "layer" name under which :meth:`PackedRuntime.tune` reports a level run as its slim network.
+SLIM = "<slim network>"
 
 
 def _level_for(name: str, top: int) -> int:
@@ -744,6 +746,10 @@ class PackedRuntime(nn.Module):
         self._gates = [m for _, m in gates]
         self.names += [n for n, _ in gates]  # a per-call level map may name a gate
         self._graphs: dict[tuple, nn.Module | None] = {}
+        # channel levels as thin dense networks (``tune``): level -> slim model (None: no gain
+        # possible), and the (level, batch) pairs that run it
+        self._slim_models: dict[int, nn.Module | None] = {}
+        self._slim_on: dict[tuple[int, int], nn.Module] = {}
         if self._gates:  # traced now, every level: tracing patches nn.Module for the whole process,
             # so it must not happen while other threads run the model
             self._graphs[(True,) * len(self._gates)] = self.graph
@@ -767,6 +773,11 @@ class PackedRuntime(nn.Module):
         level = self.spec.num_levels - 1 if level is None else level
         if type(level) is not int or not 0 <= level < self.spec.num_levels:  # the common case costs nothing
             check_level_arg(self.spec, level, self.names, "packed")
+        if self._slim_on and type(level) is int:
+            thin = self._slim_on.get((level, x.shape[0]))
+            if thin is not None:  # tune() found this level's slim dense network faster at this batch
+                with torch.inference_mode():
+                    return thin(x)
         token = _LEVEL.set(level)
         try:
             with torch.inference_mode():
@@ -795,13 +806,26 @@ class PackedRuntime(nn.Module):
                     out.append(mod)
         return out
 
-    def tune(self, example: torch.Tensor, levels=None, repeats: int = 7) -> dict:
+    def uses_slim(self, level: int, batch: int) -> bool:
+        """Whether ``rt(x, level=level)`` with ``batch`` samples runs the level's slim dense network."""
+        return (level, batch) in self._slim_on
+
+    def tune(self, example: torch.Tensor, levels=None, repeats: int = 7, slim: bool = True) -> dict:
         """Time sparse vs dense per layer and level on ``example``'s shapes; keep the faster.
 
         Returns ``{(layer name, level): choice}``. Sparse must be at least 5% faster; near-ties
         go to dense (it is the safe default).
+
+        ``slim``: for a level that leaves whole channels unread (channel scheduling), also time
+        its slim dense network (:func:`nestedsparse.structure.slim`: the thin network of that
+        level's channels, run by PyTorch) against the packed path, and run it at that level and
+        batch size from now on if it is at least 5% faster (``(SLIM, level): "slim"`` in the
+        result). Building it traces the model with ``torch.fx``: like building the runtime, tune
+        before other threads run PyTorch modules.
         """
         levels = range(self.spec.num_levels) if levels is None else levels
+        for k in levels:  # the packed path is what is tuned (and what the slim network must beat)
+            self._slim_on.pop((k, example.shape[0]), None)
         inputs: dict[int, tuple] = {}
         units = self.units()
         hooks = [m.register_forward_pre_hook(lambda mod, a: inputs.__setitem__(id(mod), a)) for m in units]
@@ -831,7 +855,38 @@ class PackedRuntime(nn.Module):
         finally:
             for h in hooks:
                 h.remove()
+        if slim:
+            for k in levels:
+                self._tune_slim(example, k, out, repeats)
         return out
+
+    def _slim_model(self, level: int, example: torch.Tensor) -> nn.Module | None:
+        """Level ``level``'s slim dense network, or None when it drops no channel (or cannot be built)."""
+        if level not in self._slim_models:
+            from ..structure.slim import slim  # noqa: PLC0415
+            from .onnx import dense_model_for_level  # noqa: PLC0415
+
+            thin = None
+            try:
+                dense = dense_model_for_level(self, level)
+                thin, rep = slim(dense, example, report=True)
+                if rep.params_after >= rep.params_before:
+                    thin = None
+            except ValueError:  # not traceable, or an op slim does not follow: the packed path only
+                thin = None
+            self._slim_models[level] = thin
+        return self._slim_models[level]
+
+    def _tune_slim(self, example: torch.Tensor, k: int, out: dict, repeats: int) -> None:
+        thin = self._slim_model(k, example)
+        if thin is None:
+            return
+        t = _median_times({"packed": lambda: self(example, level=k), "slim": lambda: thin(example)}, repeats)
+        if t["slim"] < 0.95 * t["packed"]:
+            self._slim_on[(k, example.shape[0])] = thin
+            out[(SLIM, k)] = "slim"
+        elif not any(key[0] == k for key in self._slim_on):
+            del self._slim_models[k]  # not kept in memory unused (another batch size's tune rebuilds it)
 
 
     def _guard_level(self, example: torch.Tensor, k: int, out: dict, repeats: int, keys: set) -> None:

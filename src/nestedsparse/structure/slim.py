@@ -440,7 +440,11 @@ def slim(model: nn.Module, example: torch.Tensor | Sequence[int] | None = None, 
         raise ValueError(f"slim needs a model torch.fx can trace ({type(model).__name__}: {type(e).__name__}: "
                          f"{e})") from e
     gm = fx.GraphModule(out, graph, type(out).__name__)
-    ShapeProp(gm).propagate(x)
+    try:
+        ShapeProp(gm).propagate(x)
+    except Exception as e:  # noqa: BLE001 - re-raised with what was wrong
+        raise ValueError(f"the model fails on the example input of shape {tuple(x.shape)} "
+                         f"({type(e).__name__}: {e})") from e
     an = _Analysis(gm)
     an.run()
     sp = an.sp
@@ -496,8 +500,8 @@ def slim(model: nn.Module, example: torch.Tensor | Sequence[int] | None = None, 
     for name, s in an.aligned:
         idx = keep.get(sp.find(s))
         if idx is not None:
-            dev = next(iter(mods[name].buffers()), mods[name].weight if hasattr(mods[name], "weight") else None)
-            _keep_aligned(mods[name], idx if dev is None else idx.to(dev.device))
+            t = next(iter(list(mods[name].parameters()) + list(mods[name].buffers())), None)
+            _keep_aligned(mods[name], idx if t is None else idx.to(t.device))
     for n, (o, i) in before.items():
         m = mods[n]
         o2 = getattr(m, "out_channels", getattr(m, "out_features", None))

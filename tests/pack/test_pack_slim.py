@@ -1,0 +1,70 @@
+"""The runtime runs a channel level as its slim dense network where tune() finds that faster."""
+import pytest
+import torch
+
+from nestedsparse import models
+from nestedsparse.levels import LevelSpec
+from nestedsparse.nest import iter_nested_bn, nestify_
+from nestedsparse.pack import load_packed, pack
+from nestedsparse.pack import runtime as rt_mod
+from nestedsparse.pack.runtime import SLIM
+from nestedsparse.structure import ChannelSelector
+
+pytest.importorskip("numba")
+
+
+def _packed(tmp_path):
+    torch.manual_seed(0)
+    m = models.create("lenet5", image_size=16)
+    nestify_(m, LevelSpec((0.0625, 0.25, 1.0)))
+    ChannelSelector((0.25, 0.5, 1.0)).apply_(m)
+    g = torch.Generator().manual_seed(1)
+    for _, bn in iter_nested_bn(m):
+        bn.running_mean.copy_(torch.randn(bn.running_mean.shape, generator=g))
+    path = tmp_path / "m.nsp"
+    pack(m, model_name="lenet5", model_kwargs={"image_size": 16}).save(path)
+    return path
+
+
+def _timings(slim_wins):
+    def fake(fns, repeats):  # deterministic: the slim network wins or loses, everything else ties
+        return {k: (0.0 if slim_wins else 2.0) if k == "slim" else 1.0 for k in fns}
+    return fake
+
+
+def test_tune_picks_the_slim_network_where_faster(tmp_path, monkeypatch):
+    path = _packed(tmp_path)
+    rt, ref = load_packed(path), load_packed(path)
+    x, x3 = torch.randn(4, 1, 16, 16), torch.randn(3, 1, 16, 16)
+    monkeypatch.setattr(rt_mod, "_median_times", _timings(True))
+    picks = rt.tune(x)
+    ref.tune(x, slim=False)
+    assert {k for (name, k), v in picks.items() if name == SLIM and v == "slim"} == {0, 1}  # level 2 is full width
+    assert [rt.uses_slim(k, 4) for k in range(3)] == [True, True, False]
+    assert not rt.uses_slim(0, 3)  # tuned per batch size
+    calls = []
+    for k in (0, 1):
+        rt._slim_on[(k, 4)].register_forward_hook(lambda mod, a, out, k=k: calls.append(k))
+    for k in range(3):
+        torch.testing.assert_close(rt(x, level=k), ref(x, level=k), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(rt(x3, level=k), ref(x3, level=k), rtol=1e-4, atol=1e-5)
+    assert calls == [0, 1]  # batch 4 at levels 0 and 1 only
+    per_layer = {name: 0 for name in rt.names}
+    torch.testing.assert_close(rt(x, level=per_layer), ref(x, level=0), rtol=1e-4, atol=1e-5)
+    assert calls == [0, 1]  # a per-layer level map runs the packed path
+    monkeypatch.setattr(rt_mod, "_median_times", _timings(False))
+    picks = rt.tune(x)  # slower now: back to the packed path
+    assert not any(name == SLIM for name, _ in picks) and not rt.uses_slim(0, 4)
+
+
+def test_no_slim_network_without_unread_channels(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    m = models.create("lenet5", image_size=16)
+    nestify_(m, LevelSpec((0.6, 1.0)))  # unstructured 60%: every channel is still read
+    path = tmp_path / "u.nsp"
+    pack(m, model_name="lenet5", model_kwargs={"image_size": 16}).save(path)
+    rt = load_packed(path)
+    monkeypatch.setattr(rt_mod, "_median_times", _timings(True))
+    picks = rt.tune(torch.randn(2, 1, 16, 16))
+    assert not any(name == SLIM for name, _ in picks)
+    assert not any(rt.uses_slim(k, 2) for k in range(2)) and rt._slim_models == {0: None, 1: None}
