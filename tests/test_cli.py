@@ -85,6 +85,23 @@ def test_pack_bench_export_commands(tmp_path, capsys):
     assert "out of range" in capsys.readouterr().err
 
 
+def test_export_slim_drops_a_channel_levels_unread_units(tmp_path, capsys):
+    pytest.importorskip("numba")
+    pytest.importorskip("onnxruntime")
+    run = tmp_path / "run"
+    assert main(["train", "--model", "mlp", "--dataset", "synthetic", "--densities", "0.0625,0.25,1.0",
+                 "--selector", "channels", "--widths", "0.25,0.5,1.0", "--epochs", "1", "--batch-size", "64",
+                 "--max-steps-per-epoch", "2", "--out", str(run), "--no-progress"]) == 0
+    nsp = tmp_path / "w.nsp"
+    assert main(["pack", str(run), "-o", str(nsp)]) == 0
+    capsys.readouterr()
+    full, thin = tmp_path / "w0.onnx", tmp_path / "w0s.onnx"
+    assert main(["export", str(nsp), "--level", "0", "-o", str(full)]) == 0
+    assert main(["export", str(nsp), "--level", "0", "--slim", "-o", str(thin)]) == 0
+    assert "slim" in capsys.readouterr().out
+    assert thin.stat().st_size < 0.5 * full.stat().st_size  # a quarter of the hidden units
+
+
 def test_layer_sparsity_train_collapse_refit_pack(tmp_path, capsys):
     """train --layer-sparsity -> collapse (merge + refit as a new run) -> eval -> pack -> load_packed."""
     import torch

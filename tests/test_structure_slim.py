@@ -3,6 +3,7 @@ import importlib
 
 import pytest
 import torch
+import torch.nn.utils.prune  # noqa: F401 - torch.nn.utils.prune below
 from torch import nn
 
 import nestedsparse as ns
@@ -211,3 +212,103 @@ def test_bad_calls_say_what_to_do():
 
     with pytest.raises(ValueError, match="torch.fx"):
         slim(Branchy(), torch.randn(2, 3))
+
+
+def test_model_modes_and_example_are_left_alone():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Dropout(0.5),
+                      nn.Conv2d(4, 2, 1))
+    with torch.no_grad():
+        m[1].running_mean.normal_()
+        m[4].weight[:, 2] = 0
+    m.train()
+    m[1].eval()  # a frozen BatchNorm while fine-tuning
+    modes = [mod.training for mod in m.modules()]
+    x = torch.randn(2, 3, 4, 4)
+    x0 = x.clone()
+    s = slim(m, x)
+    assert [mod.training for mod in m.modules()] == modes and torch.equal(x, x0)
+    assert not any(mod.training for mod in s.modules())  # for inference
+    assert s[0].out_channels == 3
+    with torch.no_grad():
+        torch.testing.assert_close(s(x), m.eval()(x))
+
+
+class _InplaceInput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(3, 4)
+        self.b = nn.Linear(4, 2)
+
+    def forward(self, x):
+        x.sub_(0.5)
+        return self.b(torch.relu(self.a(x)))
+
+
+def test_a_model_that_edits_its_input_in_place():
+    torch.manual_seed(0)
+    m = _InplaceInput()
+    with torch.no_grad():
+        m.b.weight[:, 1] = 0
+    x = torch.ones(2, 3)
+    s = slim(m, x)
+    assert torch.equal(x, torch.ones(2, 3)) and s.a.out_features == 3
+
+
+class _KwargOperand(nn.Module):
+    """The second operand given by keyword: ``torch.clamp(y, min=z)``, ``torch.add(y, other=z)``."""
+
+    def __init__(self, op):
+        super().__init__()
+        self.op = op
+        self.a = nn.Conv2d(3, 4, 1)
+        self.b = nn.Conv2d(3, 4, 1)
+        self.c = nn.Conv2d(4, 2, 1)
+        self.d = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        y, z = self.a(x), self.b(x)
+        w = torch.clamp(y, min=z) if self.op == "clamp" else torch.add(y, other=z)
+        return self.c(w) + self.d(z)
+
+
+@pytest.mark.parametrize("op", ["clamp", "add"])
+def test_tensor_operands_given_by_keyword_are_followed(op):
+    torch.manual_seed(0)
+    m = _KwargOperand(op).eval()
+    with torch.no_grad():
+        m.c.weight[:, 1] = 0  # c does not read channel 1, d does not read channel 2: as one space, none goes
+        m.d.weight[:, 2] = 0
+    s = slim(m, torch.randn(2, 3, 2, 2))
+    x = torch.randn(4, 3, 8, 8)  # another input than the check's
+    with torch.no_grad():
+        torch.testing.assert_close(s(x), m(x))
+
+
+def test_reparametrized_pruned_and_boolean_models():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    with torch.no_grad():
+        m[2].weight[:, 1] = 0
+    wn = nn.Sequential(torch.nn.utils.parametrizations.weight_norm(nn.Linear(3, 4)), nn.ReLU(), nn.Linear(4, 2))
+    with torch.no_grad():
+        wn[2].weight[:, 1] = 0
+    s = slim(wn, torch.randn(2, 3))  # a computed weight is kept whole, not an error
+    assert s[0].out_features == 4
+    pruned = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    torch.nn.utils.prune.ln_structured(pruned[2], "weight", amount=0.5, n=1, dim=1)
+    with pytest.raises(ValueError, match="prune.remove"):
+        slim(pruned, torch.randn(2, 3))
+    torch.nn.utils.prune.remove(pruned[2], "weight")
+    assert slim(pruned, torch.randn(2, 3))[0].out_features == 2  # made permanent: two hidden units go
+
+    class Bool(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = m
+
+        def forward(self, x):
+            return self.net(x) > 0
+
+    b = slim(Bool(), torch.randn(5, 3))
+    assert b.net[0].out_features == 3

@@ -68,3 +68,24 @@ def test_no_slim_network_without_unread_channels(tmp_path, monkeypatch):
     picks = rt.tune(torch.randn(2, 1, 16, 16))
     assert not any(name == SLIM for name, _ in picks)
     assert not any(rt.uses_slim(k, 2) for k in range(2)) and rt._slim_models == {0: None, 1: None}
+
+
+def test_slim_route_serves_only_what_it_was_tuned_for(tmp_path, monkeypatch):
+    rt = load_packed(_packed(tmp_path))
+    x = torch.randn(4, 1, 16, 16)
+    monkeypatch.setattr(rt_mod, "_median_times", _timings(True))
+    picks = rt.tune(x, levels=iter([0, 1]))  # any iterable of levels
+    assert {k for (name, k) in picks if name == SLIM} == {0, 1}
+    y64 = rt(x.double(), level=0)  # another dtype: the packed path, as before tuning
+    assert y64.dtype == torch.float64
+    torch.testing.assert_close(y64.float(), rt(x, level=0), rtol=1e-4, atol=1e-5)
+    rt.tune(x, slim=False)  # off: the slim networks are dropped
+    assert not any(rt.uses_slim(k, 4) for k in range(3)) and not any(v is not None for v in rt._slim_models.values())
+
+
+def test_bench_rows_say_which_levels_run_slim(tmp_path, monkeypatch):
+    from nestedsparse.pack.bench import bench_packed
+
+    monkeypatch.setattr(rt_mod, "_median_times", _timings(True))
+    rows = bench_packed(_packed(tmp_path), batches=(2,), repeats=2, ort=False)
+    assert [r["slim"] for r in rows] == [True, True, False]

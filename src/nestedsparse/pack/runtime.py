@@ -775,8 +775,8 @@ class PackedRuntime(nn.Module):
             check_level_arg(self.spec, level, self.names, "packed")
         if self._slim_on and type(level) is int:
             thin = self._slim_on.get((level, x.shape[0]))
-            if thin is not None:  # tune() found this level's slim dense network faster at this batch
-                with torch.inference_mode():
+            if thin is not None and x.dtype == torch.float32 and x.device.type == "cpu":
+                with torch.inference_mode():  # tune() found this level's slim dense network faster here
                     return thin(x)
         token = _LEVEL.set(level)
         try:
@@ -820,10 +820,10 @@ class PackedRuntime(nn.Module):
         its slim dense network (:func:`nestedsparse.structure.slim`: the thin network of that
         level's channels, run by PyTorch) against the packed path, and run it at that level and
         batch size from now on if it is at least 5% faster (``(SLIM, level): "slim"`` in the
-        result). Building it traces the model with ``torch.fx``: like building the runtime, tune
+        result; float32 CPU inputs only, as the packed path). Building it traces the model with ``torch.fx``: like building the runtime, tune
         before other threads run PyTorch modules.
         """
-        levels = range(self.spec.num_levels) if levels is None else levels
+        levels = list(range(self.spec.num_levels) if levels is None else levels)
         for k in levels:  # the packed path is what is tuned (and what the slim network must beat)
             self._slim_on.pop((k, example.shape[0]), None)
         inputs: dict[int, tuple] = {}
@@ -855,9 +855,11 @@ class PackedRuntime(nn.Module):
         finally:
             for h in hooks:
                 h.remove()
-        if slim:
-            for k in levels:
+        for k in levels:
+            if slim:
                 self._tune_slim(example, k, out, repeats)
+            elif self._slim_models.get(k) is not None and not any(key[0] == k for key in self._slim_on):
+                del self._slim_models[k]  # no route uses it any more
         return out
 
     def _slim_model(self, level: int, example: torch.Tensor) -> nn.Module | None:

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+from torch.nn.utils import parametrize
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
@@ -170,9 +171,10 @@ class _Analysis:
                 self.sp.fix(i.space)
 
     def _same(self, n: fx.Node, src: fx.Node) -> _Info | None:
-        """``n`` keeps ``src``'s channels where they are (checked on the shapes)."""
+        """``n`` keeps ``src``'s channels where they are (checked on the shapes); another tensor
+        operand anywhere in the call (``torch.clamp(y, min=z)``) keeps its channels whole."""
         i, si, so = self.info.get(src), _shape(src), _shape(n)
-        if i is None or si is None or so is None or len(so) < 2 or len(si) < 2 or si[1] != so[1]:
+        if any(a is not src for a in self._tensor_args(n)) or i is None or si is None or so is None or len(so) < 2 or len(si) < 2 or si[1] != so[1]:
             self._fix_inputs(n)
             return None
         return i
@@ -263,7 +265,7 @@ class _Analysis:
         return _Info(i.space, spatial)
 
     def _binary(self, n: fx.Node) -> _Info | None:
-        args = [a for a in list(n.args[:2]) if isinstance(a, fx.Node) and not _is_shape_value(a)]
+        args = self._tensor_args(n)  # positional or keyword (torch.add(y, other=z))
         infos = [self.info.get(a) for a in args]
         shape = _shape(n)
         if not args or any(i is None for i in infos) or shape is None or len(shape) < 2:
@@ -287,9 +289,6 @@ class _Analysis:
     def _function(self, n: fx.Node, fn, shape) -> _Info | None:
         src = n.args[0] if n.args and isinstance(n.args[0], fx.Node) else None
         if fn in _ELEMENTWISE_FUNCTIONS and src is not None:
-            if fn in (torch.clamp, torch.clip) and any(isinstance(a, fx.Node) for a in n.args[1:]):
-                self._fix_inputs(n)
-                return None
             return self._same(n, src)
         if fn in _BINARY:
             return self._binary(n)
@@ -310,10 +309,6 @@ class _Analysis:
             self._fix_inputs(n)
             return None
         if name in _ELEMENTWISE_METHODS:
-            if name.startswith("clamp") or name.startswith("clip"):
-                if any(isinstance(a, fx.Node) for a in list(n.args[1:]) + list(n.kwargs.values())):
-                    self._fix_inputs(n)
-                    return None
             return self._same(n, src)
         if name in _BINARY_METHODS:
             return self._binary(n)
@@ -417,7 +412,9 @@ def slim(model: nn.Module, example: torch.Tensor | Sequence[int] | None = None, 
         report: also return a :class:`SlimReport`.
 
     Returns:
-        The slim copy (same classes and forward code, smaller layers), in ``model``'s mode.
+        The slim copy (same classes and forward code, smaller layers), for inference: it is
+        traced, checked and returned in eval mode (a forward that branches on ``self.training``
+        is only followed on its eval branch). ``model`` is left as it was, modes included.
 
     Raises:
         ValueError: no example input, a model ``torch.fx`` cannot trace, or -- should an op
@@ -429,11 +426,14 @@ def slim(model: nn.Module, example: torch.Tensor | Sequence[int] | None = None, 
     if next(iter_nested(model), None) is not None or any(isinstance(m, NestedBatchNorm) for m in model.modules()):
         raise ValueError("slim takes a plain model; for a nested model use slim_model(model, level)")
     x = _example(model, example)
-    out = copy.deepcopy(model)
+    try:
+        out = copy.deepcopy(model)
+    except Exception as e:  # noqa: BLE001 - e.g. torch.nn.utils.prune's forward hooks
+        raise ValueError(f"slim copies the model first, and it cannot be copied ({type(e).__name__}: {e}); "
+                         "make its pruning permanent first (torch.nn.utils.prune.remove)") from e
     if hasattr(model, "input_shape"):
         out.input_shape = model.input_shape
-    was_training = out.training
-    out.eval()
+    out.eval()  # the copy is for inference: traced, checked and returned in eval mode
     try:
         graph = _Tracer().trace(out)
     except Exception as e:  # noqa: BLE001 - re-raised with what to do
@@ -441,7 +441,7 @@ def slim(model: nn.Module, example: torch.Tensor | Sequence[int] | None = None, 
                          f"{e})") from e
     gm = fx.GraphModule(out, graph, type(out).__name__)
     try:
-        ShapeProp(gm).propagate(x)
+        ShapeProp(gm).propagate(x.clone())  # a model may change its input in place
     except Exception as e:  # noqa: BLE001 - re-raised with what was wrong
         raise ValueError(f"the model fails on the example input of shape {tuple(x.shape)} "
                          f"({type(e).__name__}: {e})") from e
@@ -456,6 +456,8 @@ def slim(model: nn.Module, example: torch.Tensor | Sequence[int] | None = None, 
             owners.setdefault(id(p), []).append(name)
     shared = {n for names in owners.values() if len(names) > 1 for n in names}
     shared |= {n for n, c in an.calls.items() if c > 1}
+    # a re-parametrized weight (weight_norm, spectral_norm, ...) is computed, not stored: keep it whole
+    shared |= {n for n, m in mods.items() if parametrize.is_parametrized(m)}
     for s, names in an.producers.items():
         if any(n in shared for n in names):
             sp.fix(s)
@@ -508,27 +510,33 @@ def slim(model: nn.Module, example: torch.Tensor | Sequence[int] | None = None, 
         i2 = getattr(m, "in_channels", getattr(m, "in_features", None))
         rep.layers[n] = {"out_before": o, "out_after": o2, "in_before": i, "in_after": i2}
     rep.params_after = sum(p.numel() for p in out.parameters())
-    # the check: the slim copy computes what the model computes
-    model_training = model.training
+    # the check: the slim copy computes what the model computes (in eval mode; the model's own
+    # modes, module by module, are restored after)
+    modes = {m: m.training for m in model.modules()}
     model.eval()
     try:
-        ref = model(x)
+        ref = model(x.clone())
         try:
-            got = out(x)
+            got = out(x.clone())
         except Exception as e:  # noqa: BLE001 - an op that hard-codes a channel count
             raise ValueError(f"the slim model fails on the example input ({type(e).__name__}: {e}); an op slim "
                              "does not follow depends on a channel count: use the model as is") from e
     finally:
-        model.train(model_training)
+        for m, t in modes.items():
+            m.training = t
     _check_same(ref, got)
-    out.train(was_training)
     return (out, rep) if report else out
 
 
 def _check_same(ref, got) -> None:
     if isinstance(ref, torch.Tensor):
-        if not isinstance(got, torch.Tensor) or got.shape != ref.shape:
-            raise ValueError("the slim model's output has another shape than the model's: use the model as is")
+        if not isinstance(got, torch.Tensor) or got.shape != ref.shape or got.dtype != ref.dtype:
+            raise ValueError("the slim model's output has another shape or dtype than the model's: use the model "
+                             "as is")
+        if not (ref.is_floating_point() or ref.is_complex()):
+            if not torch.equal(ref, got):
+                raise ValueError("the slim model's output differs from the model's: use the model as is")
+            return
         scale = max(1.0, float(ref.abs().max()) if ref.numel() else 0.0)
         err = float((got - ref).abs().max()) if ref.numel() else 0.0
         if not err <= TOLERANCE * scale:
