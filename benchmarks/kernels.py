@@ -101,6 +101,23 @@ def versions() -> dict:
     return out
 
 
+def gauge() -> float:
+    """Median ms of a dense ResNet-20 forward at batch 64 on 2 threads: how loaded the host is.
+    About 40 ms on the idle dev host; load from outside the VM (which ``cpu_busy`` cannot see,
+    and which inflates ratios against PyTorch's thread pool) shows here."""
+    m = models.create("resnet20", in_channels=3).eval()
+    x = torch.randn(64, 3, 32, 32)
+    with torch.inference_mode():
+        for _ in range(3):
+            m(x)
+        ts = []
+        for _ in range(10):
+            t0 = time.perf_counter()
+            m(x)
+            ts.append(time.perf_counter() - t0)
+    return round(float(np.median(ts)) * 1e3, 1)
+
+
 def cpu_busy(seconds: float = 1.0) -> float:
     """Fraction of the machine's CPU time spent busy over ``seconds`` while this process sleeps."""
     def snap():
@@ -233,11 +250,14 @@ def main() -> None:
         vers = versions()
         rows = []
         t0 = time.perf_counter()
+        g0 = gauge()
         with tempfile.TemporaryDirectory() as tmp:
             for cfg in args.configs.split(","):
                 got = run_config(cfg, batches, repeats, Path(tmp), (args.quiet_threshold, args.max_wait))
                 rows += finish_rows(cfg, got, vers)
         meta = {"threads": THREADS, "repeats": repeats, "seconds": round(time.perf_counter() - t0, 1),
+                "gauge_ms_before_after": [g0, gauge()],
+                "gauge": "dense ResNet-20, batch 64, 2 threads; ~40 ms on the idle dev host",
                 "method": "median of interleaved rounds after warm-up; baselines in the same run; ONNX Runtime: "
                 "the faster of its own block (spinning workers) and interleaved (non-spinning)", **vers}
         data = {"meta": meta, "rows": rows}

@@ -24,7 +24,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from nestedsparse import models
@@ -36,6 +35,9 @@ from nestedsparse.pack.onnx import dense_model_for_level, export_level, ort_sess
 from nestedsparse.report import cpu_name, format_table
 from nestedsparse.structure import ChannelSelector, slim
 
+sys.path.insert(0, str(Path(__file__).parent))
+from kernels import code_version, gauge  # noqa: E402 - the benchmarks' commit stamp and load gauge
+
 RESULTS = Path(__file__).parent / "results"
 DENSITIES = (0.0625, 0.25, 1.0)
 WIDTHS = (0.25, 0.5, 1.0)
@@ -44,22 +46,6 @@ CONFIGS = {
     "mobilenet_v1": ("mobilenet_v1", {}),
     "lenet5": ("lenet5", {}),
 }
-
-
-def gauge() -> float:
-    """Median ms of a dense ResNet-20 forward at batch 64 (about 40 ms on the idle 2-core dev host):
-    how loaded the machine was."""
-    m = models.create("resnet20", in_channels=3).eval()
-    x = torch.randn(64, 3, 32, 32)
-    with torch.inference_mode():
-        for _ in range(3):
-            m(x)
-        ts = []
-        for _ in range(10):
-            t0 = time.perf_counter()
-            m(x)
-            ts.append(time.perf_counter() - t0)
-    return round(float(np.median(ts)) * 1e3, 1)
 
 
 def run_config(name: str, batches, repeats: dict, tmp: Path) -> list[dict]:
@@ -89,11 +75,11 @@ def run_config(name: str, batches, repeats: dict, tmp: Path) -> list[dict]:
         rt.tune(x)
         fns = {}
         for k in levels:
-            fns["torch_full", k] = lambda k=k: full[k](x)
-            fns["torch_slim", k] = lambda k=k: thin[k](x)
-            fns["ort_full", k] = lambda k=k: sess_full[k].run(None, {"input": xn})
-            fns["ort_slim", k] = lambda k=k: sess_thin[k].run(None, {"input": xn})
-            fns["ours", k] = lambda k=k: rt(x, level=k)
+            fns["torch_full", k] = lambda k=k, x=x: full[k](x)
+            fns["torch_slim", k] = lambda k=k, x=x: thin[k](x)
+            fns["ort_full", k] = lambda k=k, xn=xn: sess_full[k].run(None, {"input": xn})
+            fns["ort_slim", k] = lambda k=k, xn=xn: sess_thin[k].run(None, {"input": xn})
+            fns["ours", k] = lambda k=k, x=x: rt(x, level=k)
         with torch.inference_mode():
             t = time_interleaved(fns, repeats[b])
         for k in levels:
@@ -183,9 +169,6 @@ def main() -> None:
             print(f"{name} ...", file=sys.stderr)
             rows += run_config(name, batches, repeats, Path(tmp))
     import onnxruntime
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    from kernels import code_version  # noqa: PLC0415 - the benchmarks' shared commit stamp
 
     meta = {"code": code_version(), "threads": 2, "repeats": repeats, "seconds": round(time.perf_counter() - t0, 1),
             "gauge_ms_before_after": [g0, gauge()], "gauge": "dense ResNet-20, batch 64, 2 threads (~40 ms idle)",
