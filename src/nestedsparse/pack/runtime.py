@@ -820,8 +820,8 @@ class PackedRuntime(nn.Module):
         its slim dense network (:func:`nestedsparse.structure.slim`: the thin network of that
         level's channels, run by PyTorch) against the packed path, and run it at that level and
         batch size from now on if it is at least 5% faster (``(SLIM, level): "slim"`` in the
-        result; float32 CPU inputs only, as the packed path). Building it traces the model with ``torch.fx``: like building the runtime, tune
-        before other threads run PyTorch modules.
+        result; float32 CPU inputs only, as the packed path). Building it traces the model with
+        ``torch.fx``: like building the runtime, tune before other threads run PyTorch modules.
         """
         levels = list(range(self.spec.num_levels) if levels is None else levels)
         for k in levels:  # the packed path is what is tuned (and what the slim network must beat)

@@ -174,7 +174,8 @@ class _Analysis:
         """``n`` keeps ``src``'s channels where they are (checked on the shapes); another tensor
         operand anywhere in the call (``torch.clamp(y, min=z)``) keeps its channels whole."""
         i, si, so = self.info.get(src), _shape(src), _shape(n)
-        if any(a is not src for a in self._tensor_args(n)) or i is None or si is None or so is None or len(so) < 2 or len(si) < 2 or si[1] != so[1]:
+        other = any(a is not src for a in self._tensor_args(n))
+        if other or i is None or si is None or so is None or len(so) < 2 or len(si) < 2 or si[1] != so[1]:
             self._fix_inputs(n)
             return None
         return i
@@ -210,7 +211,8 @@ class _Analysis:
         name = str(n.target)
         self.calls[name] = self.calls.get(name, 0) + 1
         src = n.args[0] if n.args and isinstance(n.args[0], fx.Node) else None
-        if isinstance(mod, (nn.Linear, _ConvNd)) and src is not None and not isinstance(mod, nn.modules.conv._ConvTransposeNd):
+        transposed = isinstance(mod, nn.modules.conv._ConvTransposeNd)
+        if isinstance(mod, (nn.Linear, _ConvNd)) and src is not None and not transposed:
             if isinstance(mod, _ConvNd) and mod.groups > 1:
                 if mod.groups == mod.in_channels == mod.out_channels and mod.weight.shape[1] == 1:
                     i = self._same(n, src)  # depthwise: output channel c reads input channel c only
