@@ -81,3 +81,23 @@ def test_allocation_keeps_model_density_and_nesting(allocation):
     with pytest.raises(ValueError, match="level 0 .density 0.05. cannot be met"):
         allocate_counts(LevelSpec((0.05, 1.0), allocation=allocation, first_last_density=0.5), numels, shapes, scores,
                         order=list(shapes))
+
+
+@pytest.mark.parametrize("allocation", ["uniform", "erk", "global"])
+def test_layers_a_level_skips_give_it_their_budget(allocation):
+    """Layer scheduling: a layer that only runs from level m gets nothing below m, and the levels
+    that skip it still keep density * total, spread over the layers they run."""
+    shapes = {"a": (8, 4), "b": (8, 8), "c": (8, 8), "d": (2, 8)}
+    numels = {n: s[0] * s[1] for n, s in shapes.items()}
+    scores = {n: torch.rand(s, generator=torch.Generator().manual_seed(i)) for i, (n, s) in enumerate(shapes.items())}
+    spec = LevelSpec((0.2, 0.5, 1.0), allocation=allocation)
+    counts = allocate_counts(spec, numels, shapes, scores, order=list(shapes), min_levels={"b": 1, "c": 2})
+    total = sum(numels.values())
+    assert counts["b"][0] == 0 and counts["c"][:2] == [0, 0]
+    for k, d in enumerate(spec.densities):
+        kept = sum(counts[n][k] for n in shapes)
+        assert abs(kept - d * total) <= len(shapes), (k, kept, d * total)
+    for n in shapes:
+        assert counts[n] == sorted(counts[n]) and counts[n][-1] == numels[n]
+    plain = allocate_counts(spec, numels, shapes, scores, order=list(shapes))
+    assert counts["a"][0] > plain["a"][0]  # the skipped layers' share went to the running ones

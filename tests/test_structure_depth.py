@@ -275,3 +275,24 @@ def test_loading_a_file_from_before_the_clamp_clamps_it(tmp_path):
     fresh = models.create("resnet20", in_channels=3)
     ns.load_into_(fresh, tmp_path / "old.safetensors")
     assert int(fresh.layer3[2].conv1.parametrizations.weight[0].level_map.min()) == 2
+
+
+def test_a_level_keeps_its_density_when_it_skips_blocks():
+    """The weights of the blocks a level skips go to the layers it runs: the level still keeps
+    the spec's density of the whole model, and nothing inside a skipped block."""
+    from nestedsparse.nest import compute_level_maps, iter_nested, magnitude_scores, set_level_maps_
+    from nestedsparse.structure.depth import layer_min_levels
+
+    torch.manual_seed(0)
+    m = models.create("resnet20", in_channels=3)
+    ns.nestify_(m, SPEC)
+    depth_schedule_(m, (1, 2, 3))
+    set_level_maps_(m, compute_level_maps(m, magnitude_scores(m)))
+    lows = layer_min_levels(m)
+    assert lows and set(lows.values()) == {1, 2} and all(n.startswith("layer") for n in lows)
+    total = sum(mask.level_map.numel() for _, _, mask in iter_nested(m))
+    for k, d in enumerate(SPEC.densities):
+        kept = sum(int((mask.level_map <= k).sum()) for _, _, mask in iter_nested(m))
+        assert abs(kept / total - d) < 1e-3, (k, kept / total, d)
+    for name, mod, mask in iter_nested(m):
+        assert int(mask.level_map.min()) >= lows.get(name, 0)

@@ -208,13 +208,16 @@ def allocate_counts(
     shapes: Mapping[str, Sequence[int]],
     scores: Mapping[str, torch.Tensor] | None = None,
     order: Sequence[str] | None = None,
+    min_levels: Mapping[str, int] | None = None,
 ) -> dict[str, list[int]]:
     """Per-layer active counts at every level, for layers of ``numels`` units (weights or blocks).
 
     ``shapes`` are the weight shapes (used by ERK); ``scores`` (same keys) are needed by the
     ``"global"`` allocation; ``order`` is the forward order of the layers (first/last rule).
     Fixed layers (overrides, first/last floor) are served first; the rest share the remaining
-    model-wide budget ``density * total`` by the spec's allocation.
+    model-wide budget ``density * total`` by the spec's allocation. ``min_levels``: layers that
+    only run from that level on (layer scheduling) get nothing below it, and the levels that skip
+    them give their share to the layers they run, so a level still keeps ``density * total``.
     """
     names = list(order) if order is not None else list(numels)
     fixed: dict[str, tuple[float, ...]] = {n: spec.overrides[n] for n in names if n in spec.overrides}
@@ -227,10 +230,16 @@ def allocate_counts(
                 fixed[n] = tuple(max(d, spec.first_last_density) for d in spec.densities)
     free = [n for n in names if n not in fixed]
     total = sum(numels.values())
-    counts: dict[str, list[int]] = {n: [count_for(d, numels[n]) for d in fixed[n]] for n in fixed}
-    free_total = sum(numels[n] for n in free)
+    low = {n: int(min_levels.get(n, 0)) for n in names} if min_levels else dict.fromkeys(names, 0)
+    counts: dict[str, list[int]] = {n: [count_for(d, numels[n]) if i >= low[n] else 0 for i, d in enumerate(fixed[n])]
+                                    for n in fixed}
     per_level: dict[str, list[int]] = {n: [] for n in free}
     for i, d in enumerate(spec.densities):
+        running = [n for n in free if low[n] <= i]
+        for n in free:
+            if low[n] > i:
+                per_level[n].append(0)
+        free_total = sum(numels[n] for n in running)
         budget = d * total - sum(counts[n][i] for n in fixed)
         if budget < 0 and free:
             raise ValueError(
@@ -240,7 +249,7 @@ def allocate_counts(
         share = min(1.0, max(budget, 0.0) / free_total) if free_total else 0.0
         if d >= 1.0:
             share = 1.0
-        for n, c in _split(spec.allocation, share, free, numels, shapes, scores).items():
+        for n, c in _split(spec.allocation, share, running, numels, shapes, scores).items():
             per_level[n].append(c)
     for n in free:  # keep nesting even if rounding wobbles between levels
         cs = per_level[n]

@@ -465,7 +465,10 @@ def _counts_from_pooled(model: nn.Module, pooled: Mapping[str, torch.Tensor], fr
     layers = [(n, m) for n, _, m in iter_nested(model)]
     numels = {n: pooled[n].numel() for n, _ in layers}
     shapes = {n: tuple(m.level_map.shape) for n, m in layers}
-    counts = allocate_counts(spec, numels, shapes, pooled, order=[n for n, _ in layers])
+    from .structure.depth import layer_min_levels  # noqa: PLC0415 - structure builds on nest
+
+    counts = allocate_counts(spec, numels, shapes, pooled, order=[n for n, _ in layers],
+                             min_levels=layer_min_levels(model))
     fraction = min(max(float(fraction), 0.0), 1.0)
     return {n: [numels[n] - round((numels[n] - c) * fraction) for c in cs] for n, cs in counts.items()}
 

@@ -61,6 +61,28 @@ def depth_schedule(model: nn.Module) -> dict[str, int]:
     return {name: mod.level_gate.min_level for name, mod in model.named_modules() if is_gated(mod)}
 
 
+def layer_min_levels(model: nn.Module) -> dict[str, int]:
+    """``{nested layer name: the lowest level that runs it}`` for the layers inside gated blocks
+    (a layer whose weight is tied to one outside its block runs wherever that one does: not listed).
+    Empty without layer scheduling."""
+    from ..nest import NestedMask, iter_nested  # noqa: PLC0415
+
+    gated = [(name, block.level_gate.min_level) for name, block in model.named_modules() if is_gated(block)]
+    if not gated:
+        return {}
+    users: dict[int, list[str]] = {}  # mask -> every module path that reaches it
+    for path, sub in model.named_modules(remove_duplicate=False):
+        if isinstance(sub, NestedMask):
+            users.setdefault(id(sub), []).append(path)
+    out = {}
+    for name, _, mask in iter_nested(model):
+        paths = users.get(id(mask), [])
+        mins = [max([m for b, m in gated if p.startswith(b + ".")], default=0) for p in paths]
+        if mins and min(mins) > 0:
+            out[name] = min(mins)
+    return out
+
+
 def _example(model: nn.Module, example_input: torch.Tensor | None) -> torch.Tensor:
     if example_input is not None:
         return example_input
@@ -133,8 +155,8 @@ def clamp_gated_maps_(model: nn.Module) -> None:
     routing would leave them untrained (only the levels that skip the block could train them) and
     the per-level counts would include weights those levels never use. A weight tied to a layer
     outside the block is left as it is. Selectors' maps (``set_level_maps_``) and loaded files
-    pass through here. The weights a skipped block gives up are not handed to other layers: a
-    level's density falls below the spec's by their share."""
+    pass through here. The per-level counts that selectors compute (``layer_counts``) already
+    give a level's whole budget to the layers it runs (:func:`layer_min_levels`)."""
     from ..nest import NestedMask  # noqa: PLC0415
 
     gated = [(name, block) for name, block in model.named_modules() if is_gated(block)]
@@ -166,6 +188,11 @@ def depth_schedule_(model: nn.Module, counts: Sequence[int], stages: Sequence[st
 
     Returns:
         The schedule, ``{block name: min_level}``.
+
+    The level maps the model holds are clamped (nothing inside a skipped block is active), so
+    until a selector recomputes them (every selector does when training begins; or
+    ``set_level_maps_(model, compute_level_maps(model, magnitude_scores(model)))``) a level that
+    skips blocks keeps less than its density; recomputed counts give it its whole budget.
     """
     from ..nest import get_spec  # noqa: PLC0415
 
