@@ -228,3 +228,75 @@ def test_collapsing_a_collapsed_run_replays_both_merges(tmp_path):
     m.eval()
     m2.eval()
     torch.testing.assert_close(m2(x), m(x), rtol=1e-4, atol=1e-4)
+
+
+def test_a_run_folder_is_not_reused_silently(tmp_path, capsys):
+    """A fresh train into a folder holding a run would leave its checkpoint for a later --resume."""
+    run = tmp_path / "run"
+    base = ["train", "--model", "mlp", "--dataset", "synthetic", "--densities", "0.25,1.0", "--epochs", "1",
+            "--max-steps-per-epoch", "2", "--out", str(run), "--no-progress"]
+    assert main(base) == 0
+    first = (run / "model.safetensors").read_bytes()
+    capsys.readouterr()
+    assert main(base + ["--lr", "0.01"]) == 2
+    err = capsys.readouterr().err
+    assert "already holds a run" in err and "--resume" in err and "--overwrite" in err
+    assert (run / "model.safetensors").read_bytes() == first  # nothing lost
+    assert main(base + ["--resume", "--lr", "0.01"]) == 2  # the recorded run had another lr: named
+    err = capsys.readouterr().err
+    assert "config.lr: recorded 0.05, given 0.01" in err
+    assert main(base + ["--lr", "0.01", "--overwrite"]) == 0
+    assert json.loads((run / "run.json").read_text())["config"]["lr"] == 0.01
+    assert (run / "model.safetensors").read_bytes() != first
+
+
+def test_models_take_the_datas_sample_shape(tmp_path, capsys):
+    """LeNet-5 / MLP on 32x32 CIFAR get image_size=32; a ResNet trained on 28x28 data packs,
+    benches and exports at 28x28."""
+    pytest.importorskip("numba")
+    sys.path.insert(0, str(Path(__file__).parent / "data"))
+    from test_data_cifar import make_cifar10
+
+    make_cifar10(tmp_path / "c", n=40)
+    for model in ("lenet5", "mlp"):
+        run = tmp_path / model
+        assert main(["train", "--model", model, "--dataset", "cifar10", "--data-dir", str(tmp_path / "c"),
+                     "--densities", "0.25,1.0", "--epochs", "1", "--batch-size", "32", "--out", str(run),
+                     "--no-progress"]) == 0
+        info = json.loads((run / "run.json").read_text())
+        assert info["model_kwargs"]["image_size"] == 32 and info["input_shape"] == [3, 32, 32]
+    run = tmp_path / "r"
+    assert main(["train", "--model", "resnet20", "--dataset", "synthetic", "--densities", "0.25,1.0", "--epochs", "1",
+                 "--max-steps-per-epoch", "1", "--batch-size", "16", "--out", str(run), "--no-progress"]) == 0
+    nsp = tmp_path / "r.nsp"
+    assert main(["pack", str(run), "-o", str(nsp)]) == 0
+    from nestedsparse.pack import load_packed, read_packed
+
+    shape = tuple(json.loads((run / "run.json").read_text())["input_shape"])
+    assert shape == (1, 28, 28) and read_packed(nsp).input_shape == shape
+    assert load_packed(nsp).model.input_shape == shape
+    ort = pytest.importorskip("onnxruntime")
+    onnx_path = tmp_path / "r0.onnx"
+    assert main(["export", str(nsp), "--level", "0", "-o", str(onnx_path)]) == 0
+    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    import numpy as np
+
+    assert sess.run(None, {"input": np.zeros((2, *shape), np.float32)})[0].shape == (2, 10)
+
+
+def test_collapse_without_refit_keeps_the_channel_levels(tmp_path, capsys):
+    import torch
+
+    from nestedsparse.commands import load_run_model
+    from nestedsparse.nest import iter_nested
+    from nestedsparse.structure import channel_level_maps
+
+    run, out = tmp_path / "run", tmp_path / "small"
+    assert main(["train", "--model", "mlp", "--dataset", "synthetic", "--densities", "0.25,1.0", "--selector",
+                 "channels", "--widths", "0.5,1.0", "--layer-sparsity", "20", "--weight-decay", "0", "--epochs", "2",
+                 "--batch-size", "32", "--out", str(run), "--no-progress"]) == 0
+    assert main(["collapse", str(run), "--out", str(out), "--epochs", "0"]) == 0
+    model, _ = load_run_model(out)
+    want = channel_level_maps(model, (0.5, 1.0))
+    for name, _, mask in iter_nested(model):
+        assert torch.equal(mask.level_map, want[name]), name

@@ -83,6 +83,8 @@ def _add_train(sub) -> None:
     p.add_argument("--prune-end", type=float, default=None, help="fraction of training when the maps are fixed")
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoint")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over in a run folder that already holds a run (its files are replaced)")
     from .train.trainer import TrainConfig
 
     d = TrainConfig()

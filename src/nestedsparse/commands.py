@@ -30,9 +30,17 @@ def _run_info(run: Path) -> dict:
     return json.loads(path.read_text())
 
 
+def _model_kwargs_accepted(name: str) -> set[str]:
+    from .models import _accepted_kwargs, get_factory
+
+    return _accepted_kwargs(get_factory(name)) or set()
+
+
 def build_model(info: dict) -> torch.nn.Module:
     """The nested model a run describes (fresh weights; load a file into it)."""
     model = create_model(info["model"], info.get("model_kwargs", {}), info.get("collapse"))
+    if info.get("input_shape"):  # the data's sample shape (a ResNet takes any image size; 32x32 is its default)
+        model.input_shape = tuple(int(v) for v in info["input_shape"])
     nestify_(model, LevelSpec.from_dict(info["spec"]), block=tuple(info.get("block", (1, 1))))
     if info.get("depth"):  # layer scheduling: blocks per stage at each level
         depth_schedule_(model, info["depth"])
@@ -94,9 +102,15 @@ def cmd_train(args) -> int:
         train_set = torch.utils.data.TensorDataset(*(t[: args.subset] for t in train_set.tensors))
     test_set = load_dataset(args.dataset, args.data_dir, split="test")
     info["model_kwargs"].setdefault("num_classes", int(train_set.tensors[1].max()) + 1)
-    info["model_kwargs"].setdefault("in_channels", int(train_set.tensors[0].shape[1]))
+    sample = tuple(int(v) for v in train_set.tensors[0].shape[1:])
+    info["model_kwargs"].setdefault("in_channels", sample[0])
+    if len(sample) == 3 and sample[1] == sample[2] and "image_size" in _model_kwargs_accepted(args.model):
+        info["model_kwargs"].setdefault("image_size", sample[1])  # LeNet-5 / MLP on 32x32 CIFAR, ...
+    info["input_shape"] = list(sample)
     if args.resume and (run / RUN_FILE).is_file():
         _check_same_run(_run_info(run), info, run)
+    elif not args.resume:
+        _fresh_run_folder(run, getattr(args, "overwrite", False))
     torch.manual_seed(args.seed)
     model = build_model(info)
     if _rank() == 0:
@@ -104,11 +118,30 @@ def cmd_train(args) -> int:
         (run / RUN_FILE).write_text(json.dumps(info, indent=2))
     result = train(model, train_set, test_set, config, run_dir=run, resume=args.resume)
     if _rank() == 0:
-        save(model, run / MODEL_FILE, extra={"model": args.model, "model_kwargs": info["model_kwargs"]})
+        save(model, run / MODEL_FILE, extra={"model": args.model, "model_kwargs": info["model_kwargs"],
+                                             "input_shape": info["input_shape"]})
         rows = [{"level": r["level"], "accuracy": r["accuracy"]} for r in result.final]
         print(format_table(rows))
         print(f"saved {run / MODEL_FILE}")
     return 0
+
+
+#: what a run folder's earlier run leaves behind (a fresh run must not mix with them)
+RUN_OUTPUTS = (RUN_FILE, MODEL_FILE, EVAL_FILE, "checkpoint.safetensors", "metrics.jsonl", "pareto.png")
+
+
+def _fresh_run_folder(run: Path, overwrite: bool) -> None:
+    """A new run may not start in a folder holding another run's files (a later ``--resume`` would
+    continue that run's checkpoint); ``--overwrite`` removes them first."""
+    found = [f for f in RUN_OUTPUTS if (run / f).exists()]
+    if not found:
+        return
+    if not overwrite:
+        raise ValueError(f"{run} already holds a run ({', '.join(found)}): pass --resume to continue it, "
+                         "--overwrite to start over there, or another --out")
+    if _rank() == 0:
+        for f in found:
+            (run / f).unlink()
 
 
 def _check_same_run(old: dict, new: dict, run: Path) -> None:
@@ -122,9 +155,13 @@ def _check_same_run(old: dict, new: dict, run: Path) -> None:
         return {**{k: d.get(k) for k in set(old) | set(new) if k != "config"}, "config": cfg}
 
     a, b = key(old), key(new)
-    diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    diff = [f"{k}: recorded {a.get(k)!r}, given {b.get(k)!r}"
+            for k in sorted(set(a) | set(b) - {"config"}) if a.get(k) != b.get(k)]
+    ca, cb = a["config"], b["config"]
+    diff += [f"config.{k}: recorded {ca.get(k)!r}, given {cb.get(k)!r}"
+             for k in sorted(set(ca) | set(cb)) if ca.get(k) != cb.get(k)]
     if diff:
-        raise ValueError(f"--resume with other settings ({', '.join(diff)}) than {run / RUN_FILE} records; "
+        raise ValueError(f"--resume with other settings than {run / RUN_FILE} records ({'; '.join(diff)}); "
                          "rerun with the same flags")
 
 
@@ -197,11 +234,14 @@ def cmd_pack(args) -> int:
     src = _model_file(Path(args.run))
     meta = read_meta(src)["extra"]
     model = create_model(meta["model"], meta.get("model_kwargs", {}), meta.get("collapse"))
+    if meta.get("input_shape"):
+        model.input_shape = tuple(int(v) for v in meta["input_shape"])
     load_into_(model, src)
     packed = pack(model, dtype=args.dtype, model_name=meta["model"], model_kwargs=meta.get("model_kwargs", {}),
                   collapse=meta.get("collapse"))
     packed.save(args.output)
-    print(format_table(packed.size_table(), ["level", "density", "nnz", "bytes", "vs_plain_csr_densest"]))
+    print(format_table(packed.size_table(), ["level", "density", "spec_density", "nnz", "bytes",
+                                             "vs_plain_csr_densest"]))
     print(f"wrote {args.output} ({Path(args.output).stat().st_size:,} bytes)")
     return 0
 
@@ -239,7 +279,13 @@ def cmd_collapse(args) -> int:
         recipe["links"] = list(info["collapse"]["links"]) + recipe["links"]
         recipe["input_nonneg"] = bool(info["collapse"]["input_nonneg"] or recipe["input_nonneg"])
     new = res.model
+    if getattr(model, "input_shape", None) is not None:
+        new.input_shape = model.input_shape
     nestify_(new, spec, block=tuple(info.get("block", (1, 1))))
+    if cfg.get("selector") == "channels":  # the thin levels are the run's design, refit or not
+        from .structure import ChannelSelector
+
+        ChannelSelector(**dict(cfg.get("selector_args") or {})).apply_(new)
     cfg.update(layer_sparsity=0.0, epochs=args.epochs or 1, progress=not args.no_progress)
     if args.lr is not None:
         cfg["lr"] = args.lr
@@ -261,7 +307,7 @@ def cmd_collapse(args) -> int:
             print(format_table([{"level": r["level"], "accuracy": r["accuracy"]} for r in result.final]))
     if _rank() == 0:
         save(new, out / MODEL_FILE, extra={"model": info["model"], "model_kwargs": info["model_kwargs"],
-                                           "collapse": recipe})
+                                           "collapse": recipe, "input_shape": info.get("input_shape")})
         print(f"saved {out / MODEL_FILE}")
     return 0
 

@@ -84,6 +84,9 @@ def test_size_within_110_percent_of_plain_csr(packed_file):
     assert p.total_bytes() <= 1.10 * p.plain_csr_bytes(top)
     sizes = [p.level_bytes(k) for k in range(SPEC.num_levels)]
     assert sizes == sorted(sizes) and sizes[0] < sizes[-1]
+    total = sum(layer.csr.shape[0] * layer.csr.shape[1] for layer in p.layers.values())
+    for row in p.size_table()[:-1]:  # the density a level really keeps, beside the one it was given
+        assert row["density"] == round(row["nnz"] / total, 4) and row["spec_density"] == SPEC.densities[row["level"]]
 
 
 def test_per_layer_levels_reroute(packed_file):
@@ -176,6 +179,9 @@ def test_hostile_arrays_raise_named_error(packed_file, tmp_path, fault, mutate, 
     (lambda m: m["layers"]["features.0"].__setitem__("kind", "lstm"), "kind"),
     (lambda m: m["spec"].__setitem__("densities", [0.5, 0.1]), "spec"),
     (lambda m: m["ties"].__setitem__("x", "nope"), "tie table"),
+    (lambda m: m.__setitem__("input_shape", [3, -1]), "input_shape"),
+    (lambda m: m.__setitem__("input_shape", [65536] * 4), "input_shape"),
+    (lambda m: m.__setitem__("input_shape", "3x32x32"), "input_shape"),
 ])
 def test_hostile_metadata_raises_named_error(packed_file, tmp_path, mutate, match):
     _, path = packed_file

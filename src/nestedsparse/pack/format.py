@@ -73,6 +73,7 @@ class PackedModel:
     model_kwargs: dict = field(default_factory=dict)
     collapse: dict | None = None  # the layer-sparsity merges that built the architecture (structure.rebuild)
     depth: dict = field(default_factory=dict)  # layer scheduling: {block name: min level} (structure.depth)
+    input_shape: tuple[int, ...] | None = None  # one sample's shape (set on the model load_packed builds)
 
     def dense_bytes(self) -> int:
         """Bytes of the tensors every level needs (biases, BatchNorm, unpruned layers)."""
@@ -92,11 +93,14 @@ class PackedModel:
 
     def size_table(self) -> list[dict]:
         """Rows per level: nnz, bytes for that level alone, and the all-levels total vs a plain CSR."""
-        rows = [{"level": k, "density": self.spec.densities[k],
-                 "nnz": sum(pl.csr.nnz(k) for pl in self.layers.values()), "bytes": self.level_bytes(k)}
-                for k in range(self.spec.num_levels)]
+        total = sum(pl.csr.shape[0] * pl.csr.shape[1] for pl in self.layers.values())
+        rows = []
+        for k in range(self.spec.num_levels):
+            nnz = sum(pl.csr.nnz(k) for pl in self.layers.values())
+            rows.append({"level": k, "density": round(nnz / max(total, 1), 4), "spec_density": self.spec.densities[k],
+                         "nnz": nnz, "bytes": self.level_bytes(k)})
         top = self.spec.num_levels - 1
-        rows.append({"level": "all", "density": "", "nnz": rows[-1]["nnz"], "bytes": self.total_bytes(),
+        rows.append({"level": "all", "density": "", "spec_density": "", "nnz": rows[-1]["nnz"], "bytes": self.total_bytes(),
                      "vs_plain_csr_densest": round(self.total_bytes() / self.plain_csr_bytes(top), 4)})
         return rows
 
@@ -112,6 +116,7 @@ class PackedModel:
         version = VERSION if (self.depth or self.collapse) else 1
         meta = {"format": FORMAT, "version": version, "spec": self.spec.to_dict(), "model": self.model_name,
                 "model_kwargs": self.model_kwargs, "collapse": self.collapse, "depth": self.depth,
+                "input_shape": None if self.input_shape is None else list(self.input_shape),
                 "layers": {n: pl.meta() for n, pl in self.layers.items()},
                 "ties": self.ties, "sha256": {k: _digest(v) for k, v in tensors.items()}}
         write_tensors(path, tensors, meta)
@@ -136,10 +141,13 @@ def _kind(mod: nn.Module) -> str:
 
 
 def pack(model: nn.Module, dtype: str = "float32", model_name: str | None = None,
-         model_kwargs: dict | None = None, collapse: dict | None = None) -> PackedModel:
+         model_kwargs: dict | None = None, collapse: dict | None = None,
+         input_shape: tuple[int, ...] | None = None) -> PackedModel:
     """Pack a nested model: every level in one NestedCSR per layer (``dtype`` float32 or int8).
     ``model_name`` / ``model_kwargs`` / ``collapse`` (a layer-sparsity recipe,
-    ``CollapseResult.recipe()``) name the architecture, so ``load_packed`` can build it.
+    ``CollapseResult.recipe()``) name the architecture, so ``load_packed`` can build it;
+    ``input_shape`` (default: the model's ``input_shape``) is one sample's shape, which ``bench``
+    and ``export`` feed the model.
 
     Example::
 
@@ -167,7 +175,17 @@ def pack(model: nn.Module, dtype: str = "float32", model_name: str | None = None
 
     return PackedModel(spec=spec, layers=layers, dense=dense, ties=ties, model_name=model_name,
                        model_kwargs=dict(model_kwargs or {}), collapse=collapse if collapse and collapse.get("links") else None,
-                       depth=depth_schedule(model))
+                       depth=depth_schedule(model), input_shape=_shape_or_none(
+                           input_shape if input_shape is not None else getattr(model, "input_shape", None)))
+
+
+def _shape_or_none(shape) -> tuple[int, ...] | None:
+    if shape is None:
+        return None
+    shape = tuple(int(v) for v in shape)
+    if not shape or min(shape) < 1:
+        raise ValueError(f"input_shape must be positive ints, got {shape}")
+    return shape
 
 
 def _masks_of(mod: nn.Module):
@@ -213,9 +231,14 @@ def read_packed(path: str | os.PathLike) -> PackedModel:
     if not isinstance(depth, dict) or not all(
             isinstance(k, str) and type(v) is int and 1 <= v < spec.num_levels for k, v in depth.items()):
         raise PackedFormatError(f"{where}: invalid layer schedule (expected {{block name: level 1..{spec.num_levels - 1}}})")
+    shape = meta.get("input_shape")
+    if shape is not None and not (isinstance(shape, list) and 1 <= len(shape) <= 5 and all(
+            type(v) is int and 1 <= v <= 65536 for v in shape) and math.prod(shape) <= 2**28):
+        raise PackedFormatError(f"{where}: invalid input_shape {shape!r} (expected null or 1-5 ints in 1..65536)")
     dense = {k[len("dense/"):]: v for k, v in tensors.items() if k.startswith("dense/")}
     return PackedModel(spec=spec, layers=layers, dense=dense, ties=ties, model_name=meta.get("model"),
-                       model_kwargs=kwargs, collapse=recipe or None, depth=depth)
+                       model_kwargs=kwargs, collapse=recipe or None, depth=depth,
+                       input_shape=None if shape is None else tuple(shape))
 
 
 def _check_checksums(tensors: dict, meta: dict, where: str) -> None:

@@ -1262,6 +1262,8 @@ def runtime_from_packed(packed: PackedModel, model: nn.Module) -> PackedRuntime:
     """Swap ``model``'s layers for packed ones (``model`` must be the architecture the file was made from)."""
     from torch.nn.utils import parametrize
 
+    if packed.input_shape is not None:  # the data's sample shape (a ResNet's default is 32x32)
+        model.input_shape = tuple(packed.input_shape)
     nestify_(model, packed.spec)
     if packed.depth:  # layer scheduling: gate the blocks, their gates then read the call's level
         from ..structure.depth import gate_blocks_  # noqa: PLC0415
