@@ -300,3 +300,55 @@ def test_collapse_without_refit_keeps_the_channel_levels(tmp_path, capsys):
     want = channel_level_maps(model, (0.5, 1.0))
     for name, _, mask in iter_nested(model):
         assert torch.equal(mask.level_map, want[name]), name
+
+
+def test_user_mistakes_get_one_line_errors(tmp_path, capsys, monkeypatch):
+    base = ["train", "--model", "mlp", "--dataset", "synthetic", "--densities", "0.25,1.0", "--epochs", "1",
+            "--max-steps-per-epoch", "1", "--no-progress"]
+    cases = [
+        (["--out", str(tmp_path / "a"), "--device", "foo"], "not a device"),
+        (["--out", str(tmp_path / "b"), "--level-weights", "1"], "1 weights for the model's 2 levels"),
+        (["--out", str(tmp_path / "c"), "--model-arg", "num_classes=5"], "num_classes=10"),
+        (["--out", str(tmp_path / "d"), "--hierarchy", "0,0,1"], "maps 3 fine classes, the model has 10"),
+        (["--out", str(tmp_path / "e"), "--subset", "0"], "--subset"),
+        (["--out", str(tmp_path / "f"), "--data-dir", str(tmp_path / "nope")], "not a folder"),
+        (["--out", str(tmp_path / "g"), "--coarse-levels", "2"], "needs --hierarchy"),
+    ]
+    if not __import__("torch").cuda.is_available():
+        cases.append((["--out", str(tmp_path / "h"), "--device", "cuda"], "no CUDA device"))
+    for extra, msg in cases:
+        assert main(base + extra) == 2, extra
+        err = capsys.readouterr().err
+        assert msg in err and "Traceback" not in err, (extra, err)
+    run = tmp_path / "ok"
+    assert main(base + ["--out", str(run)]) == 0
+    assert main(["pack", str(run), "-o", str(tmp_path)]) == 2  # a folder as the output file
+    assert "error" in capsys.readouterr().err
+    assert main(["eval", str(run)]) == 0
+    assert main(["plot", str(run), "-o", str(tmp_path / "noext")]) == 2
+    assert ".png" in capsys.readouterr().err
+    assert main(["plot", str(tmp_path / "missing")]) == 2
+    assert f"nestedsparse eval {tmp_path / 'missing'}" in capsys.readouterr().err
+    if hasattr(os, "umask"):  # written files follow the umask, as open() would (not mkstemp's 0600)
+        assert (run / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~_umask()
+    from nestedsparse import commands
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(commands, "cmd_train", interrupted)
+    assert main(base + ["--out", str(tmp_path / "i")]) == 130
+    assert "interrupted" in capsys.readouterr().err
+
+    def broken(args):
+        raise BrokenPipeError
+
+    monkeypatch.setattr(commands, "cmd_eval", broken)
+    assert main(["eval", str(run)]) == 1
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -164,9 +164,27 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return getattr(commands, "cmd_" + args.command)(args) or 0
-    except (ValueError, TypeError, KeyError, FileNotFoundError) as e:
+    except (ValueError, TypeError, KeyError, OSError) as e:
+        if isinstance(e, BrokenPipeError):  # `nestedsparse eval run | head`: the reader left
+            _quiet_stdout()
+            return 1
         print(f"nestedsparse {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        hint = " (its last checkpoint stays: continue with --resume)" if args.command in ("train", "collapse") else ""
+        print(f"\nnestedsparse {args.command}: interrupted{hint}", file=sys.stderr)
+        return 130
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null so Python's exit flush does not raise a second BrokenPipeError."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except OSError:
+        pass
 
 
 if __name__ == "__main__":

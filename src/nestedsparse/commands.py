@@ -27,7 +27,10 @@ def _run_info(run: Path) -> dict:
     path = run / RUN_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{run} is not a run folder (no {RUN_FILE}); create one with `nestedsparse train --out {run}`")
-    return json.loads(path.read_text())
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from None
 
 
 def _model_kwargs_accepted(name: str) -> set[str]:
@@ -43,7 +46,11 @@ def build_model(info: dict) -> torch.nn.Module:
         model.input_shape = tuple(int(v) for v in info["input_shape"])
     nestify_(model, LevelSpec.from_dict(info["spec"]), block=tuple(info.get("block", (1, 1))))
     if info.get("depth"):  # layer scheduling: blocks per stage at each level
-        depth_schedule_(model, info["depth"])
+        try:
+            depth_schedule_(model, info["depth"])
+        except ValueError as e:
+            raise ValueError(f"--depth {','.join(map(str, info['depth']))} on {info['model']}: {e} (from the "
+                             "command line: the registry's resnet20/32/56 and wrn have such stages)") from None
     return model
 
 
@@ -62,6 +69,12 @@ def cmd_train(args) -> int:
     from .train.trainer import TrainConfig, train
 
     run = Path(args.out)
+    if args.subset is not None and args.subset < 1:
+        raise ValueError(f"--subset must be a positive number of images, got {args.subset}")
+    if args.data_dir is not None and not Path(args.data_dir).is_dir():
+        raise FileNotFoundError(f"--data-dir {args.data_dir} is not a folder")
+    if args.coarse_levels != 1 and args.hierarchy is None:
+        raise ValueError("--coarse-levels sets how many levels learn superclasses; it needs --hierarchy")
     spec = LevelSpec(densities=args.densities, allocation=args.allocation, first_last_density=args.first_last_density)
     if args.selector != "magnitude" and tuple(args.block) != (1, 1):
         raise ValueError(f"--block {args.block[0]}x{args.block[1]} needs --selector magnitude; {args.selector} prunes single weights")
@@ -172,6 +185,8 @@ def cmd_eval(args) -> int:
     from .train.trainer import evaluate
 
     run = Path(args.run)
+    if args.data_dir is not None and not Path(args.data_dir).is_dir():
+        raise FileNotFoundError(f"--data-dir {args.data_dir} is not a folder")
     model, info = load_run_model(run)
     test_set = load_dataset(info["dataset"], args.data_dir or info.get("data_dir"), split="test")
     example = test_set.tensors[0][:1]
@@ -219,6 +234,8 @@ def cmd_plot(args) -> int:
     evals = [read_eval(r) for r in args.runs]
     first = Path(args.runs[0])
     out = Path(args.output) if args.output else (first if first.is_dir() else first.parent) / "pareto.png"
+    if out.suffix.lower() != ".png":
+        raise ValueError(f"-o {out}: the plot is a PNG; give a path ending in .png")
     plot_pareto(evals, out, x=args.x, labels=[str(r) for r in args.runs] if len(args.runs) > 1 else None)
     print(f"wrote {out}")
     return 0
@@ -315,6 +332,10 @@ def cmd_collapse(args) -> int:
 def cmd_bench(args) -> int:
     from .pack.bench import bench_packed
 
+    if args.json:  # a bad path fails now, not after the whole benchmark
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        if Path(args.json).is_dir():
+            raise ValueError(f"--json {args.json} is a folder; give a file path")
     rows = bench_packed(args.packed, batches=args.batch, threads=args.threads, repeats=args.repeats)
     print(format_table(rows))
     if args.json:

@@ -47,8 +47,12 @@ def read_eval(path: str | os.PathLike) -> dict:
     if p.is_dir():
         p = p / "eval.json"
     if not p.is_file():
-        raise FileNotFoundError(f"no eval.json at {p}; run `nestedsparse eval {p.parent}` first")
-    data = json.loads(p.read_text())
+        run = p.parent if p.name == "eval.json" else p
+        raise FileNotFoundError(f"no eval.json at {p}; run `nestedsparse eval {run}` first")
+    try:
+        data = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{p} is not valid JSON ({e})") from None
     if not isinstance(data, dict) or not isinstance(data.get("levels"), list):
         raise ValueError(f"{p} is not an eval.json: expected an object with a 'levels' list")
     return data

@@ -172,10 +172,42 @@ def _setup_distributed(device: torch.device) -> tuple[int, int]:
 
 def _pick_device(config: TrainConfig) -> torch.device:
     if config.device:
-        return torch.device(config.device)
+        try:
+            dev = torch.device(config.device)
+        except RuntimeError as e:
+            raise ValueError(f"device {config.device!r} is not a device ({e}); e.g. cpu, cuda, cuda:1") from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {config.device!r}: this PyTorch has no CUDA device; use cpu")
+        return dev
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device("cpu")
+
+
+@torch.no_grad()
+def _check_labels(model: nn.Module, data: Dataset, hierarchy, device: torch.device) -> None:
+    """The model's outputs cover the data's labels, and the hierarchy maps exactly those outputs
+    (checked once on a forward of two samples, so a mismatch is a clear error, not an index error
+    deep in the loss)."""
+    tensors = getattr(data, "tensors", None)
+    if not tensors or len(tensors) < 2 or tensors[1].ndim != 1 or len(tensors[0]) < 2:
+        return
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        out = model(tensors[0][:2].to(device))
+    finally:
+        for m, t in modes.items():
+            m.training = t
+    if not isinstance(out, torch.Tensor) or out.ndim != 2:
+        return
+    n_out, top = out.shape[1], int(tensors[1].max())
+    if top >= n_out:
+        raise ValueError(f"the data's labels go up to {top} but the model has {n_out} outputs: build it with "
+                         f"num_classes={top + 1}")
+    if hierarchy is not None and hierarchy.mapping.numel() != n_out:
+        raise ValueError(f"the hierarchy maps {hierarchy.mapping.numel()} fine classes, the model has {n_out} "
+                         "outputs: give one coarse label per class")
 
 
 def _lr_at(config: TrainConfig, step: int, total: int, steps_per_epoch: int) -> float:
@@ -320,6 +352,9 @@ def train(
         result = train(model, train_set, test_set, TrainConfig(epochs=2), run_dir="runs/a")
     """
     spec = get_spec(model)
+    if config.level_weights is not None and len(config.level_weights) != spec.num_levels:
+        raise ValueError(f"level_weights has {len(config.level_weights)} weights for the model's {spec.num_levels} "
+                         "levels: give one per level")
     device = _pick_device(config)
     rank, world = _setup_distributed(device)
     model.to(device)
@@ -348,6 +383,7 @@ def train(
     if hierarchy is not None and hierarchy.coarse_levels >= spec.num_levels:
         raise ValueError(f"coarse_levels={hierarchy.coarse_levels} leaves no fine level of the {spec.num_levels}; "
                          f"allowed 1..{spec.num_levels - 1}")
+    _check_labels(model, train_data, hierarchy, device)
     objective = NestedObjective(model, hierarchy)
     if world > 1:
         ids = [device.index] if device.type == "cuda" else None
