@@ -352,3 +352,36 @@ def _umask():
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def test_consensus_is_refused_before_the_evaluation(tmp_path, capsys):
+    run = tmp_path / "h"
+    assert main(["train", "--model", "mlp", "--dataset", "synthetic", "--densities", "0.1,0.25,1.0", "--hierarchy",
+                 "0,0,1,1,2,2,3,3,4,4", "--coarse-levels", "2", "--epochs", "1", "--max-steps-per-epoch", "1",
+                 "--out", str(run), "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(run), "--consensus"]) == 2
+    captured = capsys.readouterr()
+    assert "two or more (fine) levels" in captured.err and "accuracy" not in captured.out
+    assert not (run / "eval.json").exists()
+    assert main(["train", "--model", "mlp", "--dataset", "synthetic", "--densities", "0.25,1.0", "--epochs", "1",
+                 "--max-steps-per-epoch", "1", "--out", str(tmp_path / "p"), "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "p"), "--consensus", "--consensus-epochs", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "--consensus-epochs must be >= 1" in err and "0.01" not in err
+
+
+def test_pareto_plot_scores_a_coarse_level_on_superclasses(tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    from nestedsparse.report import plot_pareto
+
+    seen = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: seen.append(fig))
+    ev = {"model": "m", "dataset": "d", "levels": [
+        {"level": 0, "density": 0.1, "macs": 10, "accuracy": 0.11, "coarse": True, "coarse_accuracy": 0.3},
+        {"level": 1, "density": 1.0, "macs": 100, "accuracy": 0.8, "coarse": False, "coarse_accuracy": None}]}
+    plot_pareto([ev], tmp_path / "p.png")
+    ys = sorted(float(y) for line in seen[0].axes[0].get_lines() for y in line.get_ydata())
+    assert ys == [30.0, 80.0]  # the coarse level at its superclass accuracy, not its 11% on fine classes

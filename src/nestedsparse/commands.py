@@ -194,6 +194,12 @@ def cmd_eval(args) -> int:
     hierarchy = None
     if cfg.get("hierarchy") is not None:
         hierarchy = Hierarchy(resolve_hierarchy(cfg["hierarchy"]), int(cfg.get("coarse_levels", 1)))
+    if args.consensus:  # refused before the evaluation, not after it
+        fine = [k for k in range(len(info["spec"]["densities"])) if hierarchy is None or not hierarchy.is_coarse(k)]
+        if len(fine) < 2:
+            raise ValueError(f"--consensus needs two or more (fine) levels, the run has {fine}")
+        if args.consensus_epochs < 1:
+            raise ValueError(f"--consensus-epochs must be >= 1, got {args.consensus_epochs}")
     ev = {r["level"]: r for r in evaluate(model, test_set, hierarchy=hierarchy)}
     keys = ["accuracy"] + (["coarse_accuracy", "coarse"] if hierarchy is not None else [])
     rows = [{**r, **{k: ev[r["level"]][k] for k in keys}} for r in level_summary(model, example)]

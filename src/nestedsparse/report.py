@@ -69,12 +69,17 @@ def plot_pareto(evals: Sequence[dict], out: str | os.PathLike, x: str = "macs", 
     fig, ax = plt.subplots(figsize=(6, 4.2), dpi=120)
     for i, ev in enumerate(evals):
         lv = sorted(ev["levels"], key=lambda r: r[x])
-        xs, ys = [r[x] for r in lv], [100 * r["accuracy"] for r in lv]
         label = labels[i] if labels else f"{ev.get('model', 'model')} ({ev.get('dataset', '')})"
-        ax.plot(xs, ys, marker="o", label=label)
-        for r, xv, yv in zip(lv, xs, ys):
-            ax.annotate(f"L{r['level']} d={r['density']:.2f}", (xv, yv), textcoords="offset points", xytext=(4, -10),
-                        fontsize=7)
+        fine = [r for r in lv if not r.get("coarse")]  # a coarse level (hierarchy) is scored on superclasses
+        line = ax.plot([r[x] for r in fine], [100 * r["accuracy"] for r in fine], marker="o", label=label)[0]
+        coarse = [r for r in lv if r.get("coarse") and r.get("coarse_accuracy") is not None]
+        if coarse:
+            ax.plot([r[x] for r in coarse], [100 * r["coarse_accuracy"] for r in coarse], marker="s", ls="none",
+                    color=line.get_color(), mfc="none", label=f"{label}: superclass accuracy")
+        for r in fine + coarse:
+            yv = 100 * (r["coarse_accuracy"] if r in coarse else r["accuracy"])
+            ax.annotate(f"L{r['level']} d={r['density']:.2f}", (r[x], yv), textcoords="offset points",
+                        xytext=(4, -10), fontsize=7)
     ax.set_xscale("log")
     ax.set_xlabel({"macs": "MACs per sample (active weights only)", "params": "non-zero parameters"}.get(x, x))
     ax.set_ylabel("test accuracy (%)")

@@ -110,8 +110,10 @@ def fit_consensus(cons: LevelConsensus, data: Dataset, epochs: int = 1, lr: floa
     levels run in eval mode, no gradients). Returns the mean loss of each epoch."""
     if cons.head is None:
         raise ValueError("only a mode='linear' consensus has parameters to fit")
-    if epochs < 1 or lr <= 0 or batch_size < 1:
-        raise ValueError(f"need epochs >= 1, lr > 0, batch_size >= 1; got {epochs}, {lr}, {batch_size}")
+    bad = [f"{k} {v}" for k, v, ok in (("epochs", epochs, epochs >= 1), ("lr", lr, lr > 0),
+                                        ("batch_size", batch_size, batch_size >= 1)) if not ok]
+    if bad:
+        raise ValueError(f"fit_consensus needs epochs >= 1, lr > 0 and batch_size >= 1; got {', '.join(bad)}")
     dev = _device(cons)
     cons.head.to(dev)
     was = cons.model.training if isinstance(cons.model, nn.Module) else False
