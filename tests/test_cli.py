@@ -385,3 +385,16 @@ def test_pareto_plot_scores_a_coarse_level_on_superclasses(tmp_path, monkeypatch
     plot_pareto([ev], tmp_path / "p.png")
     ys = sorted(float(y) for line in seen[0].axes[0].get_lines() for y in line.get_ydata())
     assert ys == [30.0, 80.0]  # the coarse level at its superclass accuracy, not its 11% on fine classes
+
+
+def test_a_run_folder_from_before_sample_shapes_still_resumes(tmp_path, capsys):
+    run = tmp_path / "old"
+    base = ["train", "--model", "lenet5", "--dataset", "synthetic", "--densities", "0.25,1.0", "--epochs", "1",
+            "--max-steps-per-epoch", "1", "--out", str(run), "--no-progress"]
+    assert main(base) == 0
+    info = json.loads((run / "run.json").read_text())
+    assert info["model_kwargs"]["image_size"] == 28 and info["input_shape"] == [1, 28, 28]
+    del info["input_shape"], info["model_kwargs"]["image_size"]  # as an older version wrote it
+    (run / "run.json").write_text(json.dumps(info))
+    assert main(base + ["--resume"]) == 0, capsys.readouterr().err
+    assert "input_shape" not in json.loads((run / "run.json").read_text())

@@ -117,11 +117,16 @@ def cmd_train(args) -> int:
     info["model_kwargs"].setdefault("num_classes", int(train_set.tensors[1].max()) + 1)
     sample = tuple(int(v) for v in train_set.tensors[0].shape[1:])
     info["model_kwargs"].setdefault("in_channels", sample[0])
-    if len(sample) == 3 and sample[1] == sample[2] and "image_size" in _model_kwargs_accepted(args.model):
+    # a run folder from before the sample shape was recorded resumes as it started (no image_size / input_shape)
+    old = _run_info(run) if args.resume and (run / RUN_FILE).is_file() else None
+    legacy = old is not None and "input_shape" not in old
+    if (len(sample) == 3 and sample[1] == sample[2] and "image_size" in _model_kwargs_accepted(args.model)
+            and not (legacy and "image_size" not in old.get("model_kwargs", {}))):
         info["model_kwargs"].setdefault("image_size", sample[1])  # LeNet-5 / MLP on 32x32 CIFAR, ...
-    info["input_shape"] = list(sample)
-    if args.resume and (run / RUN_FILE).is_file():
-        _check_same_run(_run_info(run), info, run)
+    if not legacy:
+        info["input_shape"] = list(sample)
+    if old is not None:
+        _check_same_run(old, info, run)
     elif not args.resume:
         _fresh_run_folder(run, getattr(args, "overwrite", False))
     torch.manual_seed(args.seed)
@@ -132,7 +137,7 @@ def cmd_train(args) -> int:
     result = train(model, train_set, test_set, config, run_dir=run, resume=args.resume)
     if _rank() == 0:
         save(model, run / MODEL_FILE, extra={"model": args.model, "model_kwargs": info["model_kwargs"],
-                                             "input_shape": info["input_shape"]})
+                                             "input_shape": info.get("input_shape")})
         rows = [{"level": r["level"], "accuracy": r["accuracy"]} for r in result.final]
         print(format_table(rows))
         print(f"saved {run / MODEL_FILE}")
