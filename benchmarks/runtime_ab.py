@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -51,6 +52,9 @@ from nestedsparse.pack import kernels, load_packed, pack, program
 from nestedsparse.pack.program import PlaneProgram
 from nestedsparse.pack.runtime import _LEVEL, FeatureMajorChain, _FusedLinears
 from nestedsparse.report import cpu_name, format_table
+
+sys.path.insert(0, str(Path(__file__).parent))
+from kernels import gauge  # noqa: E402 - the benchmarks' one load gauge
 
 RESULTS = Path(__file__).parent / "results"
 MLP_LEVELS = (0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
@@ -256,24 +260,6 @@ PAIRS = {"chain": chain_rows, "entry_prefetch": prefetch_rows, "blocks_conv": bl
          "row_tiles": row_tiles_rows, "fused_split": fused_split_rows}
 
 
-def load_gauge_ms() -> float:
-    """The host's load as the median time of a dense ResNet-20 forward at batch 64 on two threads
-    (about 40 ms on an idle 2-core Zen3 host; a shared host's neighbours can slow it several
-    times). Recorded with the rows: in-process A/B ratios hold up under load better than
-    absolute times, but not perfectly."""
-    m = models.create("resnet20", in_channels=3).eval()
-    x = torch.randn(64, 3, 32, 32)
-    with torch.inference_mode():
-        for _ in range(2):
-            m(x)
-        ts = []
-        for _ in range(7):
-            t0 = time.perf_counter()
-            m(x)
-            ts.append(time.perf_counter() - t0)
-    return round(float(np.median(ts)) * 1e3, 1)
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rounds", type=int, default=60)
@@ -285,13 +271,13 @@ def main() -> None:
         p.error(f"--pairs: unknown {sorted(set(pairs) - set(PAIRS))}; choose from {', '.join(PAIRS)}")
     torch.set_num_threads(2)
     rows = []
-    gauge = [load_gauge_ms()]
+    gauges = [gauge()]
     with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
         for name in pairs:
             rows += PAIRS[name](Path(tmp), args.rounds)
-    gauge.append(load_gauge_ms())
+    gauges.append(gauge())
     meta = {"rounds": args.rounds, "threads": kernels._threads(), "cpu": cpu_name(), "torch": torch.__version__,
-            "load_gauge_ms_before_after": gauge, "load_gauge": load_gauge_ms.__doc__.split(" (")[0].strip(),
+            "load_gauge_ms_before_after": gauges, "load_gauge": gauge.__doc__.split(":")[0].strip(),
             "method": "one process, A and B interleaved per round; per-call median and p10, us"}
     Path(args.out + ".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     table = format_table(rows)

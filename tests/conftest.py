@@ -31,3 +31,19 @@ def tiny_conv():
 def tiny_mlp():
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(7, 5), nn.ReLU(), nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 4))
+
+
+class BranchOnData(nn.Module):
+    """A forward whose control flow depends on the data: torch.fx cannot trace it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(3, 3)
+
+    def forward(self, x):
+        return self.a(x) if x.sum() > 0 else x
+
+
+@pytest.fixture
+def untraceable():
+    return BranchOnData()

@@ -171,22 +171,14 @@ def test_links_rebuild_the_architecture_for_a_saved_state():
         collapse(_mlp(), links=[Link("0", "2", "4")])  # no such Linear -> ReLU -> Linear in the graph
 
 
-def test_collapse_refuses_nested_and_untraceable_models():
+def test_collapse_refuses_nested_and_untraceable_models(untraceable):
     m = _mlp()
     ns.nestify_(m, ns.LevelSpec((0.5, 1.0)))
     with pytest.raises(ValueError, match="plain model"):
         collapse(m)
 
-    class Branchy(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a = nn.Linear(3, 3)
-
-        def forward(self, x):
-            return self.a(x) if x.sum() > 0 else x
-
     with pytest.raises(ValueError, match="torch.fx can trace"):
-        find_links(Branchy())
+        find_links(untraceable)
 
 
 def test_plain_model_is_one_level_of_the_nested_model(tiny_conv):

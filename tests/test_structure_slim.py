@@ -191,7 +191,7 @@ def test_the_check_catches_a_wrong_slim(monkeypatch):
         slim_model(_channel_model("resnet20", in_channels=3), 0)
 
 
-def test_bad_calls_say_what_to_do():
+def test_bad_calls_say_what_to_do(untraceable):
     m = _channel_model("lenet5")
     with pytest.raises(ValueError, match="slim_model"):
         slim(m)
@@ -202,16 +202,8 @@ def test_bad_calls_say_what_to_do():
     with pytest.raises(ValueError, match="fails on the example input of shape"):
         slim_model(m, 0, example=(3, 28, 28))  # LeNet-5 takes one channel
 
-    class Branchy(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a = nn.Linear(3, 3)
-
-        def forward(self, x):
-            return self.a(x) if x.sum() > 0 else x
-
     with pytest.raises(ValueError, match="torch.fx"):
-        slim(Branchy(), torch.randn(2, 3))
+        slim(untraceable, torch.randn(2, 3))
 
 
 def test_model_modes_and_example_are_left_alone():
