@@ -244,7 +244,10 @@ def test_a_run_folder_is_not_reused_silently(tmp_path, capsys):
     assert (run / "model.safetensors").read_bytes() == first  # nothing lost
     assert main(base + ["--resume", "--lr", "0.01"]) == 2  # the recorded run had another lr: named
     err = capsys.readouterr().err
-    assert "config.lr: recorded 0.05, given 0.01" in err
+    assert "config.lr: recorded 0.05, given 0.01" in err and "config: recorded" not in err
+    assert main(base + ["--lr", "0.01", "--overwrite", "--level-weights", "1,2,3"]) == 2  # bad flags: refused ...
+    assert (run / "model.safetensors").read_bytes() == first  # ... before anything was deleted
+    assert main(base + ["--resume", "--overwrite"]) == 2
     assert main(base + ["--lr", "0.01", "--overwrite"]) == 0
     assert json.loads((run / "run.json").read_text())["config"]["lr"] == 0.01
     assert (run / "model.safetensors").read_bytes() != first
@@ -307,7 +310,7 @@ def test_user_mistakes_get_one_line_errors(tmp_path, capsys, monkeypatch):
             "--max-steps-per-epoch", "1", "--no-progress"]
     cases = [
         (["--out", str(tmp_path / "a"), "--device", "foo"], "not a device"),
-        (["--out", str(tmp_path / "b"), "--level-weights", "1"], "1 weights for the model's 2 levels"),
+        (["--out", str(tmp_path / "b"), "--level-weights", "1"], "1 weights for the 2 levels"),
         (["--out", str(tmp_path / "c"), "--model-arg", "num_classes=5"], "num_classes=10"),
         (["--out", str(tmp_path / "d"), "--hierarchy", "0,0,1"], "maps 3 fine classes, the model has 10"),
         (["--out", str(tmp_path / "e"), "--subset", "0"], "--subset"),
@@ -327,6 +330,7 @@ def test_user_mistakes_get_one_line_errors(tmp_path, capsys, monkeypatch):
     assert main(["eval", str(run)]) == 0
     assert main(["plot", str(run), "-o", str(tmp_path / "noext")]) == 2
     assert ".png" in capsys.readouterr().err
+    assert main(["plot", str(run), "-o", str(tmp_path / "p.pdf")]) == 0 and (tmp_path / "p.pdf").stat().st_size
     assert main(["plot", str(tmp_path / "missing")]) == 2
     assert f"nestedsparse eval {tmp_path / 'missing'}" in capsys.readouterr().err
     if hasattr(os, "umask"):  # written files follow the umask, as open() would (not mkstemp's 0600)
@@ -340,12 +344,18 @@ def test_user_mistakes_get_one_line_errors(tmp_path, capsys, monkeypatch):
     assert main(base + ["--out", str(tmp_path / "i")]) == 130
     assert "interrupted" in capsys.readouterr().err
 
-    def broken(args):
-        raise BrokenPipeError
+    def broken(args):  # a broken pipe that is not stdout's: an error like any other
+        raise BrokenPipeError("a socket")
 
     monkeypatch.setattr(commands, "cmd_eval", broken)
-    assert main(["eval", str(run)]) == 1
-    assert "Traceback" not in capsys.readouterr().err
+    assert main(["eval", str(run)]) == 2
+    assert "a socket" in capsys.readouterr().err
+    monkeypatch.undo()
+    # stdout's reader gone (`... | head`): a quiet exit, no traceback
+    cmd = f"{sys.executable} -m nestedsparse.cli eval {run} | head -c 1"
+    got = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")})
+    assert "Traceback" not in got.stderr and "BrokenPipe" not in got.stderr
 
 
 def _umask():
@@ -398,3 +408,19 @@ def test_a_run_folder_from_before_sample_shapes_still_resumes(tmp_path, capsys):
     (run / "run.json").write_text(json.dumps(info))
     assert main(base + ["--resume"]) == 0, capsys.readouterr().err
     assert "input_shape" not in json.loads((run / "run.json").read_text())
+
+
+def test_a_run_that_failed_before_saving_can_be_retried(tmp_path, capsys, monkeypatch):
+    from nestedsparse.train import trainer
+
+    run = tmp_path / "r"
+    base = ["train", "--model", "mlp", "--dataset", "synthetic", "--densities", "0.25,1.0", "--epochs", "1",
+            "--max-steps-per-epoch", "1", "--out", str(run), "--no-progress"]
+
+    def fails(*a, **k):
+        raise ValueError("stopped before the first checkpoint")
+
+    monkeypatch.setattr(trainer, "train", fails)
+    assert main(base) == 2 and (run / "run.json").is_file()  # only its run.json was written
+    monkeypatch.undo()
+    assert main(base) == 0  # nothing to lose: the retry starts over

@@ -101,3 +101,14 @@ def test_layers_a_level_skips_give_it_their_budget(allocation):
         assert counts[n] == sorted(counts[n]) and counts[n][-1] == numels[n]
     plain = allocate_counts(spec, numels, shapes, scores, order=list(shapes))
     assert counts["a"][0] > plain["a"][0]  # the skipped layers' share went to the running ones
+
+
+def test_a_level_adding_blocks_with_little_more_density_stays_on_budget():
+    """The layers that ran below keep their counts (nesting); the next level's new blocks and
+    growth share only what is left of its budget (not a fresh share on top of the boosted counts)."""
+    numels = {"a": 1000, "b": 1000}
+    shapes = {"a": (10, 100), "b": (10, 100)}
+    for allocation in ("uniform", "erk"):
+        c = allocate_counts(LevelSpec((0.2, 0.25, 1.0), allocation=allocation), numels, shapes, None,
+                            order=["a", "b"], min_levels={"b": 1})
+        assert c["a"] == [400, 400, 1000] and c["b"] == [0, 100, 1000], (allocation, c)

@@ -118,7 +118,7 @@ def _add_rest(sub) -> None:
     p.add_argument("--consensus-epochs", type=int, default=1, help="epochs fitting the L consensus (default 1)")
     p = sub.add_parser("plot", help="accuracy vs MACs per level (PNG)")
     p.add_argument("runs", nargs="+", help="run folders (or eval.json files)")
-    p.add_argument("-o", "--output", default=None, help="PNG path (default <first run>/pareto.png)")
+    p.add_argument("-o", "--output", default=None, help="image path: .png, .pdf, .svg or .jpg (default <first run>/pareto.png)")
     p.add_argument("--x", default="macs", choices=["macs", "params"])
     p = sub.add_parser("pack", help="pack every level into one NestedCSR file")
     p.add_argument("run", help="run folder (or a model.safetensors inside one)")
@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return getattr(commands, "cmd_" + args.command)(args) or 0
     except (ValueError, TypeError, KeyError, OSError) as e:
-        if isinstance(e, BrokenPipeError):  # `nestedsparse eval run | head`: the reader left
+        if isinstance(e, BrokenPipeError) and _stdout_closed():  # `nestedsparse eval run | head`: the reader left
             _quiet_stdout()
             return 1
         print(f"nestedsparse {args.command}: error: {e}", file=sys.stderr)
@@ -174,6 +174,16 @@ def main(argv: list[str] | None = None) -> int:
         hint = " (its last checkpoint stays: continue with --resume)" if args.command in ("train", "collapse") else ""
         print(f"\nnestedsparse {args.command}: interrupted{hint}", file=sys.stderr)
         return 130
+
+
+def _stdout_closed() -> bool:
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        return True
+    except (OSError, ValueError):
+        return False
+    return False
 
 
 def _quiet_stdout() -> None:

@@ -125,12 +125,15 @@ def cmd_train(args) -> int:
         info["model_kwargs"].setdefault("image_size", sample[1])  # LeNet-5 / MLP on 32x32 CIFAR, ...
     if not legacy:
         info["input_shape"] = list(sample)
+    if args.resume and getattr(args, "overwrite", False):
+        raise ValueError("--resume continues the run in --out, --overwrite starts it over: pass one of them")
     if old is not None:
         _check_same_run(old, info, run)
-    elif not args.resume:
-        _fresh_run_folder(run, getattr(args, "overwrite", False))
     torch.manual_seed(args.seed)
     model = build_model(info)
+    _preflight(model, train_set, config)  # bad flags fail here, before anything in the folder changes
+    if not args.resume and _rank() == 0:  # rank 0 alone: the other ranks would see its new run.json
+        _fresh_run_folder(run, getattr(args, "overwrite", False))
     if _rank() == 0:
         run.mkdir(parents=True, exist_ok=True)
         (run / RUN_FILE).write_text(json.dumps(info, indent=2))
@@ -144,8 +147,22 @@ def cmd_train(args) -> int:
     return 0
 
 
-#: what a run folder's earlier run leaves behind (a fresh run must not mix with them)
-RUN_OUTPUTS = (RUN_FILE, MODEL_FILE, EVAL_FILE, "checkpoint.safetensors", "metrics.jsonl", "pareto.png")
+#: what a run folder's earlier run leaves behind (a fresh run must not mix with them); a run.json
+#: alone is a run that stopped before it saved anything, replaced without asking
+RUN_OUTPUTS = (MODEL_FILE, EVAL_FILE, "checkpoint.safetensors", "metrics.jsonl", "pareto.png")
+
+
+def _preflight(model: torch.nn.Module, train_set, config) -> None:
+    """What ``train`` would refuse (level weights, device, labels vs outputs), checked up front."""
+    from .nest import get_spec
+    from .train.trainer import _check_labels, _pick_device
+
+    n = get_spec(model).num_levels
+    if config.level_weights is not None and len(config.level_weights) != n:
+        raise ValueError(f"--level-weights has {len(config.level_weights)} weights for the {n} levels: give one per "
+                         "level")
+    _pick_device(config)
+    _check_labels(model, train_set, config.hierarchy_spec(), torch.device("cpu"))
 
 
 def _fresh_run_folder(run: Path, overwrite: bool) -> None:
@@ -157,9 +174,8 @@ def _fresh_run_folder(run: Path, overwrite: bool) -> None:
     if not overwrite:
         raise ValueError(f"{run} already holds a run ({', '.join(found)}): pass --resume to continue it, "
                          "--overwrite to start over there, or another --out")
-    if _rank() == 0:
-        for f in found:
-            (run / f).unlink()
+    for f in found:
+        (run / f).unlink()
 
 
 def _check_same_run(old: dict, new: dict, run: Path) -> None:
@@ -174,7 +190,7 @@ def _check_same_run(old: dict, new: dict, run: Path) -> None:
 
     a, b = key(old), key(new)
     diff = [f"{k}: recorded {a.get(k)!r}, given {b.get(k)!r}"
-            for k in sorted(set(a) | set(b) - {"config"}) if a.get(k) != b.get(k)]
+            for k in sorted((set(a) | set(b)) - {"config"}) if a.get(k) != b.get(k)]
     ca, cb = a["config"], b["config"]
     diff += [f"config.{k}: recorded {ca.get(k)!r}, given {cb.get(k)!r}"
              for k in sorted(set(ca) | set(cb)) if ca.get(k) != cb.get(k)]
@@ -245,8 +261,8 @@ def cmd_plot(args) -> int:
     evals = [read_eval(r) for r in args.runs]
     first = Path(args.runs[0])
     out = Path(args.output) if args.output else (first if first.is_dir() else first.parent) / "pareto.png"
-    if out.suffix.lower() != ".png":
-        raise ValueError(f"-o {out}: the plot is a PNG; give a path ending in .png")
+    if out.suffix.lower() not in (".png", ".pdf", ".svg", ".jpg", ".jpeg"):
+        raise ValueError(f"-o {out}: give an image path ending in .png, .pdf, .svg or .jpg")
     plot_pareto(evals, out, x=args.x, labels=[str(r) for r in args.runs] if len(args.runs) > 1 else None)
     print(f"wrote {out}")
     return 0

@@ -33,7 +33,15 @@ class CheckpointError(ValueError):
 
 
 def _umask() -> int:
-    mask = os.umask(0)  # the only way to read it: set and restore
+    """The process umask, read without changing it (``/proc/self/status``) where the OS allows;
+    elsewhere set and restored at once."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
     os.umask(mask)
     return mask
 

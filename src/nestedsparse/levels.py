@@ -249,7 +249,27 @@ def allocate_counts(
         share = min(1.0, max(budget, 0.0) / free_total) if free_total else 0.0
         if d >= 1.0:
             share = 1.0
-        for n, c in _split(spec.allocation, share, running, numels, shapes, scores).items():
+        split = _split(spec.allocation, share, running, numels, shapes, scores)
+        if any(low.values()) and i > 0 and d < 1.0:
+            # layer scheduling: the layers that ran below keep what they had there (nesting), so the
+            # share for this level's new layers and growth is what makes the level's total meet its
+            # budget (a bisection over the share: counts grow with it)
+            floor = {n: max(per_level[n][:i]) for n in running}
+
+            def kept(sh: float) -> tuple[int, dict[str, int]]:
+                got = _split(spec.allocation, sh, running, numels, shapes, scores)
+                got = {n: max(c, floor[n]) for n, c in got.items()}
+                return sum(got.values()), got
+
+            lo, hi = 0.0, 1.0
+            for _ in range(40):
+                mid = (lo + hi) / 2
+                if kept(mid)[0] > budget:
+                    hi = mid
+                else:
+                    lo = mid
+            split = kept(lo)[1]
+        for n, c in split.items():
             per_level[n].append(c)
     for n in free:  # keep nesting even if rounding wobbles between levels
         cs = per_level[n]

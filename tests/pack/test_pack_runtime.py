@@ -11,7 +11,7 @@ import nestedsparse as ns
 from nestedsparse.pack import kernels as K
 from nestedsparse.pack import load_packed, pack
 from nestedsparse.pack.csr import from_dense
-from nestedsparse.pack.runtime import FeatureMajorChain, FusedSparse, PackedRuntime
+from nestedsparse.pack.runtime import SLIM, FeatureMajorChain, FusedSparse, PackedRuntime
 
 SPEC = ns.LevelSpec((0.1, 0.4, 1.0))
 
@@ -183,7 +183,8 @@ def test_tune_covers_chained_and_fused_layers(packed):
     _, path = packed
     rt = load_packed(path, Net)
     got = rt.tune(torch.randn(4, 3, 24, 24), repeats=2)
-    assert set(got) == {(layer.name, k) for layer in rt.sparse_layers() for k in range(SPEC.num_levels)}
+    got = {k for k in got if k[0] != SLIM}  # a level may also run as its slim network where faster
+    assert got == {(layer.name, k) for layer in rt.sparse_layers() for k in range(SPEC.num_levels)}
 
 
 # ------------------------------------------------------------------ kernel epilogues

@@ -179,13 +179,22 @@ def pack(model: nn.Module, dtype: str = "float32", model_name: str | None = None
                            input_shape if input_shape is not None else getattr(model, "input_shape", None)))
 
 
+#: the largest sample a packed file may name (floats): bench / export allocate batches of it
+MAX_SAMPLE = 2**22
+
+
+def _valid_shape(shape) -> bool:
+    return (isinstance(shape, (list, tuple)) and 1 <= len(shape) <= 5
+            and all(type(v) is int and v >= 1 for v in shape) and math.prod(shape) <= MAX_SAMPLE)
+
+
 def _shape_or_none(shape) -> tuple[int, ...] | None:
+    """The sample shape to record: None when there is none, or when it is beyond what a file may
+    name (then ``bench`` / ``export`` need ``input_shape=`` as before)."""
     if shape is None:
         return None
     shape = tuple(int(v) for v in shape)
-    if not shape or min(shape) < 1:
-        raise ValueError(f"input_shape must be positive ints, got {shape}")
-    return shape
+    return shape if _valid_shape(shape) else None
 
 
 def _masks_of(mod: nn.Module):
@@ -232,9 +241,9 @@ def read_packed(path: str | os.PathLike) -> PackedModel:
             isinstance(k, str) and type(v) is int and 1 <= v < spec.num_levels for k, v in depth.items()):
         raise PackedFormatError(f"{where}: invalid layer schedule (expected {{block name: level 1..{spec.num_levels - 1}}})")
     shape = meta.get("input_shape")
-    if shape is not None and not (isinstance(shape, list) and 1 <= len(shape) <= 5 and all(
-            type(v) is int and 1 <= v <= 65536 for v in shape) and math.prod(shape) <= 2**28):
-        raise PackedFormatError(f"{where}: invalid input_shape {shape!r} (expected null or 1-5 ints in 1..65536)")
+    if shape is not None and not (isinstance(shape, list) and _valid_shape(shape)):
+        raise PackedFormatError(f"{where}: invalid input_shape {shape!r} (expected null or 1-5 positive ints, "
+                                f"at most {MAX_SAMPLE} values in all)")
     dense = {k[len("dense/"):]: v for k, v in tensors.items() if k.startswith("dense/")}
     return PackedModel(spec=spec, layers=layers, dense=dense, ties=ties, model_name=meta.get("model"),
                        model_kwargs=kwargs, collapse=recipe or None, depth=depth,

@@ -1262,16 +1262,17 @@ def runtime_from_packed(packed: PackedModel, model: nn.Module) -> PackedRuntime:
     """Swap ``model``'s layers for packed ones (``model`` must be the architecture the file was made from)."""
     from torch.nn.utils import parametrize
 
-    if packed.input_shape is not None:  # the data's sample shape (a ResNet's default is 32x32)
-        model.input_shape = tuple(packed.input_shape)
     nestify_(model, packed.spec)
     if packed.depth:  # layer scheduling: gate the blocks, their gates then read the call's level
         from ..structure.depth import gate_blocks_  # noqa: PLC0415
 
-        try:  # the shape check runs when the model names its input shape (the registry's do)
+        try:  # the shape check runs when the model names its input shape (the registry's do; the
+            # model's own, not the file's: a file's shape must not size a forward at load time)
             gate_blocks_(model, packed.depth, check=hasattr(model, "input_shape"))
         except (ValueError, RuntimeError) as e:
             raise PackedFormatError(f"layer schedule does not fit the model: {e}") from None
+    if packed.input_shape is not None:  # the data's sample shape (a ResNet's default is 32x32)
+        model.input_shape = tuple(packed.input_shape)
     nested = {name: mod for name, mod, _ in iter_nested(model)}
     if set(nested) != set(packed.layers):
         raise PackedFormatError(f"file layers {sorted(packed.layers)} do not match the model's {sorted(nested)}")
