@@ -112,3 +112,16 @@ def test_a_level_adding_blocks_with_little_more_density_stays_on_budget():
         c = allocate_counts(LevelSpec((0.2, 0.25, 1.0), allocation=allocation), numels, shapes, None,
                             order=["a", "b"], min_levels={"b": 1})
         assert c["a"] == [400, 400, 1000] and c["b"] == [0, 100, 1000], (allocation, c)
+
+
+def test_global_splitter_equals_the_global_split():
+    """The bisection's sort-once global allocation picks what the one-off split picks, at any share."""
+    from nestedsparse.levels import _global_splitter, _split
+
+    g = torch.Generator().manual_seed(0)
+    scores = {n: torch.rand(s, generator=g) for n, s in (("a", (7, 9)), ("b", (5, 3)), ("c", (11, 2)))}
+    scores["b"][0, 0] = float("nan")
+    numels = {n: t.numel() for n, t in scores.items()}
+    split = _global_splitter(list(scores), scores)
+    for share in (0.0, 0.01, 0.2, 0.5, 0.77, 0.99, 1.0):
+        assert split(share) == _split("global", share, list(scores), numels, None, scores), share

@@ -256,9 +256,11 @@ def allocate_counts(
             # budget (a bisection over the share: counts grow with it)
             floor = {n: max(per_level[n][:i]) for n in running}
 
+            split_at = _global_splitter(running, scores) if spec.allocation == "global" else (
+                lambda sh: _split(spec.allocation, sh, running, numels, shapes, scores))
+
             def kept(sh: float) -> tuple[int, dict[str, int]]:
-                got = _split(spec.allocation, sh, running, numels, shapes, scores)
-                got = {n: max(c, floor[n]) for n, c in got.items()}
+                got = {n: max(c, floor[n]) for n, c in split_at(sh).items()}
                 return sum(got.values()), got
 
             lo, hi = 0.0, 1.0
@@ -275,6 +277,24 @@ def allocate_counts(
         cs = per_level[n]
         counts[n] = [max(cs[: i + 1]) for i in range(len(cs))]
     return {n: counts[n] for n in names}
+
+
+def _global_splitter(free, scores):
+    """``share -> {layer: count}`` of the ``"global"`` allocation, sorting the scores once (what
+    :func:`_split` computes, for the many shares a bisection tries)."""
+    if scores is None:
+        raise ValueError("the 'global' allocation needs importance scores for every layer")
+    flat = torch.cat([scores[n].detach().reshape(-1).float().cpu() for n in free])
+    owner = torch.cat([torch.full((scores[n].numel(),), i, dtype=torch.int64) for i, n in enumerate(free)])
+    ranked = owner[torch.sort(-torch.nan_to_num(flat, nan=-math.inf), stable=True).indices]
+
+    def split(share: float) -> dict[str, int]:
+        if share >= 1.0:
+            return {n: int(scores[n].numel()) for n in free}
+        got = torch.bincount(ranked[: count_for(share, flat.numel())], minlength=len(free))
+        return {n: max(1, int(got[i])) for i, n in enumerate(free)}
+
+    return split
 
 
 def _split(allocation, share, free, numels, shapes, scores) -> dict[str, int]:
