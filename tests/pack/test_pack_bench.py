@@ -88,3 +88,26 @@ def _has_ort():
     except ImportError:
         return False
     return True
+
+
+def test_rows_give_the_density_each_level_keeps(tmp_path):
+    """``density`` is the spec's; ``kept`` what the file's level really holds (a channel level keeps more)."""
+    pytest.importorskip("numba")
+    from nestedsparse import models
+    from nestedsparse.levels import LevelSpec
+    from nestedsparse.nest import nestify_
+    from nestedsparse.pack import pack, read_packed
+    from nestedsparse.structure import ChannelSelector
+
+    torch.manual_seed(0)
+    m = models.create("mlp", num_classes=10)
+    nestify_(m, LevelSpec((0.25, 1.0)))
+    ChannelSelector((0.5, 1.0)).apply_(m)
+    path = tmp_path / "w.nsp"
+    pack(m, model_name="mlp", model_kwargs={"num_classes": 10}).save(path)
+    rows = bench_packed(path, batches=(2,), repeats=2, ort=False)
+    packed = read_packed(path)
+    total = sum(pl.csr.shape[0] * pl.csr.shape[1] for pl in packed.layers.values())
+    for r in rows:
+        assert r["kept"] == round(sum(pl.csr.nnz(r["level"]) for pl in packed.layers.values()) / total, 4)
+    assert rows[0]["density"] == 0.25 and rows[0]["kept"] > 0.4  # half the channels: about half the weights

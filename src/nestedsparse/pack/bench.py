@@ -42,7 +42,7 @@ from .runtime import load_packed
 __all__ = ["bench_packed", "time_interleaved", "ROW_KEYS"]
 
 #: Keys of every row :func:`bench_packed` returns.
-ROW_KEYS = ("batch", "level", "density", "ours_ms", "torch_dense_ms", "ort_dense_ms", "speedup_vs_torch",
+ROW_KEYS = ("batch", "level", "density", "kept", "ours_ms", "torch_dense_ms", "ort_dense_ms", "speedup_vs_torch",
             "speedup_vs_ort", "bytes", "dense_model_bytes", "sparse_layers", "layers", "slim", "threads", "repeats")
 
 
@@ -144,7 +144,8 @@ def bench_packed(path: str | os.PathLike, batches: Sequence[int] = (1, 64), thre
 
     Returns:
         One JSON-ready dict per (batch, level), keys :data:`ROW_KEYS`: ``batch``, ``level``,
-        ``density`` (the spec's), ``ours_ms``, ``torch_dense_ms``, ``ort_dense_ms`` (or None),
+        ``density`` (the spec's), ``kept`` (the share of the packed layers' weights the level
+        really keeps), ``ours_ms``, ``torch_dense_ms``, ``ort_dense_ms`` (or None),
         ``speedup_vs_torch`` (= torch_dense_ms / ours_ms), ``speedup_vs_ort`` (or None),
         ``bytes`` (the packed level alone, ``PackedModel.level_bytes``), ``dense_model_bytes``
         (the float32 dense model), ``sparse_layers`` / ``layers`` (layers that tune() left on
@@ -173,6 +174,9 @@ def bench_packed(path: str | os.PathLike, batches: Sequence[int] = (1, 64), thre
             rt.spec.check_level(k)
         dense = dense_model_for_level(rt, top)
         layers = rt.sparse_layers()
+        total = sum(pl.csr.shape[0] * pl.csr.shape[1] for pl in packed.layers.values())
+        kept = [round(sum(pl.csr.nnz(k) for pl in packed.layers.values()) / max(total, 1), 4)
+                for k in range(rt.spec.num_levels)]
         sess = sess_quiet = None
         with tempfile.TemporaryDirectory(prefix="nestedsparse-bench-") as tmp:
             if ort and _ort_available():
@@ -214,7 +218,7 @@ def bench_packed(path: str | os.PathLike, batches: Sequence[int] = (1, 64), thre
                     ours = t[("ours", k)]
                     ort_ms = t.get("ort")
                     rows.append({
-                        "batch": b, "level": k, "density": float(rt.spec.densities[k]),
+                        "batch": b, "level": k, "density": float(rt.spec.densities[k]), "kept": kept[k],
                         "ours_ms": round(ours, 5), "torch_dense_ms": round(t["torch"], 5),
                         "ort_dense_ms": None if ort_ms is None else round(ort_ms, 5),
                         "speedup_vs_torch": round(t["torch"] / ours, 4),
