@@ -181,24 +181,51 @@ def channel_level_maps(model: nn.Module, widths: Sequence[float]) -> dict[str, t
 def width_sparsity_maps(model: nn.Module, widths: Sequence[float]) -> dict[str, torch.Tensor]:
     """Width x sparsity (Grimaldi et al.): level k keeps the leading channels of ``widths[k]`` *and*,
     inside them, only the largest-magnitude weights -- as many as the model's LevelSpec gives the
-    layer at level k (its allocation), at most all of that level's channels.
+    layer at level k (its allocation), at most all of that level's channels; what that cap cuts
+    goes to layers with room in their channels, so the level keeps its budget where it fits.
 
     One ranking makes the levels nested: weights of thinner levels' channels first, then by
-    ``|W|``; level k takes the first ``min(count_k, |channels_k|)``, all inside its channels."""
+    ``|W|``; level k takes the first of its capped count (:func:`_capped_counts`), all inside its
+    channels."""
     from ..nest import layer_counts, magnitude_scores  # noqa: PLC0415
 
     spec = get_spec(model)
     cmaps = channel_level_maps(model, widths)
     counts = layer_counts(model, magnitude_scores(model))
+    thins = {name: [int((cmaps[name] <= k).sum()) for k in range(spec.num_levels)] for name, _, _ in iter_nested(model)}
+    capped = _capped_counts(counts, thins, spec.num_levels)
     out = {}
     for name, mod, _ in iter_nested(model):
         cm = cmaps[name].long()
         w = dense_weight(mod).detach().abs()
-        thin = [int((cm <= k).sum()) for k in range(spec.num_levels)]
-        c = [min(a, b) for a, b in zip(counts[name], thin)]
+        c = capped[name]
         # the rank by |W|, then the channel level in front: integers, so no magnitude can blur the bands
         score = -(cm.double() * w.numel() + descending_ranks(w).reshape(w.shape).double())
         out[name] = level_map_from_scores(score, c, spec.num_levels)
+    return out
+
+
+def _capped_counts(counts: dict[str, list[int]], thins: dict[str, list[int]], levels: int) -> dict[str, list[int]]:
+    """Each layer's count capped by what its level's channels hold; what the caps cut from a level
+    goes to the layers with room left inside their channels (in proportion to that room), so the
+    level keeps its budget while the channels can hold it. Counts stay non-decreasing per layer."""
+    out = {n: [0] * levels for n in counts}
+    for k in range(levels):
+        c = {n: max(min(counts[n][k], thins[n][k]), out[n][k - 1] if k else 0) for n in counts}
+        short = sum(counts[n][k] for n in counts) - sum(c.values())
+        while short > 0:
+            room = {n: thins[n][k] - c[n] for n in counts if thins[n][k] > c[n]}
+            total = sum(room.values())
+            if not total:
+                break
+            for n, r in room.items():
+                add = min(r, short, max(1, (short * r) // total))
+                c[n] += add
+                short -= add
+                if short <= 0:
+                    break
+        for n in counts:
+            out[n][k] = c[n]
     return out
 
 
