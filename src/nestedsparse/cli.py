@@ -118,7 +118,8 @@ def _add_rest(sub) -> None:
     p.add_argument("--consensus-epochs", type=int, default=1, help="epochs fitting the L consensus (default 1)")
     p = sub.add_parser("plot", help="accuracy vs MACs per level (PNG)")
     p.add_argument("runs", nargs="+", help="run folders (or eval.json files)")
-    p.add_argument("-o", "--output", default=None, help="image path: .png, .pdf, .svg or .jpg (default <first run>/pareto.png)")
+    p.add_argument("-o", "--output", default=None,
+                   help="image path: .png, .pdf, .svg or .jpg (default <first run>/pareto.png)")
     p.add_argument("--x", default="macs", choices=["macs", "params"])
     p = sub.add_parser("pack", help="pack every level into one NestedCSR file")
     p.add_argument("run", help="run folder (or a model.safetensors inside one)")

@@ -100,7 +100,8 @@ class PackedModel:
             rows.append({"level": k, "density": round(nnz / max(total, 1), 4), "spec_density": self.spec.densities[k],
                          "nnz": nnz, "bytes": self.level_bytes(k)})
         top = self.spec.num_levels - 1
-        rows.append({"level": "all", "density": "", "spec_density": "", "nnz": rows[-1]["nnz"], "bytes": self.total_bytes(),
+        rows.append({"level": "all", "density": "", "spec_density": "", "nnz": rows[-1]["nnz"],
+                     "bytes": self.total_bytes(),
                      "vs_plain_csr_densest": round(self.total_bytes() / self.plain_csr_bytes(top), 4)})
         return rows
 
