@@ -471,7 +471,6 @@ def slim(model: nn.Module, example: torch.Tensor | Sequence[int] | None = None, 
             sp.fix(s)
     # which channels of each free space some layer reads with a non-zero weight
     alive: dict[int, torch.Tensor] = {}
-    readers: dict[int, int] = {}
     for name, s, stride in an.consumers:
         r = sp.find(s)
         if r in sp.fixed:
@@ -479,7 +478,6 @@ def slim(model: nn.Module, example: torch.Tensor | Sequence[int] | None = None, 
         m = mods[name]
         a = _alive(m.weight, stride, sp.size[r], isinstance(m, nn.Linear)).cpu()
         alive[r] = alive[r] | a if r in alive else a
-        readers[r] = readers.get(r, 0) + 1
     keep: dict[int, torch.Tensor] = {}
     for r, a in alive.items():
         if bool(a.all()):
