@@ -153,16 +153,11 @@ RUN_OUTPUTS = (MODEL_FILE, EVAL_FILE, "checkpoint.safetensors", "metrics.jsonl",
 
 
 def _preflight(model: torch.nn.Module, train_set, config) -> None:
-    """What ``train`` would refuse (level weights, device, labels vs outputs), checked up front."""
-    from .nest import get_spec
-    from .train.trainer import _check_labels, _pick_device
+    """What ``train`` would refuse (device, level weights, labels vs outputs), checked up front."""
+    from .train.trainer import _pick_device, check_train_inputs
 
-    n = get_spec(model).num_levels
-    if config.level_weights is not None and len(config.level_weights) != n:
-        raise ValueError(f"--level-weights has {len(config.level_weights)} weights for the {n} levels: give one per "
-                         "level")
     _pick_device(config)
-    _check_labels(model, train_set, config.hierarchy_spec(), torch.device("cpu"))
+    check_train_inputs(model, train_set, config, torch.device("cpu"))  # the model is still on the CPU here
 
 
 def _fresh_run_folder(run: Path, overwrite: bool) -> None:

@@ -36,6 +36,7 @@ __all__ = [
     "nestify_",
     "set_level_",
     "use_level",
+    "evaluating",
     "get_spec",
     "iter_nested",
     "iter_nested_bn",
@@ -432,6 +433,19 @@ def use_level(model: nn.Module, level: LevelArg):
     finally:
         for o, lv in saved:
             o.level = lv
+
+
+@contextlib.contextmanager
+def evaluating(model: nn.Module):
+    """Context manager: ``model`` in eval mode inside the block; after it every module gets back its
+    own mode (``model.train(was)`` would overwrite a frozen BatchNorm's or an MC dropout's)."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, t in modes:
+            m.training = t
 
 
 def set_routing_(model: nn.Module, routing: str) -> None:

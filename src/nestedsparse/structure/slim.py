@@ -34,6 +34,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 from torch.nn.utils import parametrize
 
+from .width import _is_shape_value
+
 __all__ = ["slim", "slim_model", "SlimReport"]
 
 #: relative tolerance of the check of the slim model against the original
@@ -128,16 +130,6 @@ class _Spaces:
 def _shape(n: fx.Node) -> tuple[int, ...] | None:
     meta = n.meta.get("tensor_meta")
     return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
-
-
-def _is_shape_value(n: fx.Node) -> bool:
-    if n.op == "call_method":
-        return n.target in ("size", "dim", "numel")
-    if n.op == "call_function" and n.target is getattr:
-        return len(n.args) > 1 and n.args[1] in ("shape", "ndim", "device", "dtype")
-    if n.op == "call_function" and n.target is operator.getitem and isinstance(n.args[0], fx.Node):
-        return _is_shape_value(n.args[0])
-    return False
 
 
 def _reduce_dims(n: fx.Node, ndim: int) -> tuple[int, ...] | None:
@@ -350,6 +342,13 @@ def _alive(weight: torch.Tensor, stride: int, size: int, is_linear: bool) -> tor
     return nz
 
 
+def _widths(mod: nn.Module) -> tuple[int, int]:
+    """(outputs, inputs) of a Linear or conv: features or channels."""
+    if isinstance(mod, nn.Linear):
+        return mod.out_features, mod.in_features
+    return mod.out_channels, mod.in_channels
+
+
 def _param(t: torch.Tensor, like: nn.Parameter) -> nn.Parameter:
     return nn.Parameter(t.detach().clone().contiguous(), requires_grad=like.requires_grad)
 
@@ -423,7 +422,7 @@ def slim(model: nn.Module, example: torch.Tensor | Sequence[int] | None = None, 
             outside the ones followed depend on a channel count -- a slim model that differs
             from ``model`` on the example (then use ``model`` as is).
     """
-    from ..nest import NestedBatchNorm, iter_nested  # noqa: PLC0415
+    from ..nest import NestedBatchNorm, evaluating, iter_nested  # noqa: PLC0415
 
     if next(iter_nested(model), None) is not None or any(isinstance(m, NestedBatchNorm) for m in model.modules()):
         raise ValueError("slim takes a plain model; for a nested model use slim_model(model, level)")
@@ -487,9 +486,7 @@ def slim(model: nn.Module, example: torch.Tensor | Sequence[int] | None = None, 
             a[0] = True  # nothing reads this space: keep one channel so every shape stays valid
         keep[r] = torch.nonzero(a).reshape(-1)
     rep = SlimReport(params_before=sum(p.numel() for p in model.parameters()))
-    before = {n: (getattr(m, "out_channels", getattr(m, "out_features", None)),
-                  getattr(m, "in_channels", getattr(m, "in_features", None)))
-              for n, m in mods.items() if isinstance(m, (nn.Linear, _ConvNd))}
+    before = {n: _widths(m) for n, m in mods.items() if isinstance(m, (nn.Linear, _ConvNd))}
     for s, names in an.producers.items():
         idx = keep.get(sp.find(s))
         if idx is not None:
@@ -505,25 +502,18 @@ def slim(model: nn.Module, example: torch.Tensor | Sequence[int] | None = None, 
             t = next(iter(list(mods[name].parameters()) + list(mods[name].buffers())), None)
             _keep_aligned(mods[name], idx if t is None else idx.to(t.device))
     for n, (o, i) in before.items():
-        m = mods[n]
-        o2 = getattr(m, "out_channels", getattr(m, "out_features", None))
-        i2 = getattr(m, "in_channels", getattr(m, "in_features", None))
+        o2, i2 = _widths(mods[n])
         rep.layers[n] = {"out_before": o, "out_after": o2, "in_before": i, "in_after": i2}
     rep.params_after = sum(p.numel() for p in out.parameters())
     # the check: the slim copy computes what the model computes (in eval mode; the model's own
     # modes, module by module, are restored after)
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
+    with evaluating(model):
         ref = model(x.clone())
         try:
             got = out(x.clone())
         except Exception as e:  # noqa: BLE001 - an op that hard-codes a channel count
             raise ValueError(f"the slim model fails on the example input ({type(e).__name__}: {e}); an op slim "
                              "does not follow depends on a channel count: use the model as is") from e
-    finally:
-        for m, t in modes.items():
-            m.training = t
     _check_same(ref, got)
     return (out, rep) if report else out
 

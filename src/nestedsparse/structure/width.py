@@ -70,11 +70,12 @@ def _moves_channels(gm: fx.GraphModule, n: fx.Node) -> bool:
 
 
 def _is_shape_value(n: fx.Node) -> bool:
-    """``x.shape``, ``x.size()``, ``x.dim()`` and items of them: sizes, not tensor values."""
+    """``x.shape``, ``x.size()``, ``x.dim()``, ``x.device``, ``x.dtype`` and items of them: facts
+    about a tensor, not its values (channel scheduling and ``slim`` follow values only)."""
     if n.op == "call_method":
         return n.target in ("size", "dim", "numel")
     if n.op == "call_function" and n.target is getattr:
-        return len(n.args) > 1 and n.args[1] in ("shape", "ndim")
+        return len(n.args) > 1 and n.args[1] in ("shape", "ndim", "device", "dtype")
     if n.op == "call_function" and n.target is operator.getitem and isinstance(n.args[0], fx.Node):
         return _is_shape_value(n.args[0])
     return False

@@ -26,7 +26,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from ..io import atomic_write_bytes
-from ..nest import ROUTINGS, get_spec, iter_nested, set_routing_, use_level
+from ..nest import ROUTINGS, evaluating, get_spec, iter_nested, set_routing_, use_level
 from ..select import create_selector
 from ..structure.collapse import find_links, is_collapsible, prox_layer_sparsity_
 from ..structure.depth import depth_schedule
@@ -34,7 +34,7 @@ from .checkpoint import FILENAME, load_checkpoint, save_checkpoint
 from ..data.hierarchy import resolve_hierarchy
 from .loss import SAMPLINGS, Hierarchy, coarse_logits, nested_loss, sample_levels
 
-__all__ = ["TrainConfig", "TrainResult", "train", "evaluate"]
+__all__ = ["TrainConfig", "TrainResult", "train", "evaluate", "check_train_inputs"]
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "step", "constant")
@@ -184,6 +184,18 @@ def _pick_device(config: TrainConfig) -> torch.device:
     return torch.device("cpu")
 
 
+def check_train_inputs(model: nn.Module, data: Dataset, config: TrainConfig, device: torch.device) -> None:
+    """What :func:`train` refuses about its inputs, as one clear error each: a ``level_weights``
+    that does not give one weight per level, labels beyond the model's outputs, a hierarchy that
+    does not map exactly those outputs. ``model`` must be on ``device``. The CLI calls it before it
+    touches a run folder."""
+    n = get_spec(model).num_levels
+    if config.level_weights is not None and len(config.level_weights) != n:
+        raise ValueError(f"level_weights has {len(config.level_weights)} weights for the {n} levels: give one per "
+                         "level")
+    _check_labels(model, data, config.hierarchy_spec(), device)
+
+
 @torch.no_grad()
 def _check_labels(model: nn.Module, data: Dataset, hierarchy, device: torch.device) -> None:
     """The model's outputs cover the data's labels, and the hierarchy maps exactly those outputs
@@ -192,13 +204,8 @@ def _check_labels(model: nn.Module, data: Dataset, hierarchy, device: torch.devi
     tensors = getattr(data, "tensors", None)
     if not tensors or len(tensors) < 2 or tensors[1].ndim != 1 or len(tensors[0]) < 2:
         return
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
+    with evaluating(model):
         out = model(tensors[0][:2].to(device))
-    finally:
-        for m, t in modes.items():
-            m.training = t
     if not isinstance(out, torch.Tensor) or out.ndim != 2:
         return
     n_out, top = out.shape[1], int(tensors[1].max())
@@ -352,9 +359,6 @@ def train(
         result = train(model, train_set, test_set, TrainConfig(epochs=2), run_dir="runs/a")
     """
     spec = get_spec(model)
-    if config.level_weights is not None and len(config.level_weights) != spec.num_levels:
-        raise ValueError(f"level_weights has {len(config.level_weights)} weights for the model's {spec.num_levels} "
-                         "levels: give one per level")
     device = _pick_device(config)
     rank, world = _setup_distributed(device)
     model.to(device)
@@ -383,7 +387,7 @@ def train(
     if hierarchy is not None and hierarchy.coarse_levels >= spec.num_levels:
         raise ValueError(f"coarse_levels={hierarchy.coarse_levels} leaves no fine level of the {spec.num_levels}; "
                          f"allowed 1..{spec.num_levels - 1}")
-    _check_labels(model, train_data, hierarchy, device)
+    check_train_inputs(model, train_data, config, device)
     objective = NestedObjective(model, hierarchy)
     if world > 1:
         ids = [device.index] if device.type == "cuda" else None
