@@ -858,9 +858,15 @@ class PackedRuntime(nn.Module):
         for k in levels:
             if slim:
                 self._tune_slim(example, k, out, repeats)
-            elif self._slim_models.get(k) is not None and not any(key[0] == k for key in self._slim_on):
-                del self._slim_models[k]  # no route uses it any more
+            else:
+                self._drop_unrouted_slim(k)
         return out
+
+    def _drop_unrouted_slim(self, k: int) -> None:
+        """Free level ``k``'s slim network when no batch size routes through it (a later tune
+        rebuilds it); a level found to have none (None) stays known."""
+        if self._slim_models.get(k) is not None and not any(key[0] == k for key in self._slim_on):
+            del self._slim_models[k]
 
     def _slim_model(self, level: int, example: torch.Tensor) -> nn.Module | None:
         """Level ``level``'s slim dense network, or None when it drops no channel (or cannot be built)."""
@@ -887,8 +893,8 @@ class PackedRuntime(nn.Module):
         if t["slim"] < 0.95 * t["packed"]:
             self._slim_on[(k, example.shape[0])] = thin
             out[(SLIM, k)] = "slim"
-        elif not any(key[0] == k for key in self._slim_on):
-            del self._slim_models[k]  # not kept in memory unused (another batch size's tune rebuilds it)
+        else:
+            self._drop_unrouted_slim(k)
 
 
     def _guard_level(self, example: torch.Tensor, k: int, out: dict, repeats: int, keys: set) -> None:
