@@ -7,11 +7,16 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from nestedsparse.levels import level_map_from_scores
 from nestedsparse.pack.csr import (
     NestedCSR,
     NestedCSRError,
+    column_coding,
+    decode_columns,
+    encode_columns,
     from_dense,
     to_dense,
     validate,
@@ -292,3 +297,145 @@ def test_empty_structures_are_valid():
     validate(csr)
     assert csr.nnz(1) == 0
     assert isinstance(csr, NestedCSR)
+
+
+# ---------------------------------------------------------------- column coding (the file's form)
+def _decode(csr, indices, bitmaps, levels, implied, over=None):
+    parts = dict(shape=csr.shape, num_levels=csr.num_levels, row_offsets=csr.row_offsets,
+                 level_counts=csr.level_counts, values=csr.values, dtype=csr.dtype, scales=csr.scales,
+                 indices=indices, bitmaps=bitmaps, levels=levels, implied=implied)
+    parts.update(over or {})
+    return decode_columns(**parts)
+
+
+def _encoded_nbytes(csr, indices, bitmaps):
+    scale_b = 0 if csr.scales is None else csr.scales.nbytes
+    return (csr.row_offsets.nbytes + csr.level_counts.nbytes + csr.values.nbytes + scale_b + indices.nbytes
+            + (0 if bitmaps is None else bitmaps.nbytes))
+
+
+CODINGS = [  # (rows, cols, densities, expected bitmap levels, implied top)
+    (16, 40, (0.05, 0.1, 1.0), (), True),              # sparse levels as indices, dense top implied
+    (8, 1000, (0.02, 0.2, 0.6, 1.0), (1, 2), True),    # uint16 columns: 18% and 40% segments as bitmaps
+    (8, 1000, (0.02, 0.2, 0.6), (1, 2), False),        # no complete level: the 40% segment is a bitmap
+    (9, 30, (0.05, 0.1), (), False),                   # all indices: the plain layout
+    (5, 13, (1.0,), (), True),                         # one complete level: no columns stored at all
+]
+
+
+@pytest.mark.parametrize("rows, cols, densities, levels, implied", CODINGS)
+@pytest.mark.parametrize("dtype", ["float32", "int8"])
+def test_column_coding_round_trips_and_sizes(rows, cols, densities, levels, implied, dtype):
+    w, lm = _score_levels(rows, cols, densities, seed=rows + cols)
+    csr = from_dense(w, lm, len(densities), dtype=dtype)
+    assert column_coding(csr) == (levels, implied)
+    indices, bitmaps, got_levels, got_implied = encode_columns(csr)
+    assert (got_levels, got_implied) == (levels, implied)
+    assert (bitmaps is None) == (not levels)
+    back = _decode(csr, indices, bitmaps, list(levels), implied)
+    validate(back)
+    for f in ("row_offsets", "level_counts", "col_indices", "values"):
+        np.testing.assert_array_equal(getattr(back, f), getattr(csr, f))
+    assert back.col_indices.dtype == csr.col_indices.dtype
+    # the size a file stores is exactly the encoded arrays, and never more than the plain layout
+    assert csr.stored_nbytes() == _encoded_nbytes(csr, indices, bitmaps) <= csr.nbytes()
+    sizes = [csr.stored_nbytes(k) for k in range(csr.num_levels)]
+    assert sizes == sorted(sizes) and sizes[-1] == csr.stored_nbytes()
+    if implied:  # no column of the complete level is stored
+        assert indices.shape[0] == (csr.nnz(csr.num_levels - 2) if csr.num_levels > 1 else 0) - sum(
+            csr.nnz(k) - (csr.nnz(k - 1) if k else 0) for k in levels)
+
+
+def test_dense_top_level_costs_about_its_values():
+    # the densest level of a 5 / 10 / 100% layer: 4 bytes per weight + the sparse levels' columns
+    w, lm = _score_levels(64, 576, (0.05, 0.1, 1.0))
+    csr = from_dense(w, lm, 3)
+    assert csr.nbytes() > 1.2 * w.nbytes  # the in-memory layout: values + a column per weight
+    # uint16 columns for the 10% below the top, then offsets and per-row counts
+    assert csr.stored_nbytes() == w.nbytes + 2 * csr.nnz(1) + csr.row_offsets.nbytes + csr.level_counts.nbytes
+    assert csr.stored_nbytes() < 1.06 * w.nbytes
+
+
+def _coded(densities=(0.05, 0.3, 0.6, 1.0), rows=6, cols=20):
+    w, lm = _score_levels(rows, cols, densities, seed=3)
+    csr = from_dense(w, lm, len(densities))
+    return csr, *encode_columns(csr)
+
+
+def _flip_bitmap_bit(b):
+    b = b.copy()
+    b[0, 0, 0] ^= 1
+    return b
+
+
+def _set_padding(b):
+    b = b.copy()
+    b[0, 0, -1] |= 0x80  # column 23 of a 20-column row
+    return b
+
+
+def _lower_duplicate(csr, indices):
+    ci = indices.copy()
+    r = next(r for r in range(csr.shape[0]) if csr.level_counts[r, 0] >= 2)
+    s = int(csr.level_counts[:r, 0].sum())  # level 0 is index-coded: row r's entries start here
+    ci[s + 1] = ci[s]
+    return ci
+
+
+def test_coding_fixture_uses_every_form():
+    csr, indices, bitmaps, levels, implied = _coded()
+    assert levels == (1, 2) and implied and indices.shape[0] == csr.nnz(0)
+
+
+@pytest.mark.parametrize("change, fault", [
+    (lambda c, i, b, lv, im: dict(bitmaps=_flip_bitmap_bit(b)), "column_bitmap"),
+    (lambda c, i, b, lv, im: dict(bitmaps=_set_padding(b)), "column_bitmap"),
+    (lambda c, i, b, lv, im: dict(bitmaps=b[:1]), "column_bitmap"),
+    (lambda c, i, b, lv, im: dict(bitmaps=b.astype(np.int16)), "dtype"),
+    (lambda c, i, b, lv, im: dict(bitmaps=None), "type"),
+    (lambda c, i, b, lv, im: dict(levels=[2, 1]), "column_bitmap"),
+    (lambda c, i, b, lv, im: dict(levels=[1, 3]), "column_bitmap"),    # 3 is the implied level
+    (lambda c, i, b, lv, im: dict(levels=[1, True]), "column_bitmap"),
+    (lambda c, i, b, lv, im: dict(levels="12"), "column_bitmap"),
+    (lambda c, i, b, lv, im: dict(implied=1), "column_bitmap"),
+    (lambda c, i, b, lv, im: dict(levels=[], implied=False), "column_bitmap"),  # a bitmap no level uses
+    (lambda c, i, b, lv, im: dict(indices=i[:-1]), "nnz"),
+    (lambda c, i, b, lv, im: dict(indices=i.astype(np.float32)), "dtype"),
+    (lambda c, i, b, lv, im: dict(indices=_lower_duplicate(c, i)), "duplicate_column"),
+    (lambda c, i, b, lv, im: dict(indices=np.full_like(i, 99)), "column_range"),
+    (lambda c, i, b, lv, im: dict(row_offsets=c.row_offsets[::-1].copy()), "offsets"),
+    (lambda c, i, b, lv, im: dict(level_counts=c.level_counts[:, :1]), "levels"),
+])
+def test_decode_refuses_hostile_coding(change, fault):
+    csr, indices, bitmaps, levels, implied = _coded()
+    with pytest.raises(NestedCSRError) as ei:
+        _decode(csr, indices, bitmaps, list(levels), implied, change(csr, indices, bitmaps, levels, implied))
+    assert ei.value.fault == fault, str(ei.value)
+
+
+def test_decode_refuses_implied_level_on_incomplete_rows():
+    w, lm = _score_levels(6, 20, (0.1, 0.5), seed=1)
+    csr = from_dense(w, lm, 2)
+    with pytest.raises(NestedCSRError, match="complete"):
+        _decode(csr, csr.col_indices[: csr.nnz(0)], None, [], True)
+
+
+@settings(max_examples=500, deadline=None)
+@given(data=st.data())
+def test_fuzz_decode_raises_or_gives_a_valid_structure(data):
+    csr, indices, bitmaps, levels, implied = _coded()
+    parts = {"indices": indices.copy(), "bitmaps": bitmaps.copy(), "row_offsets": csr.row_offsets.copy(),
+             "level_counts": csr.level_counts.copy()}
+    for _ in range(data.draw(st.integers(1, 3))):
+        name = data.draw(st.sampled_from(sorted(parts)))
+        flat = parts[name].reshape(-1).view(np.uint8)
+        if flat.size:
+            flat[data.draw(st.integers(0, flat.size - 1))] = data.draw(st.integers(0, 255))
+    over = {k: v for k, v in parts.items() if k not in ("indices", "bitmaps")}
+    try:
+        back = _decode(csr, parts["indices"], parts["bitmaps"], list(levels), implied, over)
+        validate(back)
+    except NestedCSRError:
+        return
+    for k in range(back.num_levels):  # whatever decodes is a well-formed structure
+        assert to_dense(back, k).shape == csr.shape

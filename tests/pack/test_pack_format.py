@@ -10,6 +10,7 @@ from torch import nn
 
 import nestedsparse as ns
 from nestedsparse.pack import PackedFormatError, load_packed, pack, read_packed
+from nestedsparse.pack.csr import column_coding
 from nestedsparse.pack.runtime import SLIM
 
 SPEC = ns.LevelSpec((0.1, 0.3, 0.6, 1.0))
@@ -90,6 +91,41 @@ def test_size_within_110_percent_of_plain_csr(packed_file):
         assert row["density"] == round(row["nnz"] / total, 4) and row["spec_density"] == SPEC.densities[row["level"]]
 
 
+def _file(path):
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return json.loads(f.metadata()["nestedsparse"]), {k: f.get_tensor(k) for k in f.keys()}
+
+
+def test_file_stores_dense_levels_as_bitmaps_or_not_at_all(packed_file):
+    m, path = packed_file
+    meta, tensors = _file(path)
+    p = pack(m)
+    assert meta["version"] == 3
+    for name, pl in p.layers.items():  # SPEC ends at 1.0: every layer's densest level is complete
+        levels, implied = column_coding(pl.csr)
+        assert implied and meta["layers"][name]["bitmap_levels"] == list(levels)
+        assert meta["layers"][name]["implied_top"] is True
+        stored = sum(t.numel() * t.element_size() for k, t in tensors.items() if k.startswith(f"csr/{name}/"))
+        assert stored == pl.csr.stored_nbytes() < pl.csr.nbytes()
+    assert p.total_bytes() == sum(t.numel() * t.element_size() for t in tensors.values())
+    back = read_packed(path)  # and the kernels' arrays come back exactly
+    for name, pl in p.layers.items():
+        assert (back.layers[name].csr.col_indices == pl.csr.col_indices).all()
+
+
+def test_file_without_dense_levels_stays_version_1(tmp_path):
+    m = nn.Sequential(nn.Linear(300, 20))  # 2 / 5%: uint16 columns beat a bitmap
+    ns.nestify_(m, ns.LevelSpec((0.02, 0.05)))
+    pack(m).save(tmp_path / "s.nsp")
+    meta, tensors = _file(tmp_path / "s.nsp")
+    assert meta["version"] == 1 and "bitmap_levels" not in meta["layers"]["0"]
+    assert not any(k.endswith("col_bitmap") for k in tensors)
+    torch.testing.assert_close(load_packed(tmp_path / "s.nsp", lambda: nn.Sequential(nn.Linear(300, 20)))(
+        torch.ones(2, 300), level=1), ns.plain_model(m, 1)(torch.ones(2, 300)))
+
+
 def test_per_layer_levels_reroute(packed_file):
     m, path = packed_file
     rt = load_packed(path, Net)
@@ -164,6 +200,9 @@ def _first_layer(meta):
     ("level counts", lambda t: t["csr/classifier.0/level_counts"].__setitem__((0, 0), 99), "level_counts"),
     ("missing array", lambda t: t.pop("csr/classifier.0/values"), "missing"),
     ("wrong dtype", lambda t: t.__setitem__("csr/classifier.0/values", t["csr/classifier.0/values"].double()), "values"),
+    ("bitmap bit", lambda t: t["csr/classifier.0/col_bitmap"].__setitem__((0, 0, 0), t["csr/classifier.0/col_bitmap"][0, 0, 0] ^ 1),
+     "column_bitmap"),
+    ("missing bitmap", lambda t: t.pop("csr/classifier.0/col_bitmap"), "col_bitmap"),
 ])
 def test_hostile_arrays_raise_named_error(packed_file, tmp_path, fault, mutate, match):
     _, path = packed_file
@@ -186,6 +225,11 @@ def test_hostile_arrays_raise_named_error(packed_file, tmp_path, fault, mutate, 
     (lambda m: m.__setitem__("input_shape", [3, -1]), "input_shape"),
     (lambda m: m.__setitem__("input_shape", [65536] * 4), "input_shape"),
     (lambda m: m.__setitem__("input_shape", "3x32x32"), "input_shape"),
+    (lambda m: m.__setitem__("version", 2), "need format version 3"),
+    (lambda m: m["layers"]["classifier.0"].__setitem__("implied_top", False), "column indices stored"),
+    (lambda m: m["layers"]["classifier.0"].__setitem__("implied_top", "yes"), "implied-top flag"),
+    (lambda m: m["layers"]["classifier.0"].__setitem__("bitmap_levels", [0, 2]), "bitmap does not hold"),
+    (lambda m: m["layers"]["classifier.0"].__setitem__("bitmap_levels", {"1": 1}), "bitmap levels must be"),
 ])
 def test_hostile_metadata_raises_named_error(packed_file, tmp_path, mutate, match):
     _, path = packed_file

@@ -49,6 +49,9 @@ __all__ = [
     "from_dense",
     "to_dense",
     "validate",
+    "column_coding",
+    "encode_columns",
+    "decode_columns",
     "index_dtype_for",
     "count_dtype_for",
     "INDEX_DTYPES",
@@ -202,6 +205,26 @@ class NestedCSR:
         scale_b = 0 if self.scales is None else int(self.scales.nbytes)
         return int(self.nnz(level) * self._value_bytes() + self.row_offsets.nbytes + scale_b)
 
+    def stored_nbytes(self, level: Optional[int] = None) -> int:
+        """Bytes a packed file stores for levels ``0 .. level`` (``None``: every level): row offsets,
+        level counts, values, scales, and the columns as :func:`column_coding` stores them (each
+        level's segment as indices or as a bitmap, whichever is smaller; nothing for a complete
+        densest level).  Monotone in ``level``."""
+        top = self.num_levels - 1 if level is None else self._check_level(level)
+        rows, cols = self.shape
+        item = self.col_indices.dtype.itemsize
+        bitmap = _bitmap_nbytes(rows, cols)
+        implied = top == self.num_levels - 1 and column_coding(self)[1]
+        col_b, prev = 0, 0
+        for k in range(top + 1):
+            n = self.nnz(k)
+            if not (implied and k == top):
+                col_b += min(bitmap, (n - prev) * item)
+            prev = n
+        scale_b = 0 if self.scales is None else int(self.scales.nbytes)
+        counts_b = rows * top * self.level_counts.dtype.itemsize
+        return int(self.row_offsets.nbytes + counts_b + prev * self.values.dtype.itemsize + scale_b + col_b)
+
     def to_dense(self, level: int) -> np.ndarray:
         """Same as :func:`to_dense` (``[rows, cols]`` float32 weight of ``level``)."""
         return to_dense(self, level)
@@ -324,6 +347,165 @@ def to_dense(csr: NestedCSR, level: int) -> np.ndarray:
     return out
 
 
+# ------------------------------------------------------------ column coding
+# A level segment that holds many of a row's columns costs less as a bit per column than as an
+# index per entry, and a complete densest level (every weight) needs neither: its columns are the
+# ones the levels below leave out. A file stores segments that way; the in-memory structure the
+# kernels read is always the one above, only the file differs.
+def _bitmap_nbytes(rows: int, cols: int) -> int:
+    return rows * ((cols + 7) // 8)
+
+
+def column_coding(csr: NestedCSR) -> tuple[tuple[int, ...], bool]:
+    """How a file stores ``csr``'s columns: ``(bitmap levels, implied top)``.
+
+    ``implied top``: the densest level holds every weight, so its segment (the entries it adds to
+    each row) is the columns the lower levels do not hold and is not stored at all.  ``bitmap
+    levels``: the other levels whose segment is smaller as a ``[rows, ceil(cols / 8)]`` bitmap
+    than as column indices (ties stay indices)."""
+    rows, cols = csr.shape
+    top = csr.num_levels - 1
+    implied = rows * cols > 0 and csr.nnz() == rows * cols
+    bitmap, item = _bitmap_nbytes(rows, cols), csr.col_indices.dtype.itemsize
+    out, prev = [], 0
+    for k in range(top if implied else top + 1):
+        n = csr.nnz(k)
+        if bitmap < (n - prev) * item:
+            out.append(k)
+        prev = n
+    return tuple(out), implied
+
+
+def _segment(ro64: np.ndarray, lens: np.ndarray, lc64: Optional[np.ndarray], L: int, k: int
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Level ``k``'s segment of every row: ``(entry positions, their rows, per-row lengths)``."""
+    rows = lens.shape[0]
+    if rows == 0:
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty, empty
+    lo = np.zeros(rows, dtype=np.int64) if k == 0 else lc64[:, k - 1]
+    hi = lens if k == L - 1 else lc64[:, k]
+    seg = hi - lo
+    total = int(seg.sum())
+    r_ids = np.repeat(np.arange(rows, dtype=np.int64), seg)
+    pos = np.repeat(ro64[:-1] + lo - (np.cumsum(seg) - seg), seg) + np.arange(total, dtype=np.int64)
+    return pos, r_ids, seg
+
+
+def encode_columns(csr: NestedCSR) -> tuple[np.ndarray, Optional[np.ndarray], tuple[int, ...], bool]:
+    """A file's form of ``csr.col_indices``: ``(indices, bitmaps, bitmap levels, implied top)``.
+
+    See :func:`column_coding`.  ``bitmaps[j]`` is level ``levels[j]``'s segment as a ``[rows,
+    ceil(cols / 8)]`` uint8 bitmap (column ``c`` is bit ``c % 8`` of byte ``c // 8``), or ``None``
+    when no level is bitmap-coded; ``indices`` are the other stored entries' columns in their
+    order.  :func:`decode_columns` inverts it."""
+    levels, implied = column_coding(csr)
+    if not levels and not implied:
+        return csr.col_indices, None, (), False
+    rows, cols = csr.shape
+    ro64 = csr.row_offsets.astype(np.int64)
+    lens = np.diff(ro64)
+    lc64 = csr.level_counts.astype(np.int64)
+    kept = np.ones(csr.values.shape[0], dtype=bool)
+    if implied:
+        kept[_segment(ro64, lens, lc64, csr.num_levels, csr.num_levels - 1)[0]] = False
+    maps = np.zeros((len(levels), rows, (cols + 7) // 8), dtype=np.uint8) if levels else None
+    for j, k in enumerate(levels):
+        pos, r_ids, _ = _segment(ro64, lens, lc64, csr.num_levels, k)
+        kept[pos] = False
+        bits = np.zeros((rows, cols), dtype=bool)
+        bits[r_ids, csr.col_indices[pos].astype(np.int64)] = True
+        maps[j] = np.packbits(bits, axis=1, bitorder="little")
+    return np.ascontiguousarray(csr.col_indices[kept]), maps, levels, implied
+
+
+def decode_columns(shape: tuple[int, int], num_levels: int, row_offsets: np.ndarray, level_counts: np.ndarray,
+                   values: np.ndarray, dtype: str, scales: Optional[np.ndarray], indices: np.ndarray,
+                   bitmaps: Optional[np.ndarray], levels: Any, implied: Any = False) -> NestedCSR:
+    """Rebuild a :class:`NestedCSR` from a file's column coding (:func:`encode_columns`).
+
+    Safe on untrusted input: the layout (offsets, level counts) is checked before it is used; a
+    bitmap must hold exactly its segment's number of columns in every row, with zero padding
+    bits; an implied top level needs complete rows and in-range, distinct lower columns; memory
+    stays proportional to the arrays present.  The result still needs :func:`validate` (column
+    order, duplicates across levels, values).  Faults raise :class:`NestedCSRError`
+    (``"column_bitmap"``, or the layout's)."""
+    try:
+        return _decode_columns(shape, num_levels, row_offsets, level_counts, values, dtype, scales, indices,
+                               bitmaps, levels, implied)
+    except NestedCSRError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - hostile input must only ever give ValueError
+        raise NestedCSRError("malformed", f"{type(exc).__name__}: {exc}") from exc
+
+
+def _decode_columns(shape, num_levels, row_offsets, level_counts, values, dtype, scales, indices, bitmaps,
+                    levels, implied) -> NestedCSR:  # type: ignore[no-untyped-def]
+    _check_array("col_indices", indices, INDEX_DTYPES, 1)
+    if not isinstance(values, np.ndarray):
+        _fail("type", f"values must be a numpy.ndarray, got {type(values).__name__}")
+    ci = np.zeros(values.shape[0] if values.ndim == 1 else 0, dtype=indices.dtype)
+    shell = NestedCSR(shape=shape, num_levels=num_levels, row_offsets=row_offsets, level_counts=level_counts,
+                      col_indices=ci, values=values, dtype=dtype, scales=scales)
+    rows, cols, L, ro64, lens, lc64, _, _, _ = _validate_layout(shell)
+    if not isinstance(implied, bool):
+        _fail("column_bitmap", f"the implied-top flag must be true or false, got {implied!r}")
+    top = L - 1
+    if not isinstance(levels, (list, tuple)) or not all(_is_int(k) and 0 <= k < (top if implied else L)
+                                                        for k in levels) or list(levels) != sorted(set(levels)):
+        _fail("column_bitmap", f"bitmap levels must be increasing levels in [0, {top if implied else L}), "
+                               f"got {levels!r}")
+    if not levels and not implied:
+        if bitmaps is not None:
+            _fail("column_bitmap", "a column bitmap is stored but no level is bitmap-coded")
+        return NestedCSR(shape=shape, num_levels=num_levels, row_offsets=row_offsets, level_counts=level_counts,
+                         col_indices=indices, values=values, dtype=dtype, scales=scales)
+    nb = (cols + 7) // 8
+    kept = np.ones(ci.shape[0], dtype=bool)  # the entries whose columns are stored as indices
+    top_pos = None
+    if implied:
+        if rows * cols == 0 or (lens != cols).any():
+            _fail("column_bitmap", "an implied densest level needs every row complete (row length == columns)")
+        top_pos, _, top_seg = _segment(ro64, lens, lc64, L, top)
+        kept[top_pos] = False
+    if levels:
+        _check_array("col_bitmap", bitmaps, (np.dtype(np.uint8),), 3)
+        if bitmaps.shape != (len(levels), rows, nb):
+            _fail("column_bitmap", f"col_bitmap shape {bitmaps.shape} != (bitmap levels, rows, ceil(cols / 8)) = "
+                                   f"{(len(levels), rows, nb)}")
+        if cols % 8 and rows and (bitmaps[:, :, -1] >> (cols % 8)).any():
+            _fail("column_bitmap", "bits past the last column are set")
+    elif bitmaps is not None:
+        _fail("column_bitmap", "a column bitmap is stored but no level is bitmap-coded")
+    for j, k in enumerate(levels):
+        pos, _, seg = _segment(ro64, lens, lc64, L, int(k))
+        bits = np.unpackbits(bitmaps[j], axis=1, count=cols, bitorder="little")
+        r_ids, c_ids = np.nonzero(bits)  # row-major: by row, then column, as a segment is ordered
+        if r_ids.shape[0] != pos.shape[0] or (np.bincount(r_ids, minlength=rows) != seg).any():
+            _fail("column_bitmap", f"level {int(k)}'s bitmap does not hold as many columns per row as its "
+                                   f"level counts say")
+        ci[pos] = c_ids
+        kept[pos] = False
+    n_kept = int(kept.sum())
+    if indices.shape[0] != n_kept:
+        _fail("nnz", f"{indices.shape[0]} column indices stored, the index-coded levels hold {n_kept}")
+    ci[kept] = indices
+    if top_pos is not None:  # the densest level: every column the levels below leave out, in order
+        lower = np.ones(ci.shape[0], dtype=bool)
+        lower[top_pos] = False
+        lo_cols = ci[lower].astype(np.int64)
+        if lo_cols.size and (lo_cols.min() < 0 or lo_cols.max() >= cols):
+            _fail("column_range", f"column index out of range [0, {cols})")
+        free = np.ones((rows, cols), dtype=bool)
+        free[np.repeat(np.arange(rows, dtype=np.int64), lens)[lower], lo_cols] = False
+        r_ids, c_ids = np.nonzero(free)
+        if r_ids.shape[0] != top_pos.shape[0] or (np.bincount(r_ids, minlength=rows) != top_seg).any():
+            _fail("duplicate_column", "a column appears twice in one row below the densest level")
+        ci[top_pos] = c_ids
+    return NestedCSR(shape=shape, num_levels=num_levels, row_offsets=row_offsets, level_counts=level_counts,
+                     col_indices=np.ascontiguousarray(ci), values=values, dtype=dtype, scales=scales)
+
+
 # ------------------------------------------------------------------- validate
 def _fail(fault: str, message: str) -> None:
     raise NestedCSRError(fault, message)
@@ -360,6 +542,42 @@ def validate(csr: NestedCSR) -> None:
 
 
 def _validate(csr: NestedCSR) -> None:
+    rows, cols, L, ro64, lens, lc64, ci, va, sc = _validate_layout(csr)
+    nnz = int(va.shape[0])
+    # ---- columns
+    if nnz:
+        ci64 = ci.astype(np.int64)
+        if ci64.min() < 0 or ci64.max() >= cols:
+            _fail("column_range", f"column index out of range [0, {cols})")
+        # segment starts: every row start and every level boundary inside a row
+        seg_start = np.zeros(nnz + 1, dtype=bool)
+        seg_start[ro64[:-1]] = True
+        if L > 1 and rows:
+            seg_start[(ro64[:-1, None] + lc64).ravel()] = True
+        same_seg = ~seg_start[1:nnz]
+        if (same_seg & (ci64[1:] <= ci64[:-1])).any():
+            bad = int(np.argmax(same_seg & (ci64[1:] <= ci64[:-1]))) + 1
+            _fail("column_order", f"columns not strictly increasing within a (row, level) segment at entry {bad}")
+        if L > 1:
+            r_ids = np.repeat(np.arange(rows, dtype=np.int64), lens)
+            keys = np.sort(r_ids * max(cols, 1) + ci64)
+            if (keys[1:] == keys[:-1]).any():
+                _fail("duplicate_column", "a column appears twice in one row")
+    # ---- values and scales
+    if csr.dtype == "float32":
+        if nnz and not np.isfinite(va).all():
+            _fail("values", "values contain NaN or Inf")
+    else:
+        if nnz and (va == -128).any():
+            _fail("values", "int8 values must be in [-127, 127]")
+        if rows and not (np.isfinite(sc).all() and (sc > 0).all()):
+            _fail("scales", "scales must be finite and > 0")
+
+
+def _validate_layout(csr: NestedCSR) -> tuple:
+    """The checks that do not read columns or values: types, dtypes, shapes, offsets, level counts.
+    Returns ``(rows, cols, L, row_offsets int64, row lengths, level_counts int64, col_indices,
+    values, scales)``."""
     if not isinstance(csr, NestedCSR):
         _fail("type", f"expected NestedCSR, got {type(csr).__name__}")
     # ---- scalars
@@ -406,6 +624,7 @@ def _validate(csr: NestedCSR) -> None:
     if ro64[-1] != nnz:
         _fail("offsets", f"final offset row_offsets[-1] = {int(ro64[-1])} != len(values) = {nnz}")
     # ---- level counts
+    lc64 = None
     if L > 1 and rows:
         lc64 = lc.astype(np.int64)
         if lc64.min() < 0:
@@ -415,31 +634,4 @@ def _validate(csr: NestedCSR) -> None:
         if (lc64[:, -1] > lens).any():
             bad = int(np.argmax(lc64[:, -1] > lens))
             _fail("level_counts", f"level_counts of row {bad} exceed its length {int(lens[bad])}")
-    # ---- columns
-    if nnz:
-        ci64 = ci.astype(np.int64)
-        if ci64.min() < 0 or ci64.max() >= cols:
-            _fail("column_range", f"column index out of range [0, {cols})")
-        # segment starts: every row start and every level boundary inside a row
-        seg_start = np.zeros(nnz + 1, dtype=bool)
-        seg_start[ro64[:-1]] = True
-        if L > 1 and rows:
-            seg_start[(ro64[:-1, None] + lc64).ravel()] = True
-        same_seg = ~seg_start[1:nnz]
-        if (same_seg & (ci64[1:] <= ci64[:-1])).any():
-            bad = int(np.argmax(same_seg & (ci64[1:] <= ci64[:-1]))) + 1
-            _fail("column_order", f"columns not strictly increasing within a (row, level) segment at entry {bad}")
-        if L > 1:
-            r_ids = np.repeat(np.arange(rows, dtype=np.int64), lens)
-            keys = np.sort(r_ids * max(cols, 1) + ci64)
-            if (keys[1:] == keys[:-1]).any():
-                _fail("duplicate_column", "a column appears twice in one row")
-    # ---- values and scales
-    if csr.dtype == "float32":
-        if nnz and not np.isfinite(va).all():
-            _fail("values", "values contain NaN or Inf")
-    else:
-        if nnz and (va == -128).any():
-            _fail("values", "int8 values must be in [-127, 127]")
-        if rows and not (np.isfinite(sc).all() and (sc > 0).all()):
-            _fail("scales", "scales must be finite and > 0")
+    return rows, cols, L, ro64, lens, lc64, ci, va, sc

@@ -1,8 +1,13 @@
 """The packed file: every level of a nested model in one safetensors file, checked on load.
 
-Contents (format ``nestedsparse.packed``, version 1):
+Contents (format ``nestedsparse.packed``, version 1, 2 or 3):
 - per nested layer ``<name>``: the NestedCSR arrays ``csr/<name>/{row_offsets, level_counts,
   col_indices, values[, scales]}`` (a sparser level is a prefix of every row, see ``csr.py``);
+  a level segment that is smaller as a bit per column than as an index per entry is stored as a
+  bitmap in ``csr/<name>/col_bitmap`` (its levels in the layer's ``bitmap_levels``), and a
+  complete densest level (``implied_top``: every weight) stores no columns at all: they are the ones
+  the levels below leave out (``csr.column_coding``); loading rebuilds the in-memory NestedCSR
+  the kernels read;
 - ``dense/<key>``: every other tensor of the model's state (biases, per-level BatchNorm, layers
   left dense);
 - JSON metadata: the level spec, the model's registry name and kwargs, per-layer kind / shape /
@@ -27,15 +32,17 @@ from torch import nn
 from ..io import CheckpointError, read_tensors, write_tensors
 from ..levels import LevelSpec
 from ..nest import dense_weight, get_spec, iter_nested
-from .csr import NestedCSR, NestedCSRError, from_dense, validate
+from .csr import NestedCSR, NestedCSRError, decode_columns, encode_columns, from_dense, validate
 
 __all__ = ["PackedFormatError", "PackedLayer", "PackedModel", "pack", "read_packed", "FORMAT", "VERSION"]
 
 # version 2: the file records a layer schedule or a collapse recipe (a version-1 reader would build a
-# different network); files without them are still written as version 1
-FORMAT, VERSION = "nestedsparse.packed", 2
+# different network); version 3: some level's columns are stored as a bitmap. A file is written with
+# the lowest version that holds it, so older readers still read what they can.
+FORMAT, VERSION = "nestedsparse.packed", 3
 KINDS = {nn.Linear: "linear", nn.Conv1d: "conv1d", nn.Conv2d: "conv2d"}
 _CSR_FIELDS = ("row_offsets", "level_counts", "col_indices", "values", "scales")
+_STORED_FIELDS = _CSR_FIELDS + ("col_bitmap",)
 
 
 class PackedFormatError(ValueError):
@@ -80,12 +87,13 @@ class PackedModel:
         return sum(t.numel() * t.element_size() for t in self.dense.values())
 
     def level_bytes(self, level: int) -> int:
-        """Bytes needed to run ``level`` alone (its prefix of every row + the dense tensors)."""
-        return self.dense_bytes() + sum(pl.csr.nbytes(level) for pl in self.layers.values())
+        """Bytes a file holding levels ``0 .. level`` stores (the dense tensors + every layer's
+        ``NestedCSR.stored_nbytes(level)``): what ``level`` alone needs on disk."""
+        return self.dense_bytes() + sum(pl.csr.stored_nbytes(level) for pl in self.layers.values())
 
     def total_bytes(self) -> int:
-        """Bytes of all arrays (every level)."""
-        return self.dense_bytes() + sum(pl.csr.nbytes() for pl in self.layers.values())
+        """Bytes of all arrays the file stores (every level; the file adds its JSON header)."""
+        return self.dense_bytes() + sum(pl.csr.stored_nbytes() for pl in self.layers.values())
 
     def plain_csr_bytes(self, level: int) -> int:
         """Bytes of a plain single-level CSR of ``level`` (same dtypes) + the dense tensors."""
@@ -108,22 +116,31 @@ class PackedModel:
     def save(self, path: str | os.PathLike) -> None:
         """Write the packed file atomically."""
         tensors: dict[str, torch.Tensor] = {}
+        layers_meta = {}
         for name, pl in self.layers.items():
-            for f in _CSR_FIELDS:
-                arr = getattr(pl.csr, f)
+            indices, bitmaps, levels, implied = encode_columns(pl.csr)
+            arrays = {f: getattr(pl.csr, f) for f in _CSR_FIELDS}
+            arrays.update(col_indices=indices, col_bitmap=bitmaps)
+            for f, arr in arrays.items():
                 if arr is not None:
                     tensors[f"csr/{name}/{f}"] = torch.from_numpy(np.ascontiguousarray(arr))
+            layers_meta[name] = pl.meta()
+            if levels or implied:
+                layers_meta[name].update(bitmap_levels=list(levels), implied_top=implied)
         tensors.update({f"dense/{k}": v for k, v in self.dense.items()})
-        version = VERSION if (self.depth or self.collapse) else 1
+        version = 3 if any("bitmap_levels" in lm for lm in layers_meta.values()) else (
+            2 if (self.depth or self.collapse) else 1)
         meta = {"format": FORMAT, "version": version, "spec": self.spec.to_dict(), "model": self.model_name,
                 "model_kwargs": self.model_kwargs, "collapse": self.collapse, "depth": self.depth,
                 "input_shape": None if self.input_shape is None else list(self.input_shape),
-                "layers": {n: pl.meta() for n, pl in self.layers.items()},
+                "layers": layers_meta,
                 "ties": self.ties, "sha256": {k: _digest(v) for k, v in tensors.items()}}
         write_tensors(path, tensors, meta)
 
 
 def _digest(t: torch.Tensor) -> str:
+    if t.numel() == 0:  # an empty tensor may have stride 0, which a byte view refuses
+        return hashlib.sha256(b"").hexdigest()
     return hashlib.sha256(t.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
 
 
@@ -211,7 +228,7 @@ def _masks_of(mod: nn.Module):
 def read_packed(path: str | os.PathLike) -> PackedModel:
     """Read and fully check a packed file; raise :class:`PackedFormatError` on any fault."""
     try:
-        tensors, meta = read_tensors(path, FORMAT, (1, VERSION))
+        tensors, meta = read_tensors(path, FORMAT, tuple(range(1, VERSION + 1)))
     except CheckpointError as e:
         raise PackedFormatError(str(e)) from None
     where = Path(path).name
@@ -223,8 +240,8 @@ def read_packed(path: str | os.PathLike) -> PackedModel:
     layers_meta = meta.get("layers")
     if not isinstance(layers_meta, dict) or not layers_meta:
         raise PackedFormatError(f"{where}: metadata has no 'layers' table")
-    layers = {name: _read_layer(name, lm, tensors, spec, where) for name, lm in layers_meta.items()}
-    known = {f"csr/{n}/{f}" for n in layers for f in _CSR_FIELDS}
+    layers = {name: _read_layer(name, lm, tensors, spec, where, meta["version"]) for name, lm in layers_meta.items()}
+    known = {f"csr/{n}/{f}" for n in layers for f in _STORED_FIELDS}
     stray = [k for k in tensors if not k.startswith("dense/") and k not in known]
     if stray:
         raise PackedFormatError(f"{where}: unexpected tensors {stray[:3]}")
@@ -268,7 +285,7 @@ def _ints(v, n: int | None, what: str) -> tuple[int, ...]:
     return tuple(v)
 
 
-def _read_layer(name: str, lm, tensors: dict, spec: LevelSpec, where: str) -> PackedLayer:
+def _read_layer(name: str, lm, tensors: dict, spec: LevelSpec, where: str, version: int) -> PackedLayer:
     try:
         if not isinstance(lm, dict) or lm.get("kind") not in KINDS.values():
             raise ValueError(f"kind must be one of {sorted(KINDS.values())}, got {lm.get('kind') if isinstance(lm, dict) else lm!r}")
@@ -288,13 +305,18 @@ def _read_layer(name: str, lm, tensors: dict, spec: LevelSpec, where: str) -> Pa
                 raise ValueError(f"groups={groups!r} must be a positive int dividing out_channels {shape[0]}")
             geo["groups"] = groups
         dtype = lm.get("dtype")
-        arrays = {f: tensors.get(f"csr/{name}/{f}") for f in _CSR_FIELDS}
+        arrays = {f: tensors.get(f"csr/{name}/{f}") for f in _STORED_FIELDS}
         if any(arrays[f] is None for f in _CSR_FIELDS[:4]):
             raise ValueError(f"missing arrays {[f for f in _CSR_FIELDS[:4] if arrays[f] is None]}")
-        csr = NestedCSR(shape=(shape[0], math.prod(shape[1:])), num_levels=lm.get("num_levels"),
-                        **{f: (None if arrays[f] is None else arrays[f].numpy()) for f in _CSR_FIELDS}, dtype=dtype)
-        if csr.num_levels != spec.num_levels:
-            raise ValueError(f"num_levels {csr.num_levels} != the spec's {spec.num_levels}")
+        arrays = {f: (None if a is None else a.numpy()) for f, a in arrays.items()}
+        levels, implied = lm.get("bitmap_levels", []), lm.get("implied_top", False)
+        if (levels or implied) and version < 3:
+            raise ValueError(f"bitmap-coded columns need format version 3, the file says {version}")
+        if lm.get("num_levels") != spec.num_levels:
+            raise ValueError(f"num_levels {lm.get('num_levels')!r} != the spec's {spec.num_levels}")
+        csr = decode_columns((shape[0], math.prod(shape[1:])), lm.get("num_levels"), arrays["row_offsets"],
+                             arrays["level_counts"], arrays["values"], dtype, arrays["scales"],
+                             arrays["col_indices"], arrays["col_bitmap"], levels, implied)
         validate(csr)
     except (NestedCSRError, ValueError, TypeError, KeyError) as e:
         raise PackedFormatError(f"{where}: layer {name!r}: {e}") from None
