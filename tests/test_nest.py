@@ -79,6 +79,26 @@ def test_tied_weights_share_one_level_map():
     assert len(list(ns.iter_nested(model))) == 1
 
 
+def test_empty_layer_stays_dense_and_the_model_packs(tmp_path):
+    from nestedsparse.pack import load_packed, pack
+
+    class Net(nn.Module):  # an optional head configured away to zero outputs
+        def __init__(self):
+            super().__init__()
+            self.a, self.e = nn.Linear(4, 3), nn.Linear(4, 0)
+
+        def forward(self, x):
+            return torch.cat([self.a(x), self.e(x)], 1)
+
+    build = Net
+    model = build()
+    report = ns.nestify_(model, ns.LevelSpec((0.5, 1.0)))
+    assert report.nested == ["a"] and report.skipped == [("e", "empty weight (0, 4): nothing to prune")]
+    pack(model).save(tmp_path / "e.nsp")
+    x = torch.randn(2, 4)
+    torch.testing.assert_close(load_packed(tmp_path / "e.nsp", build)(x, level=0), ns.plain_model(model, 0)(x))
+
+
 def test_filter_fn_and_no_supported_layer():
     model = nn.Sequential(nn.Linear(4, 5), nn.Linear(5, 3))
     report = ns.nestify_(model, ns.LevelSpec((0.5, 1.0)), filter_fn=lambda m, name: name != "1")

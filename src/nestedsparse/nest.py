@@ -201,6 +201,8 @@ def nestify_(
             continue
         if not isinstance(mod, SUPPORTED):
             report.skipped.append((name, f"{type(mod).__name__} is not supported"))
+        elif w.numel() == 0:
+            report.skipped.append((name, f"empty weight {tuple(w.shape)}: nothing to prune"))
         elif not filter_fn(mod, name):
             report.skipped.append((name, "excluded by filter_fn"))
         elif id(w) in owners:

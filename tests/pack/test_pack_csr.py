@@ -314,12 +314,13 @@ def _encoded_nbytes(csr, indices, bitmaps):
             + (0 if bitmaps is None else bitmaps.nbytes))
 
 
-CODINGS = [  # (rows, cols, densities, expected bitmap levels, implied top)
-    (16, 40, (0.05, 0.1, 1.0), (), True),              # sparse levels as indices, dense top implied
-    (8, 1000, (0.02, 0.2, 0.6, 1.0), (1, 2), True),    # uint16 columns: 18% and 40% segments as bitmaps
-    (8, 1000, (0.02, 0.2, 0.6), (1, 2), False),        # no complete level: the 40% segment is a bitmap
-    (9, 30, (0.05, 0.1), (), False),                   # all indices: the plain layout
-    (5, 13, (1.0,), (), True),                         # one complete level: no columns stored at all
+CODINGS = [  # (rows, cols, densities, expected bitmap levels, implied level)
+    (16, 40, (0.05, 0.1, 1.0), (), 2),                 # sparse levels as indices, dense top implied
+    (8, 1000, (0.02, 0.2, 0.6, 1.0), (1, 2), 3),       # uint16 columns: 18% and 40% segments as bitmaps
+    (8, 1000, (0.02, 0.2, 0.6), (1, 2), None),         # no complete level: the 40% segment is a bitmap
+    (9, 30, (0.05, 0.1), (), None),                    # all indices: the plain layout
+    (5, 13, (1.0,), (), 0),                            # one complete level: no columns stored at all
+    (6, 300, (0.1, 1.0, 1.0), (0,), 1),                # complete below the top: the top adds nothing
 ]
 
 
@@ -337,13 +338,14 @@ def test_column_coding_round_trips_and_sizes(rows, cols, densities, levels, impl
     for f in ("row_offsets", "level_counts", "col_indices", "values"):
         np.testing.assert_array_equal(getattr(back, f), getattr(csr, f))
     assert back.col_indices.dtype == csr.col_indices.dtype
-    # the size a file stores is exactly the encoded arrays, and never more than the plain layout
+    # what a file stores is exactly the encoded arrays, and never more than the in-memory layout
     assert csr.stored_nbytes() == _encoded_nbytes(csr, indices, bitmaps) <= csr.nbytes()
-    sizes = [csr.stored_nbytes(k) for k in range(csr.num_levels)]
-    assert sizes == sorted(sizes) and sizes[-1] == csr.stored_nbytes()
-    if implied:  # no column of the complete level is stored
-        assert indices.shape[0] == (csr.nnz(csr.num_levels - 2) if csr.num_levels > 1 else 0) - sum(
-            csr.nnz(k) - (csr.nnz(k - 1) if k else 0) for k in levels)
+    for k in range(csr.num_levels):  # levels 0..k alone: exactly a file packed with k + 1 levels
+        part = from_dense(w, lm, k + 1, dtype=dtype)
+        assert csr.stored_nbytes(k) == _encoded_nbytes(part, *encode_columns(part)[:2])
+    if implied is not None:  # no column of the implied level or above is stored
+        below = csr.nnz(implied - 1) if implied else 0
+        assert indices.shape[0] == below - sum(csr.nnz(k) - (csr.nnz(k - 1) if k else 0) for k in levels)
 
 
 def test_dense_top_level_costs_about_its_values():
@@ -356,8 +358,8 @@ def test_dense_top_level_costs_about_its_values():
     assert csr.stored_nbytes() < 1.06 * w.nbytes
 
 
-def _coded(densities=(0.05, 0.3, 0.6, 1.0), rows=6, cols=20):
-    w, lm = _score_levels(rows, cols, densities, seed=3)
+def _coded(densities=(0.05, 0.3, 0.6, 1.0), rows=6, cols=20, seed=3):
+    w, lm = _score_levels(rows, cols, densities, seed=seed)
     csr = from_dense(w, lm, len(densities))
     return csr, *encode_columns(csr)
 
@@ -384,7 +386,7 @@ def _lower_duplicate(csr, indices):
 
 def test_coding_fixture_uses_every_form():
     csr, indices, bitmaps, levels, implied = _coded()
-    assert levels == (1, 2) and implied and indices.shape[0] == csr.nnz(0)
+    assert levels == (1, 2) and implied == 3 and indices.shape[0] == csr.nnz(0)
 
 
 @pytest.mark.parametrize("change, fault", [
@@ -397,8 +399,11 @@ def test_coding_fixture_uses_every_form():
     (lambda c, i, b, lv, im: dict(levels=[1, 3]), "column_bitmap"),    # 3 is the implied level
     (lambda c, i, b, lv, im: dict(levels=[1, True]), "column_bitmap"),
     (lambda c, i, b, lv, im: dict(levels="12"), "column_bitmap"),
-    (lambda c, i, b, lv, im: dict(implied=1), "column_bitmap"),
-    (lambda c, i, b, lv, im: dict(levels=[], implied=False), "column_bitmap"),  # a bitmap no level uses
+    (lambda c, i, b, lv, im: dict(implied=True), "column_bitmap"),
+    (lambda c, i, b, lv, im: dict(implied=4), "column_bitmap"),
+    (lambda c, i, b, lv, im: dict(implied="3"), "column_bitmap"),
+    (lambda c, i, b, lv, im: dict(implied=2), "column_bitmap"),    # rows are not complete at level 2
+    (lambda c, i, b, lv, im: dict(levels=[]), "column_bitmap"),    # a bitmap no level uses
     (lambda c, i, b, lv, im: dict(indices=i[:-1]), "nnz"),
     (lambda c, i, b, lv, im: dict(indices=i.astype(np.float32)), "dtype"),
     (lambda c, i, b, lv, im: dict(indices=_lower_duplicate(c, i)), "duplicate_column"),
@@ -417,13 +422,67 @@ def test_decode_refuses_implied_level_on_incomplete_rows():
     w, lm = _score_levels(6, 20, (0.1, 0.5), seed=1)
     csr = from_dense(w, lm, 2)
     with pytest.raises(NestedCSRError, match="complete"):
-        _decode(csr, csr.col_indices[: csr.nnz(0)], None, [], True)
+        _decode(csr, csr.col_indices[: csr.nnz(0)], None, [], 1)
+
+
+def test_decode_refuses_an_index_dtype_too_narrow_for_the_columns():
+    # a uint8 index array for 300 columns would wrap decoded columns >= 256 onto valid ones
+    csr, indices, bitmaps, levels, implied = _coded(densities=(0.05, 0.5, 1.0), cols=300)
+    assert levels and csr.col_indices.dtype == np.uint16
+    with pytest.raises(NestedCSRError) as ei:
+        _decode(csr, indices.astype(np.uint8), bitmaps, list(levels), implied)
+    assert ei.value.fault == "dtype"
+    with pytest.raises(NestedCSRError, match="cannot hold column 299"):
+        validate(dataclasses.replace(csr, col_indices=csr.col_indices.astype(np.uint8)))
+
+
+def test_decode_memory_stays_near_the_arrays_present():
+    # all-ones bitmaps over empty rows: the counts are checked before a bitmap is unpacked
+    import tracemalloc
+
+    rows, cols, L = 256, 4096, 3
+    shell = from_dense(np.zeros((rows, cols), np.float32), np.full((rows, cols), L, np.uint8), L)
+    bitmaps = np.full((2, rows, cols // 8), 0xFF, np.uint8)
+    tracemalloc.start()
+    try:
+        with pytest.raises(NestedCSRError, match="bitmap"):
+            _decode(shell, shell.col_indices, bitmaps, [0, 1], None)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 2 * bitmaps.nbytes
+
+
+def _reference_decode(csr, indices, bitmaps, levels, implied):
+    """Row by row, level by level: the columns the coding means (None if it means nothing)."""
+    rows, cols = csr.shape
+    L = csr.num_levels
+    ro, lc = csr.row_offsets.astype(np.int64), csr.level_counts.astype(np.int64)
+    it = iter(indices.tolist())
+    out = []
+    for r in range(rows):
+        n = [0] + [int(lc[r, k]) for k in range(L - 1)] + [int(ro[r + 1] - ro[r])]
+        row = []
+        for k in range(L):
+            seg = n[k + 1] - n[k]
+            if implied is not None and k >= implied:
+                if k == implied:
+                    row += sorted(set(range(cols)) - set(row))
+                continue
+            if k in levels:
+                bits = np.unpackbits(bitmaps[levels.index(k), r], count=cols, bitorder="little")
+                row += np.nonzero(bits)[0].tolist()
+            else:
+                row += [next(it) for _ in range(seg)]
+        out += row
+    return np.array(out, dtype=np.int64)
 
 
 @settings(max_examples=500, deadline=None)
 @given(data=st.data())
-def test_fuzz_decode_raises_or_gives_a_valid_structure(data):
-    csr, indices, bitmaps, levels, implied = _coded()
+def test_fuzz_decode_raises_or_decodes_what_the_coding_means(data):
+    shape = data.draw(st.sampled_from([(6, 20), (5, 300)]))
+    csr, indices, bitmaps, levels, implied = _coded(densities=(0.05, 0.3, 0.6, 1.0), rows=shape[0], cols=shape[1])
     parts = {"indices": indices.copy(), "bitmaps": bitmaps.copy(), "row_offsets": csr.row_offsets.copy(),
              "level_counts": csr.level_counts.copy()}
     for _ in range(data.draw(st.integers(1, 3))):
@@ -431,11 +490,14 @@ def test_fuzz_decode_raises_or_gives_a_valid_structure(data):
         flat = parts[name].reshape(-1).view(np.uint8)
         if flat.size:
             flat[data.draw(st.integers(0, flat.size - 1))] = data.draw(st.integers(0, 255))
+    parts["indices"] = parts["indices"].astype(data.draw(st.sampled_from([np.uint8, np.uint16, np.int32])))
+    implied = data.draw(st.sampled_from([implied, None, 2]))
     over = {k: v for k, v in parts.items() if k not in ("indices", "bitmaps")}
     try:
         back = _decode(csr, parts["indices"], parts["bitmaps"], list(levels), implied, over)
         validate(back)
     except NestedCSRError:
         return
-    for k in range(back.num_levels):  # whatever decodes is a well-formed structure
-        assert to_dense(back, k).shape == csr.shape
+    shell = dataclasses.replace(csr, row_offsets=parts["row_offsets"], level_counts=parts["level_counts"])
+    expected = _reference_decode(shell, parts["indices"], parts["bitmaps"], list(levels), implied)
+    np.testing.assert_array_equal(back.col_indices.astype(np.int64), expected)

@@ -24,7 +24,8 @@ Every level is run from the same arrays: no copy per level.
 
 Invariants (checked by :func:`validate`; :func:`from_dense` builds them):
 
-* dtypes exactly as above (native byte order), 1-D / 2-D shapes as above;
+* dtypes exactly as above (native byte order; the column dtype holds ``C - 1``), 1-D / 2-D
+  shapes as above;
 * ``row_offsets[0] == 0``, non-decreasing, ``row_offsets[-1] == len(values) == len(col_indices)``;
 * ``0 <= level_counts[r, 0] <= ... <= level_counts[r, L-2] <= row length``;
 * ``0 <= col_indices < C``; columns strictly increasing inside each (row, level)
@@ -206,24 +207,27 @@ class NestedCSR:
         return int(self.nnz(level) * self._value_bytes() + self.row_offsets.nbytes + scale_b)
 
     def stored_nbytes(self, level: Optional[int] = None) -> int:
-        """Bytes a packed file stores for levels ``0 .. level`` (``None``: every level): row offsets,
-        level counts, values, scales, and the columns as :func:`column_coding` stores them (each
-        level's segment as indices or as a bitmap, whichever is smaller; nothing for a complete
-        densest level).  Monotone in ``level``."""
+        """Bytes of the arrays a packed file holding levels ``0 .. level`` stores (``None``: every
+        level): row offsets, level counts (in the dtypes such a file uses), values, int8 scales,
+        and the columns as :func:`column_coding` codes those levels (each segment as indices or a
+        bitmap, whichever is smaller; none for a complete level).  Monotone in ``level``."""
         top = self.num_levels - 1 if level is None else self._check_level(level)
         rows, cols = self.shape
+        bitmaps, implied = _coding(self, top)
         item = self.col_indices.dtype.itemsize
-        bitmap = _bitmap_nbytes(rows, cols)
-        implied = top == self.num_levels - 1 and column_coding(self)[1]
         col_b, prev = 0, 0
         for k in range(top + 1):
             n = self.nnz(k)
-            if not (implied and k == top):
-                col_b += min(bitmap, (n - prev) * item)
+            if k in bitmaps:
+                col_b += _bitmap_nbytes(rows, cols)
+            elif implied is None or k < implied:
+                col_b += (n - prev) * item
             prev = n
+        count_item = count_dtype_for(int(self.row_nnz(top - 1).max())).itemsize if top and rows else 0
+        offset_item = 4 if prev < 2**31 else 8
         scale_b = 0 if self.scales is None else int(self.scales.nbytes)
-        counts_b = rows * top * self.level_counts.dtype.itemsize
-        return int(self.row_offsets.nbytes + counts_b + prev * self.values.dtype.itemsize + scale_b + col_b)
+        return int((rows + 1) * offset_item + rows * top * count_item + prev * self.values.dtype.itemsize
+                   + scale_b + col_b)
 
     def to_dense(self, level: int) -> np.ndarray:
         """Same as :func:`to_dense` (``[rows, cols]`` float32 weight of ``level``)."""
@@ -349,26 +353,25 @@ def to_dense(csr: NestedCSR, level: int) -> np.ndarray:
 
 # ------------------------------------------------------------ column coding
 # A level segment that holds many of a row's columns costs less as a bit per column than as an
-# index per entry, and a complete densest level (every weight) needs neither: its columns are the
-# ones the levels below leave out. A file stores segments that way; the in-memory structure the
-# kernels read is always the one above, only the file differs.
+# index per entry, and a complete level (every weight: a dense top level above all) needs
+# neither: its columns are the ones the levels below leave out, and the levels above it add none.
+# A file stores columns that way; the in-memory structure the kernels read is always the one
+# above, only the file differs.
+_POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
+
+
 def _bitmap_nbytes(rows: int, cols: int) -> int:
     return rows * ((cols + 7) // 8)
 
 
-def column_coding(csr: NestedCSR) -> tuple[tuple[int, ...], bool]:
-    """How a file stores ``csr``'s columns: ``(bitmap levels, implied top)``.
-
-    ``implied top``: the densest level holds every weight, so its segment (the entries it adds to
-    each row) is the columns the lower levels do not hold and is not stored at all.  ``bitmap
-    levels``: the other levels whose segment is smaller as a ``[rows, ceil(cols / 8)]`` bitmap
-    than as column indices (ties stay indices)."""
+def _coding(csr: NestedCSR, top: int) -> tuple[tuple[int, ...], Optional[int]]:
+    """:func:`column_coding` of levels ``0 .. top``."""
     rows, cols = csr.shape
-    top = csr.num_levels - 1
-    implied = rows * cols > 0 and csr.nnz() == rows * cols
+    full = rows * cols
+    implied = next((k for k in range(top + 1) if full and csr.nnz(k) == full), None)
     bitmap, item = _bitmap_nbytes(rows, cols), csr.col_indices.dtype.itemsize
     out, prev = [], 0
-    for k in range(top if implied else top + 1):
+    for k in range(top + 1 if implied is None else implied):
         n = csr.nnz(k)
         if bitmap < (n - prev) * item:
             out.append(k)
@@ -376,15 +379,27 @@ def column_coding(csr: NestedCSR) -> tuple[tuple[int, ...], bool]:
     return tuple(out), implied
 
 
-def _segment(ro64: np.ndarray, lens: np.ndarray, lc64: Optional[np.ndarray], L: int, k: int
-             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Level ``k``'s segment of every row: ``(entry positions, their rows, per-row lengths)``."""
+def column_coding(csr: NestedCSR) -> tuple[tuple[int, ...], Optional[int]]:
+    """How a file stores ``csr``'s columns: ``(bitmap levels, implied level)``.
+
+    ``implied level``: the lowest level that holds every weight (``None`` if none does); its
+    segment (the entries it adds to each row) is the columns the lower levels do not hold, and
+    the levels above it add nothing, so no column of theirs is stored.  ``bitmap levels``: the
+    levels below it whose segment is smaller as a ``[rows, ceil(cols / 8)]`` bitmap than as
+    column indices (ties stay indices).  The other segments are stored as column indices."""
+    return _coding(csr, csr.num_levels - 1)
+
+
+def _segment(ro64: np.ndarray, lens: np.ndarray, lc64: Optional[np.ndarray], L: int, k: int,
+             through_top: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Level ``k``'s segment of every row (``through_top``: levels ``k .. L-1``'s): ``(entry
+    positions, their rows, per-row lengths)``."""
     rows = lens.shape[0]
     if rows == 0:
         empty = np.zeros(0, dtype=np.int64)
         return empty, empty, empty
     lo = np.zeros(rows, dtype=np.int64) if k == 0 else lc64[:, k - 1]
-    hi = lens if k == L - 1 else lc64[:, k]
+    hi = lens if k == L - 1 or through_top else lc64[:, k]
     seg = hi - lo
     total = int(seg.sum())
     r_ids = np.repeat(np.arange(rows, dtype=np.int64), seg)
@@ -392,23 +407,23 @@ def _segment(ro64: np.ndarray, lens: np.ndarray, lc64: Optional[np.ndarray], L: 
     return pos, r_ids, seg
 
 
-def encode_columns(csr: NestedCSR) -> tuple[np.ndarray, Optional[np.ndarray], tuple[int, ...], bool]:
-    """A file's form of ``csr.col_indices``: ``(indices, bitmaps, bitmap levels, implied top)``.
+def encode_columns(csr: NestedCSR) -> tuple[np.ndarray, Optional[np.ndarray], tuple[int, ...], Optional[int]]:
+    """A file's form of ``csr.col_indices``: ``(indices, bitmaps, bitmap levels, implied level)``.
 
     See :func:`column_coding`.  ``bitmaps[j]`` is level ``levels[j]``'s segment as a ``[rows,
     ceil(cols / 8)]`` uint8 bitmap (column ``c`` is bit ``c % 8`` of byte ``c // 8``), or ``None``
-    when no level is bitmap-coded; ``indices`` are the other stored entries' columns in their
+    when no level is bitmap-coded; ``indices`` are the index-coded entries' columns in their
     order.  :func:`decode_columns` inverts it."""
     levels, implied = column_coding(csr)
-    if not levels and not implied:
-        return csr.col_indices, None, (), False
+    if not levels and implied is None:
+        return csr.col_indices, None, (), None
     rows, cols = csr.shape
     ro64 = csr.row_offsets.astype(np.int64)
     lens = np.diff(ro64)
     lc64 = csr.level_counts.astype(np.int64)
     kept = np.ones(csr.values.shape[0], dtype=bool)
-    if implied:
-        kept[_segment(ro64, lens, lc64, csr.num_levels, csr.num_levels - 1)[0]] = False
+    if implied is not None:  # its segment and the (empty) ones above it
+        kept[_segment(ro64, lens, lc64, csr.num_levels, implied, through_top=True)[0]] = False
     maps = np.zeros((len(levels), rows, (cols + 7) // 8), dtype=np.uint8) if levels else None
     for j, k in enumerate(levels):
         pos, r_ids, _ = _segment(ro64, lens, lc64, csr.num_levels, k)
@@ -419,17 +434,19 @@ def encode_columns(csr: NestedCSR) -> tuple[np.ndarray, Optional[np.ndarray], tu
     return np.ascontiguousarray(csr.col_indices[kept]), maps, levels, implied
 
 
-def decode_columns(shape: tuple[int, int], num_levels: int, row_offsets: np.ndarray, level_counts: np.ndarray,
+def decode_columns(*, shape: tuple[int, int], num_levels: int, row_offsets: np.ndarray, level_counts: np.ndarray,
                    values: np.ndarray, dtype: str, scales: Optional[np.ndarray], indices: np.ndarray,
-                   bitmaps: Optional[np.ndarray], levels: Any, implied: Any = False) -> NestedCSR:
+                   bitmaps: Optional[np.ndarray], levels: Any, implied: Any) -> NestedCSR:
     """Rebuild a :class:`NestedCSR` from a file's column coding (:func:`encode_columns`).
 
-    Safe on untrusted input: the layout (offsets, level counts) is checked before it is used; a
-    bitmap must hold exactly its segment's number of columns in every row, with zero padding
-    bits; an implied top level needs complete rows and in-range, distinct lower columns; memory
-    stays proportional to the arrays present.  The result still needs :func:`validate` (column
-    order, duplicates across levels, values).  Faults raise :class:`NestedCSRError`
-    (``"column_bitmap"``, or the layout's)."""
+    Safe on untrusted input: the layout (offsets, level counts) and the index dtype (it must hold
+    ``cols - 1``) are checked before anything is decoded; a bitmap's per-row bit counts are
+    checked on the packed bytes before it is unpacked, and its padding bits must be zero; an
+    implied level needs rows complete at that level and in-range, distinct lower columns.
+    Memory stays within a small multiple of the arrays present.  The result still needs
+    :func:`validate` (column order, duplicates, values).  Faults raise :class:`NestedCSRError`:
+    ``"column_bitmap"``, ``"nnz"``, ``"dtype"``, ``"column_range"``, ``"duplicate_column"``,
+    a layout fault, or ``"malformed"``."""
     try:
         return _decode_columns(shape, num_levels, row_offsets, level_counts, values, dtype, scales, indices,
                                bitmaps, levels, implied)
@@ -448,59 +465,57 @@ def _decode_columns(shape, num_levels, row_offsets, level_counts, values, dtype,
     shell = NestedCSR(shape=shape, num_levels=num_levels, row_offsets=row_offsets, level_counts=level_counts,
                       col_indices=ci, values=values, dtype=dtype, scales=scales)
     rows, cols, L, ro64, lens, lc64, _, _, _ = _validate_layout(shell)
-    if not isinstance(implied, bool):
-        _fail("column_bitmap", f"the implied-top flag must be true or false, got {implied!r}")
-    top = L - 1
-    if not isinstance(levels, (list, tuple)) or not all(_is_int(k) and 0 <= k < (top if implied else L)
-                                                        for k in levels) or list(levels) != sorted(set(levels)):
-        _fail("column_bitmap", f"bitmap levels must be increasing levels in [0, {top if implied else L}), "
-                               f"got {levels!r}")
-    if not levels and not implied:
-        if bitmaps is not None:
-            _fail("column_bitmap", "a column bitmap is stored but no level is bitmap-coded")
+    if implied is not None and not (_is_int(implied) and 0 <= implied < L):
+        _fail("column_bitmap", f"the implied level must be null or a level in [0, {L}), got {implied!r}")
+    below = L if implied is None else int(implied)
+    if not isinstance(levels, (list, tuple)) or not all(_is_int(k) and 0 <= k < below for k in levels) or list(
+            levels) != sorted(set(levels)):
+        _fail("column_bitmap", f"bitmap levels must be increasing levels in [0, {below}), got {levels!r}")
+    if not levels and bitmaps is not None:
+        _fail("column_bitmap", "a column bitmap is stored but no level is bitmap-coded")
+    if not levels and implied is None:
         return NestedCSR(shape=shape, num_levels=num_levels, row_offsets=row_offsets, level_counts=level_counts,
                          col_indices=indices, values=values, dtype=dtype, scales=scales)
-    nb = (cols + 7) // 8
+    _index_dtype_holds(indices.dtype, cols)  # decoded columns are stored in it
     kept = np.ones(ci.shape[0], dtype=bool)  # the entries whose columns are stored as indices
     top_pos = None
-    if implied:
-        if rows * cols == 0 or (lens != cols).any():
-            _fail("column_bitmap", "an implied densest level needs every row complete (row length == columns)")
-        top_pos, _, top_seg = _segment(ro64, lens, lc64, L, top)
+    if implied is not None:
+        full = lens if implied == L - 1 else (lc64[:, implied] if rows else lens)
+        if rows * cols == 0 or (full != cols).any():
+            _fail("column_bitmap", f"implied level {implied} needs every row complete at that level")
+        top_pos, _, top_seg = _segment(ro64, lens, lc64, L, implied, through_top=True)
         kept[top_pos] = False
     if levels:
+        nb = (cols + 7) // 8
         _check_array("col_bitmap", bitmaps, (np.dtype(np.uint8),), 3)
         if bitmaps.shape != (len(levels), rows, nb):
             _fail("column_bitmap", f"col_bitmap shape {bitmaps.shape} != (bitmap levels, rows, ceil(cols / 8)) = "
                                    f"{(len(levels), rows, nb)}")
         if cols % 8 and rows and (bitmaps[:, :, -1] >> (cols % 8)).any():
             _fail("column_bitmap", "bits past the last column are set")
-    elif bitmaps is not None:
-        _fail("column_bitmap", "a column bitmap is stored but no level is bitmap-coded")
     for j, k in enumerate(levels):
         pos, _, seg = _segment(ro64, lens, lc64, L, int(k))
-        bits = np.unpackbits(bitmaps[j], axis=1, count=cols, bitorder="little")
-        r_ids, c_ids = np.nonzero(bits)  # row-major: by row, then column, as a segment is ordered
-        if r_ids.shape[0] != pos.shape[0] or (np.bincount(r_ids, minlength=rows) != seg).any():
+        if (_POPCOUNT[bitmaps[j]].sum(axis=1, dtype=np.int64) != seg).any():  # on the packed bytes: nothing unpacked yet
             _fail("column_bitmap", f"level {int(k)}'s bitmap does not hold as many columns per row as its "
                                    f"level counts say")
-        ci[pos] = c_ids
+        bits = np.unpackbits(bitmaps[j], axis=1, count=cols, bitorder="little")
+        ci[pos] = np.nonzero(bits)[1]  # row-major: by row, then column, as a segment is ordered
         kept[pos] = False
     n_kept = int(kept.sum())
     if indices.shape[0] != n_kept:
         _fail("nnz", f"{indices.shape[0]} column indices stored, the index-coded levels hold {n_kept}")
     ci[kept] = indices
-    if top_pos is not None:  # the densest level: every column the levels below leave out, in order
+    if top_pos is not None:  # the implied level: every column the levels below leave out, in order
         lower = np.ones(ci.shape[0], dtype=bool)
         lower[top_pos] = False
         lo_cols = ci[lower].astype(np.int64)
         if lo_cols.size and (lo_cols.min() < 0 or lo_cols.max() >= cols):
             _fail("column_range", f"column index out of range [0, {cols})")
-        free = np.ones((rows, cols), dtype=bool)
+        free = np.ones((rows, cols), dtype=bool)  # rows * cols == len(values): complete rows
         free[np.repeat(np.arange(rows, dtype=np.int64), lens)[lower], lo_cols] = False
         r_ids, c_ids = np.nonzero(free)
         if r_ids.shape[0] != top_pos.shape[0] or (np.bincount(r_ids, minlength=rows) != top_seg).any():
-            _fail("duplicate_column", "a column appears twice in one row below the densest level")
+            _fail("duplicate_column", f"a column appears twice in one row below implied level {implied}")
         ci[top_pos] = c_ids
     return NestedCSR(shape=shape, num_levels=num_levels, row_offsets=row_offsets, level_counts=level_counts,
                      col_indices=np.ascontiguousarray(ci), values=values, dtype=dtype, scales=scales)
@@ -545,6 +560,7 @@ def _validate(csr: NestedCSR) -> None:
     rows, cols, L, ro64, lens, lc64, ci, va, sc = _validate_layout(csr)
     nnz = int(va.shape[0])
     # ---- columns
+    _index_dtype_holds(ci.dtype, cols)
     if nnz:
         ci64 = ci.astype(np.int64)
         if ci64.min() < 0 or ci64.max() >= cols:
@@ -572,6 +588,11 @@ def _validate(csr: NestedCSR) -> None:
             _fail("values", "int8 values must be in [-127, 127]")
         if rows and not (np.isfinite(sc).all() and (sc > 0).all()):
             _fail("scales", "scales must be finite and > 0")
+
+
+def _index_dtype_holds(dt: np.dtype, cols: int) -> None:
+    if cols and np.iinfo(dt).max < cols - 1:
+        _fail("dtype", f"col_indices dtype {dt.name} cannot hold column {cols - 1}")
 
 
 def _validate_layout(csr: NestedCSR) -> tuple:

@@ -4,10 +4,10 @@ Contents (format ``nestedsparse.packed``, version 1, 2 or 3):
 - per nested layer ``<name>``: the NestedCSR arrays ``csr/<name>/{row_offsets, level_counts,
   col_indices, values[, scales]}`` (a sparser level is a prefix of every row, see ``csr.py``);
   a level segment that is smaller as a bit per column than as an index per entry is stored as a
-  bitmap in ``csr/<name>/col_bitmap`` (its levels in the layer's ``bitmap_levels``), and a
-  complete densest level (``implied_top``: every weight) stores no columns at all: they are the ones
-  the levels below leave out (``csr.column_coding``); loading rebuilds the in-memory NestedCSR
-  the kernels read;
+  bitmap in ``csr/<name>/col_bitmap`` (its levels in the layer's ``bitmap_levels``), and the
+  lowest complete level (``implied_level``: every weight, e.g. a dense top level) stores no
+  columns at all: they are the ones the levels below leave out (``csr.column_coding``); loading
+  rebuilds the in-memory NestedCSR the kernels read;
 - ``dense/<key>``: every other tensor of the model's state (biases, per-level BatchNorm, layers
   left dense);
 - JSON metadata: the level spec, the model's registry name and kwargs, per-layer kind / shape /
@@ -100,7 +100,9 @@ class PackedModel:
         return self.dense_bytes() + sum(pl.csr.plain_csr_nbytes(level) for pl in self.layers.values())
 
     def size_table(self) -> list[dict]:
-        """Rows per level: nnz, bytes for that level alone, and the all-levels total vs a plain CSR."""
+        """Rows per level: nnz and the bytes a file of levels ``0 .. k`` stores (``level_bytes``);
+        then the whole file's arrays (``total_bytes``) over a plain single-level CSR of the densest
+        level with every column index stored (``vs_plain_csr_densest``)."""
         total = sum(pl.csr.shape[0] * pl.csr.shape[1] for pl in self.layers.values())
         rows = []
         for k in range(self.spec.num_levels):
@@ -116,7 +118,7 @@ class PackedModel:
     def save(self, path: str | os.PathLike) -> None:
         """Write the packed file atomically."""
         tensors: dict[str, torch.Tensor] = {}
-        layers_meta = {}
+        layers_meta, coded = {}, False
         for name, pl in self.layers.items():
             indices, bitmaps, levels, implied = encode_columns(pl.csr)
             arrays = {f: getattr(pl.csr, f) for f in _CSR_FIELDS}
@@ -125,11 +127,11 @@ class PackedModel:
                 if arr is not None:
                     tensors[f"csr/{name}/{f}"] = torch.from_numpy(np.ascontiguousarray(arr))
             layers_meta[name] = pl.meta()
-            if levels or implied:
-                layers_meta[name].update(bitmap_levels=list(levels), implied_top=implied)
+            if levels or implied is not None:
+                layers_meta[name].update(bitmap_levels=list(levels), implied_level=implied)
+                coded = True
         tensors.update({f"dense/{k}": v for k, v in self.dense.items()})
-        version = 3 if any("bitmap_levels" in lm for lm in layers_meta.values()) else (
-            2 if (self.depth or self.collapse) else 1)
+        version = 3 if coded else 2 if (self.depth or self.collapse) else 1
         meta = {"format": FORMAT, "version": version, "spec": self.spec.to_dict(), "model": self.model_name,
                 "model_kwargs": self.model_kwargs, "collapse": self.collapse, "depth": self.depth,
                 "input_shape": None if self.input_shape is None else list(self.input_shape),
@@ -309,14 +311,16 @@ def _read_layer(name: str, lm, tensors: dict, spec: LevelSpec, where: str, versi
         if any(arrays[f] is None for f in _CSR_FIELDS[:4]):
             raise ValueError(f"missing arrays {[f for f in _CSR_FIELDS[:4] if arrays[f] is None]}")
         arrays = {f: (None if a is None else a.numpy()) for f, a in arrays.items()}
-        levels, implied = lm.get("bitmap_levels", []), lm.get("implied_top", False)
-        if (levels or implied) and version < 3:
+        levels, implied = lm.get("bitmap_levels", []), lm.get("implied_level")
+        if (levels or implied is not None) and version < 3:
             raise ValueError(f"bitmap-coded columns need format version 3, the file says {version}")
         if lm.get("num_levels") != spec.num_levels:
             raise ValueError(f"num_levels {lm.get('num_levels')!r} != the spec's {spec.num_levels}")
-        csr = decode_columns((shape[0], math.prod(shape[1:])), lm.get("num_levels"), arrays["row_offsets"],
-                             arrays["level_counts"], arrays["values"], dtype, arrays["scales"],
-                             arrays["col_indices"], arrays["col_bitmap"], levels, implied)
+        csr = decode_columns(shape=(shape[0], math.prod(shape[1:])), num_levels=lm.get("num_levels"),
+                             row_offsets=arrays["row_offsets"], level_counts=arrays["level_counts"],
+                             values=arrays["values"], dtype=dtype, scales=arrays["scales"],
+                             indices=arrays["col_indices"], bitmaps=arrays["col_bitmap"], levels=levels,
+                             implied=implied)
         validate(csr)
     except (NestedCSRError, ValueError, TypeError, KeyError) as e:
         raise PackedFormatError(f"{where}: layer {name!r}: {e}") from None

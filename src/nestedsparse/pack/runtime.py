@@ -184,7 +184,9 @@ class _SparseBase(nn.Module):
         got = self._epi.get(key)
         if got is None:
             s, t = bn.scale[kb].double(), bn.shift[kb].double()
-            w = self.dense_weight(k).double() * s.reshape(-1, *([1] * (len(self.pl.weight_shape) - 1)))
+            w = self._dense.get(k)  # unfolded: not kept just for this (only the folded copy runs)
+            w = torch.from_numpy(to_dense(self.csr, k)).reshape(self.pl.weight_shape) if w is None else w
+            w = w.double() * s.reshape(-1, *([1] * (len(self.pl.weight_shape) - 1)))
             b = t if self.bias is None else self.bias.double() * s + t
             got = self._epi[key] = (w.float().contiguous(), b.float().contiguous())
         return got
