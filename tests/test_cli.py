@@ -315,6 +315,7 @@ def test_user_mistakes_get_one_line_errors(tmp_path, capsys, monkeypatch):
         (["--out", str(tmp_path / "d"), "--hierarchy", "0,0,1"], "maps 3 fine classes, the model has 10"),
         (["--out", str(tmp_path / "e"), "--subset", "0"], "--subset"),
         (["--out", str(tmp_path / "f"), "--data-dir", str(tmp_path / "nope")], "not a folder"),
+        (["--out", str(tmp_path / "f2"), "--data-dir", ""], "not a folder"),
         (["--out", str(tmp_path / "g"), "--coarse-levels", "2"], "needs --hierarchy"),
     ]
     if not __import__("torch").cuda.is_available():
@@ -327,6 +328,14 @@ def test_user_mistakes_get_one_line_errors(tmp_path, capsys, monkeypatch):
     assert main(base + ["--out", str(run)]) == 0
     assert main(["pack", str(run), "-o", str(tmp_path)]) == 2  # a folder as the output file
     assert "error" in capsys.readouterr().err
+    nsp = tmp_path / "ok.nsp"
+    assert main(["pack", str(run), "-o", str(nsp)]) == 0
+    capsys.readouterr()
+    for bad in (tmp_path / "ok.nsp" / "b.json", tmp_path / "ok"):  # under a file; a folder
+        assert main(["bench", str(nsp), "--batch", "1", "--repeats", "1", "--json", str(bad)]) == 2
+        assert "--json" in capsys.readouterr().err
+    assert main(["bench", str(tmp_path / "missing.nsp"), "--json", str(tmp_path / "new" / "b.json")]) == 2
+    assert not (tmp_path / "new").exists()  # a failed bench leaves no folder behind
     assert main(["eval", str(run)]) == 0
     assert main(["plot", str(run), "-o", str(tmp_path / "noext")]) == 2
     assert ".png" in capsys.readouterr().err

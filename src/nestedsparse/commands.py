@@ -71,8 +71,7 @@ def cmd_train(args) -> int:
     run = Path(args.out)
     if args.subset is not None and args.subset < 1:
         raise ValueError(f"--subset must be a positive number of images, got {args.subset}")
-    if args.data_dir is not None and not Path(args.data_dir).is_dir():
-        raise FileNotFoundError(f"--data-dir {args.data_dir} is not a folder")
+    _check_data_dir(args.data_dir)
     if args.coarse_levels != 1 and args.hierarchy is None:
         raise ValueError("--coarse-levels sets how many levels learn superclasses; it needs --hierarchy")
     spec = LevelSpec(densities=args.densities, allocation=args.allocation, first_last_density=args.first_last_density)
@@ -201,8 +200,7 @@ def cmd_eval(args) -> int:
     from .train.trainer import evaluate
 
     run = Path(args.run)
-    if args.data_dir is not None and not Path(args.data_dir).is_dir():
-        raise FileNotFoundError(f"--data-dir {args.data_dir} is not a folder")
+    _check_data_dir(args.data_dir)
     model, info = load_run_model(run)
     test_set = load_dataset(info["dataset"], args.data_dir or info.get("data_dir"), split="test")
     example = test_set.tensors[0][:1]
@@ -351,16 +349,33 @@ def cmd_collapse(args) -> int:
     return 0
 
 
+def _check_data_dir(data_dir: str | None) -> None:
+    """``--data-dir`` must name a folder (an empty one would fall back to the default folders)."""
+    if data_dir is not None and (not data_dir.strip() or not Path(data_dir).is_dir()):
+        raise FileNotFoundError(f"--data-dir {data_dir!r} is not a folder")
+
+
+def _check_new_file(path: Path, what: str) -> None:
+    """Refuse, before any work, an output path that cannot be written: a folder, or one under a
+    file or an unwritable folder (its missing parent folders are only created when it is written)."""
+    if path.is_dir():
+        raise ValueError(f"{what} {path} is a folder; give a file path")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{what} {path}: {parent} is not a folder this process can write to")
+
+
 def cmd_bench(args) -> int:
     from .pack.bench import bench_packed
 
-    if args.json:  # a bad path fails now, not after the whole benchmark
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        if Path(args.json).is_dir():
-            raise ValueError(f"--json {args.json} is a folder; give a file path")
+    if args.json:  # a bad path fails now, not after the whole benchmark; nothing is created yet
+        _check_new_file(Path(args.json), "--json")
     rows = bench_packed(args.packed, batches=args.batch, threads=args.threads, repeats=args.repeats)
     print(format_table(rows))
     if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(rows, indent=2))
     return 0
 
