@@ -9,7 +9,8 @@ at densities 0.0625 / 0.25 / 1.0 with channel scheduling at widths 0.25 / 0.5 / 
   at full width (``torch_full``; the level's zeros cost what non-zeros cost), dense PyTorch slim
   (``torch_slim``), ONNX Runtime on the full-width and on the slim export (``ort_full`` /
   ``ort_slim``), and our packed runtime at that level (``ours``, after ``rt.tune``: the packed
-  sparse / dense layers, or the slim network where tune found it faster -- ``ours_path``).
+  sparse / dense layers, or the slim network, run by PyTorch or ONNX Runtime, where tune found
+  that faster -- ``ours_path``).
 
 Threads: 2 for torch, numba and ONNX Runtime. Run it as ``GOMP_SPINCOUNT=300 python benchmarks/slim.py``.
 Rows go to ``benchmarks/results/slim.{json,md,png}``.
@@ -89,17 +90,18 @@ def run_config(name: str, batches, repeats: dict, tmp: Path) -> list[dict]:
                  "params_full": p_full, "params_slim": p_thin, "onnx_bytes_full": sizes[k, "full"],
                  "onnx_bytes_slim": sizes[k, "slim"]}
             r.update({f"{e}_ms": round(t[e, k], 4) for e in ("torch_full", "torch_slim", "ort_full", "ort_slim", "ours")})
-            r["ours_path"] = "slim" if rt.uses_slim(k, b) else "packed"
+            r["ours_path"] = f"slim ({rt.slim_backend(k, b)})" if rt.uses_slim(k, b) else "packed"
             r["slim_speedup_torch"] = round(t["torch_full", k] / t["torch_slim", k], 3)
             r["slim_speedup_ort"] = round(t["ort_full", k] / t["ort_slim", k], 3)
             r["ours_vs_torch_slim"] = round(t["torch_slim", k] / t["ours", k], 3)
+            r["ours_vs_ort_slim"] = round(t["ort_slim", k] / t["ours", k], 3)
             rows.append(r)
     return rows
 
 
 TABLE_KEYS = ("config", "batch", "width", "params_full", "params_slim", "onnx_bytes_slim", "torch_full_ms",
               "torch_slim_ms", "ort_full_ms", "ort_slim_ms", "ours_ms", "ours_path", "slim_speedup_torch", "slim_speedup_ort",
-              "ours_vs_torch_slim")
+              "ours_vs_torch_slim", "ours_vs_ort_slim")
 
 
 def write_md(rows: list[dict], meta: dict, path: Path) -> str:

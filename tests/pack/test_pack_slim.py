@@ -81,6 +81,7 @@ def test_slim_route_serves_only_what_it_was_tuned_for(tmp_path, monkeypatch):
     torch.testing.assert_close(y64.float(), rt(x, level=0), rtol=1e-4, atol=1e-5)
     rt.tune(x, slim=False)  # off: the slim networks are dropped
     assert not any(rt.uses_slim(k, 4) for k in range(3)) and not any(v is not None for v in rt._slim_models.values())
+    assert not any(v is not None for v in rt._slim_ort.values())
 
 
 def test_bench_rows_say_which_levels_run_slim(tmp_path, monkeypatch):
@@ -88,4 +89,70 @@ def test_bench_rows_say_which_levels_run_slim(tmp_path, monkeypatch):
 
     monkeypatch.setattr(rt_mod, "_median_times", _timings(True))
     rows = bench_packed(_packed(tmp_path), batches=(2,), repeats=2, ort=False)
-    assert [r["slim"] for r in rows] == [True, True, False]
+    assert [r["slim"] for r in rows] == ["torch", "torch", ""]
+
+
+def _fastest(name):
+    def fake(fns, repeats):  # deterministic: ``name`` is fastest, the packed path slowest
+        return {k: 0.0 if k == name else 2.0 if k == "packed" else 1.0 for k in fns}
+    return fake
+
+
+def _packed_resnet(tmp_path):
+    torch.manual_seed(0)
+    m = models.create("resnet20", in_channels=1)
+    nestify_(m, LevelSpec((0.0625, 1.0)))
+    ChannelSelector((0.25, 1.0)).apply_(m)
+    path = tmp_path / "r.nsp"
+    pack(m, model_name="resnet20", model_kwargs={"in_channels": 1}).save(path)
+    return path
+
+
+def test_tune_can_route_a_slim_level_through_onnxruntime(tmp_path, monkeypatch):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    path = _packed_resnet(tmp_path)
+    rt, ref = load_packed(path), load_packed(path)
+    x = torch.randn(3, 1, 12, 12)
+    monkeypatch.setattr(rt_mod, "_median_times", _fastest("slim-onnxruntime"))
+    picks = rt.tune(x)
+    assert picks[(SLIM, 0)] == "slim-onnxruntime" and rt.slim_backend(0, 3) == "onnxruntime"
+    assert rt.slim_backend(1, 3) is None  # full width: nothing to slim
+    torch.testing.assert_close(rt(x, level=0), ref(x, level=0), rtol=1e-4, atol=1e-4)
+    calls = []
+    net = rt._slim_on[(0, 3)]
+    monkeypatch.setattr(net, "session", _Counting(net.session, calls))
+    rt(x, level=0)
+    x16 = torch.randn(3, 1, 16, 16)  # the same batch at another size: the export cannot take it
+    torch.testing.assert_close(rt(x16, level=0), ref(x16, level=0), rtol=1e-4, atol=1e-4)
+    assert len(calls) == 1
+    monkeypatch.setattr(rt_mod, "_median_times", _fastest("slim"))
+    rt.tune(x)
+    assert rt.slim_backend(0, 3) == "torch"
+
+
+class _Counting:
+    def __init__(self, session, calls):
+        self.session, self.calls = session, calls
+
+    def run(self, *a):
+        self.calls.append(1)
+        return self.session.run(*a)
+
+
+def test_onnxruntime_candidate_only_when_usable_and_equal(tmp_path, monkeypatch):
+    import importlib.util
+
+    path = _packed_resnet(tmp_path)
+    x = torch.randn(2, 1, 12, 12)
+    monkeypatch.setattr(rt_mod, "_median_times", _fastest("slim-onnxruntime"))
+    real_find = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real_find(name, *a))
+    rt = load_packed(path)
+    assert rt.tune(x)[(SLIM, 0)] == "slim" and rt._slim_ort == {0: None}  # not installed: PyTorch runs it
+    monkeypatch.undo()
+    pytest.importorskip("onnxruntime")
+    monkeypatch.setattr(rt_mod, "_median_times", _fastest("slim-onnxruntime"))
+    monkeypatch.setattr(rt_mod._OrtSlim, "__call__", lambda self, x: torch.zeros(x.shape[0], 10))
+    rt = load_packed(path)
+    assert rt.tune(x)[(SLIM, 0)] == "slim" and rt._slim_ort == {0: None}  # a different answer: not used

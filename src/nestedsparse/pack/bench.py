@@ -149,8 +149,8 @@ def bench_packed(path: str | os.PathLike, batches: Sequence[int] = (1, 64), thre
         ``speedup_vs_torch`` (= torch_dense_ms / ours_ms), ``speedup_vs_ort`` (or None),
         ``bytes`` (what a file of levels ``0..k`` stores, ``PackedModel.level_bytes``), ``dense_model_bytes``
         (the float32 dense model), ``sparse_layers`` / ``layers`` (layers that tune() left on
-        the sparse kernel at this level and batch / all packed layers), ``slim`` (the level runs
-        as its slim dense network, ``rt.tune``), ``threads``, ``repeats``.
+        the sparse kernel at this level and batch / all packed layers), ``slim`` (what runs the level
+        as its slim dense network, ``rt.tune``: "torch", "onnxruntime", or "" for the packed path), ``threads``, ``repeats``.
 
     Example::
 
@@ -225,7 +225,7 @@ def bench_packed(path: str | os.PathLike, batches: Sequence[int] = (1, 64), thre
                         "speedup_vs_ort": None if ort_ms is None else round(ort_ms / ours, 4),
                         "bytes": int(packed.level_bytes(k)), "dense_model_bytes": _param_bytes(dense),
                         "sparse_layers": sum(m.choice(k, b) == "sparse" for m in layers), "layers": len(layers),
-                        "slim": rt.uses_slim(k, b),
+                        "slim": rt.slim_backend(k, b) or "",
                         "threads": n_threads, "repeats": int(repeats),
                     })
             sess = None

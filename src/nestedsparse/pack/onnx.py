@@ -138,21 +138,24 @@ def example_input(rt, batch: int, input_shape: Sequence[int] | None = None, seed
     return torch.randn((batch, *_input_shape(rt, input_shape)), generator=g)
 
 
-def _export(model: nn.Module, x: torch.Tensor, output: str | os.PathLike) -> None:
-    """``torch.onnx.export`` (TorchScript exporter) with a dynamic batch axis."""
+def _export(model: nn.Module, x: torch.Tensor, output) -> None:
+    """``torch.onnx.export`` (TorchScript exporter) with a dynamic batch axis; ``output`` a path
+    or a binary file object."""
+    output = output if hasattr(output, "write") else str(output)
     kw = dict(input_names=["input"], output_names=["output"], opset_version=17, do_constant_folding=True,
               dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
         try:
-            torch.onnx.export(model, (x,), str(output), dynamo=False, **kw)
+            torch.onnx.export(model, (x,), output, dynamo=False, **kw)
         except TypeError:  # a torch without the dynamo switch
-            torch.onnx.export(model, (x,), str(output), **kw)
+            torch.onnx.export(model, (x,), output, **kw)
 
 
-def ort_session(path: str | os.PathLike, threads: int | None = None, spinning: bool = True):
-    """An ONNX Runtime CPU session (all graph optimisations, ``threads`` intra-op threads, sequential;
-    ``spinning=False``: idle workers block instead of spinning)."""
+def ort_session(path: str | os.PathLike | bytes, threads: int | None = None, spinning: bool = True):
+    """An ONNX Runtime CPU session on a file or an in-memory model (all graph optimisations,
+    ``threads`` intra-op threads, sequential; ``spinning=False``: idle workers block instead of
+    spinning)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -163,7 +166,8 @@ def ort_session(path: str | os.PathLike, threads: int | None = None, spinning: b
     so.intra_op_num_threads = int(threads or torch.get_num_threads())
     so.inter_op_num_threads = 1
     so.log_severity_level = 3
-    return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
+    model = path if isinstance(path, bytes) else str(path)
+    return ort.InferenceSession(model, sess_options=so, providers=["CPUExecutionProvider"])
 
 
 def export_level(packed_path: str | os.PathLike, level: int, output: str | os.PathLike,

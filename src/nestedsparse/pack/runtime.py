@@ -725,6 +725,40 @@ class LevelBatchNorm(nn.Module):
         return F.batch_norm(x, self.running_mean[k], self.running_var[k], self.weight, self.bias, False, 0.0, self.eps)
 
 
+class _OrtSlim:
+    """A level's slim dense network run by ONNX Runtime (a candidate of ``PackedRuntime.tune``)."""
+
+    def __init__(self, session, sample_shape: tuple[int, ...]) -> None:
+        self.session, self.sample_shape = session, sample_shape  # the export fixed all but the batch
+
+    @classmethod
+    def build(cls, thin: nn.Module, example: torch.Tensor, threads: int) -> _OrtSlim | None:
+        """Export ``thin`` in memory and open it; None when onnxruntime is missing, the export or
+        the session fails, or ONNX Runtime's output on ``example`` differs from PyTorch's."""
+        import importlib.util  # noqa: PLC0415
+        import io  # noqa: PLC0415
+
+        if importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("onnx") is None:
+            return None
+        from .onnx import _export, ort_session  # noqa: PLC0415
+
+        buf = io.BytesIO()
+        try:
+            _export(thin, example, buf)
+            net = cls(ort_session(buf.getvalue(), threads=threads, spinning=False), tuple(example.shape[1:]))
+            got = net(example)
+        except Exception:  # noqa: BLE001 - an export / runtime we cannot use: PyTorch runs the slim network
+            return None
+        with torch.inference_mode():
+            ref = thin(example)
+        if got.shape != ref.shape or not torch.allclose(got, ref, rtol=1e-4, atol=1e-5 * (1 + float(ref.abs().max()))):
+            return None
+        return net
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.session.run(None, {"input": x.detach().contiguous().numpy()})[0])
+
+
 class PackedRuntime(nn.Module):
     """A packed model that runs any level per call: ``rt(x, level=k)`` or ``level={prefix: k}``.
 
@@ -751,7 +785,8 @@ class PackedRuntime(nn.Module):
         # channel levels as thin dense networks (``tune``): level -> slim model (None: no gain
         # possible), and the (level, batch) pairs that run it
         self._slim_models: dict[int, nn.Module | None] = {}
-        self._slim_on: dict[tuple[int, int], nn.Module] = {}
+        self._slim_ort: dict[int, _OrtSlim | None] = {}  # the same network run by ONNX Runtime
+        self._slim_on: dict[tuple[int, int], Callable[[torch.Tensor], torch.Tensor]] = {}
         if self._gates:  # traced now, every level: tracing patches nn.Module for the whole process,
             # so it must not happen while other threads run the model
             self._graphs[(True,) * len(self._gates)] = self.graph
@@ -777,7 +812,8 @@ class PackedRuntime(nn.Module):
             check_level_arg(self.spec, level, self.names, "packed")
         if self._slim_on and type(level) is int:
             thin = self._slim_on.get((level, x.shape[0]))
-            if thin is not None and x.dtype == torch.float32 and x.device.type == "cpu":
+            if thin is not None and x.dtype == torch.float32 and x.device.type == "cpu" and (
+                    type(thin) is not _OrtSlim or x.shape[1:] == thin.sample_shape):
                 with torch.inference_mode():  # tune() found this level's slim dense network faster here
                     return thin(x)
         token = _LEVEL.set(level)
@@ -812,6 +848,12 @@ class PackedRuntime(nn.Module):
         """Whether ``rt(x, level=level)`` with ``batch`` samples runs the level's slim dense network."""
         return (level, batch) in self._slim_on
 
+    def slim_backend(self, level: int, batch: int) -> str | None:
+        """What runs the level's slim network at that batch size: ``"torch"``, ``"onnxruntime"``,
+        or None (the packed path)."""
+        got = self._slim_on.get((level, batch))
+        return None if got is None else "onnxruntime" if isinstance(got, _OrtSlim) else "torch"
+
     def tune(self, example: torch.Tensor, levels=None, repeats: int = 7, slim: bool = True) -> dict:
         """Time sparse vs dense per layer and level on ``example``'s shapes; keep the faster.
 
@@ -820,10 +862,13 @@ class PackedRuntime(nn.Module):
 
         ``slim``: for a level that leaves whole channels unread (channel scheduling), also time
         its slim dense network (:func:`nestedsparse.structure.slim`: the thin network of that
-        level's channels, run by PyTorch) against the packed path, and run it at that level and
-        batch size from now on if it is at least 5% faster (``(SLIM, level): "slim"`` in the
-        result; float32 CPU inputs only, as the packed path). Building it traces the model with
-        ``torch.fx``: like building the runtime, tune before other threads run PyTorch modules.
+        level's channels), run by PyTorch and, when ``onnxruntime`` is installed, by ONNX Runtime
+        (exported in memory, as many threads as the kernels, idle workers not spinning; used only
+        if its output matches PyTorch's), against the packed path; the fastest runs at that level
+        and batch size from now on if it is at least 5% faster than the packed path (``(SLIM,
+        level): "slim"`` or ``"slim-onnxruntime"`` in the result, :meth:`slim_backend`; float32
+        CPU inputs only, as the packed path). Building it traces the model with ``torch.fx``:
+        like building the runtime, tune before other threads run PyTorch modules.
         """
         levels = list(range(self.spec.num_levels) if levels is None else levels)
         for k in levels:  # the packed path is what is tuned (and what the slim network must beat)
@@ -867,8 +912,11 @@ class PackedRuntime(nn.Module):
     def _drop_unrouted_slim(self, k: int) -> None:
         """Free level ``k``'s slim network when no batch size routes through it (a later tune
         rebuilds it); a level found to have none (None) stays known."""
-        if self._slim_models.get(k) is not None and not any(key[0] == k for key in self._slim_on):
-            del self._slim_models[k]
+        if not any(key[0] == k for key in self._slim_on):
+            if self._slim_models.get(k) is not None:
+                del self._slim_models[k]
+            if self._slim_ort.get(k) is not None:
+                del self._slim_ort[k]
 
     def _slim_model(self, level: int, example: torch.Tensor) -> nn.Module | None:
         """Level ``level``'s slim dense network, or None when it drops no channel (or cannot be built)."""
@@ -887,14 +935,28 @@ class PackedRuntime(nn.Module):
             self._slim_models[level] = thin
         return self._slim_models[level]
 
+    def _slim_ort_net(self, level: int, thin: nn.Module, example: torch.Tensor) -> _OrtSlim | None:
+        """Level ``level``'s slim network as an ONNX Runtime session, or None (no onnxruntime, the
+        export fails, or its output does not match PyTorch's)."""
+        if level not in self._slim_ort:
+            self._slim_ort[level] = _OrtSlim.build(thin, example, kernels._threads())
+        return self._slim_ort[level]
+
     def _tune_slim(self, example: torch.Tensor, k: int, out: dict, repeats: int) -> None:
         thin = self._slim_model(k, example)
         if thin is None:
             return
-        t = _median_times({"packed": lambda: self(example, level=k), "slim": lambda: thin(example)}, repeats)
-        if t["slim"] < 0.95 * t["packed"]:
-            self._slim_on[(k, example.shape[0])] = thin
-            out[(SLIM, k)] = "slim"
+        nets = {"slim": thin}
+        ort_net = self._slim_ort_net(k, thin, example)
+        if ort_net is not None:
+            nets["slim-onnxruntime"] = ort_net
+        fns = {"packed": lambda: self(example, level=k)}
+        fns.update({name: (lambda net=net: net(example)) for name, net in nets.items()})
+        t = _median_times(fns, repeats)
+        best = min(nets, key=t.__getitem__)
+        if t[best] < 0.95 * t["packed"]:
+            self._slim_on[(k, example.shape[0])] = nets[best]
+            out[(SLIM, k)] = best
         else:
             self._drop_unrouted_slim(k)
 
