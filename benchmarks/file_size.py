@@ -27,10 +27,9 @@ from nestedsparse.levels import LevelSpec
 from nestedsparse.nest import nestify_
 from nestedsparse.pack import format as packed_format
 from nestedsparse.pack import pack
-from nestedsparse.report import format_table
 
 sys.path.insert(0, str(Path(__file__).parent))
-from kernels import code_version  # noqa: E402 - the benchmarks' commit stamp
+from kernels import code_version, results_md  # noqa: E402 - the benchmarks' commit stamp and tables
 
 RESULTS = Path(__file__).parent / "results"
 CONFIGS = {  # name: (registry name, kwargs)
@@ -46,7 +45,7 @@ TABLE_KEYS = ("config", "spec", "dtype", "dense_bytes", "uncoded_bytes", "file_b
 
 
 def _uncoded(csr):
-    return csr.col_indices, None, (), False
+    return csr.col_indices, None, (), None
 
 
 def measure(config: str, spec_name: str, tmp: Path) -> list[dict]:
@@ -72,9 +71,7 @@ def measure(config: str, spec_name: str, tmp: Path) -> list[dict]:
 
 
 def write_md(rows: list[dict], meta: dict, path: Path) -> str:
-    table = format_table([{k: r[k] for k in TABLE_KEYS} for r in rows])
-    path.write_text(f"# Packed file size vs the dense model\n\n{json.dumps(meta)}\n\n```\n{table}\n```\n")
-    return table
+    return results_md(path, "Packed file size vs the dense model", rows, TABLE_KEYS, meta)
 
 
 def plot(rows: list[dict], path: Path) -> None:

@@ -183,13 +183,18 @@ TABLE_KEYS = ("config", "batch", "density", "ours_ms", "torch_dense_ms", "ort_de
               "speedup_vs_ort", "target", "met", "sparse_layers", "others_cpu_busy")
 
 
-def write_md(rows: list[dict], meta: dict, path: Path) -> str:
-    table = format_table([{k: r.get(k) for k in TABLE_KEYS} for r in rows])
-    met = sum(r["met"] for r in rows)
-    text = (f"# Packed runtime vs dense PyTorch / ONNX Runtime\n\n"
-            f"{json.dumps(meta)}\n\nTargets met: {met}/{len(rows)} rows.\n\n```\n{table}\n```\n")
-    path.write_text(text)
+def results_md(path: Path, title: str, rows: list[dict], keys, meta: dict, note: str = "") -> str:
+    """The benchmarks' ``.md`` result: title, the run's metadata, ``note``, the table of ``keys``
+    (returned, for printing)."""
+    table = format_table([{k: r.get(k) for k in keys} for r in rows])
+    path.write_text(f"# {title}\n\n{json.dumps(meta)}\n\n{note}```\n{table}\n```\n")
     return table
+
+
+def write_md(rows: list[dict], meta: dict, path: Path) -> str:
+    met = sum(r["met"] for r in rows)
+    return results_md(path, "Packed runtime vs dense PyTorch / ONNX Runtime", rows, TABLE_KEYS, meta,
+                      f"Targets met: {met}/{len(rows)} rows.\n\n")
 
 
 def plot(rows: list[dict], path: Path) -> None:

@@ -33,11 +33,11 @@ from nestedsparse.nest import nestify_
 from nestedsparse.pack import load_packed, pack
 from nestedsparse.pack.bench import _set_threads, time_interleaved
 from nestedsparse.pack.onnx import dense_model_for_level, export_level, ort_session
-from nestedsparse.report import cpu_name, format_table
+from nestedsparse.report import cpu_name
 from nestedsparse.structure import ChannelSelector, slim
 
 sys.path.insert(0, str(Path(__file__).parent))
-from kernels import code_version, gauge  # noqa: E402 - the benchmarks' commit stamp and load gauge
+from kernels import code_version, gauge, results_md  # noqa: E402 - the benchmarks' stamp, load gauge, tables
 
 RESULTS = Path(__file__).parent / "results"
 DENSITIES = (0.0625, 0.25, 1.0)
@@ -105,9 +105,7 @@ TABLE_KEYS = ("config", "batch", "width", "params_full", "params_slim", "onnx_by
 
 
 def write_md(rows: list[dict], meta: dict, path: Path) -> str:
-    table = format_table([{k: r[k] for k in TABLE_KEYS} for r in rows])
-    path.write_text(f"# Channel-scheduled levels, slim vs full width\n\n{json.dumps(meta)}\n\n```\n{table}\n```\n")
-    return table
+    return results_md(path, "Channel-scheduled levels, slim vs full width", rows, TABLE_KEYS, meta)
 
 
 def plot(rows: list[dict], path: Path) -> None:

@@ -426,7 +426,7 @@ class PlaneProgram(nn.Module):
             geo = self._geo(ui)
             pool = _parts(self.units[ui])[3]
             (sh, sw), pw, kw, dw = geo.stride, geo.padding[1], geo.wshape[3], geo.dilation[1]
-            Hs, Ws, ps = shape[s][1], shape[s][2], layout(s)[3]
+            Hs, Ws = shape[s][1], shape[s][2]
             bh, bw = border[s]
             OW = geo.out_hw(Hs, Ws)[1]
             po = layout(i + 1)[3]
