@@ -129,6 +129,22 @@ def test_fused_equals_nested_model_every_level(packed, batch, way):
     rt.graph = graph
 
 
+def test_dense_path_keeps_one_weight_copy_per_level(packed):
+    """A conv with a fused BatchNorm on the dense path keeps only its folded weight, not also the
+    unfolded one it was made from."""
+    m, path = packed
+    rt = load_packed(path, Net)
+    x = torch.randn(2, 3, 24, 24)
+    for layer in rt.sparse_layers():
+        for k in range(SPEC.num_levels):
+            layer.mode[(k, 2)] = "dense"
+    _assert_every_level(rt, m, x)
+    conv1 = next(u for u in rt.modules() if isinstance(u, FusedSparse) and u.name == "block.conv1")
+    layer = conv1.layer
+    folded = [key for key in layer._epi if key[-1] == "dense"]
+    assert len(folded) == SPEC.num_levels and layer._dense == {}
+
+
 def test_per_layer_levels_reach_fused_batchnorm(packed):
     """A BatchNorm routed to another level than its conv uses that level's statistics."""
     m, path = packed
