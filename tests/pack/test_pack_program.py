@@ -1,5 +1,6 @@
 """Depth-first conv programs (pack/program.py): the region a program takes, and that it computes
 exactly what the unit-by-unit runtime and the nested model compute."""
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -108,6 +109,11 @@ def test_resnet_region_ends_with_the_classifier(tmp_path, shortcut):
     assert [op[0] for op in prog.ops[-3:]] == ["gap", "flatten", "conv"] and prog._tail
     calls = [n.target for n in rt.graph.graph.nodes if n.op == "call_module"]
     assert len(calls) == 1
+    # the program's concatenated weights are the units' own (held once, not copied)
+    from nestedsparse.pack.runtime import _unit_parts
+    layers = [_unit_parts(u)[0] for u in prog.units]
+    assert all(np.shares_memory(layer.csr.values, prog._vals) for layer in layers)
+    assert sum(layer.csr.values.nbytes for layer in layers) == prog._vals.nbytes
 
 
 def test_classifier_runs_in_the_program_when_sparse_at_batch_one(tmp_path, monkeypatch):

@@ -102,6 +102,19 @@ class _Geometry:
         self.out_size = int(np.prod(out_dims))
 
 
+def _share_values(units: list[nn.Module], vals: np.ndarray) -> None:
+    """Point each unit's ``csr.values`` at its slice of the program's concatenated ``vals`` (the
+    same numbers), so the weights are held once, not twice. Only where no kernel plan has captured
+    the old array yet (plans keep a reference); the structure's content does not change."""
+    off = 0
+    for u in units:
+        csr = _parts(u)[0].csr
+        n = csr.values.shape[0]
+        if not any(isinstance(key, tuple) and key[0] == "plan" for key in csr._cache):
+            object.__setattr__(csr, "values", vals[off:off + n])  # frozen dataclass: same values, shared buffer
+        off += n
+
+
 class PlaneProgram(nn.Module):
     """A region of packed convs run depth-first per image (see the module docstring).
 
@@ -132,6 +145,7 @@ class PlaneProgram(nn.Module):
         if len(dtypes) == 1:  # one value dtype for the whole region (the kernel takes one code)
             vals = np.concatenate([np.ascontiguousarray(_parts(u)[0].csr.values).reshape(-1) for u in units])
             self._vals = np.ascontiguousarray(vals)
+            _share_values(units, self._vals)
             self._code = 2 * 2 + (1 if vals.dtype == np.int8 else 0)  # int32 offsets
             assert self._code in kernels.PROGRAM_CODES  # the only dtypes the programs' tiles compile
         self._entry0 = np.cumsum([0] + [_parts(u)[0].csr.col_indices.shape[0] for u in units]).tolist()
