@@ -140,6 +140,9 @@ def test_classifier_runs_in_the_program_when_sparse_at_batch_one(tmp_path, monke
         gap = with_tail[with_tail[:, 0] == 4][0]
         assert gap[7] >= 0 and with_tail[-1, 0] == 5 and with_tail[-2, 0] == 2  # GAP -> plane, 1x1 conv, out
         assert prog._geometry((3, 16, 16)).steps[-1, 0] == 4  # without: GAP straight into the output
+        # the conv taps' offsets (as large as the weights) are held once for both geometries
+        offs = [prog._geometry((3, 16, 16), t).offs_b for t in (False, True)]
+        assert offs[0].nbytes < offs[1].nbytes and np.shares_memory(offs[0], offs[1])
 
 
 def test_option_a_shortcut_on_odd_sizes(tmp_path):

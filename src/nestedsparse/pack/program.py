@@ -597,7 +597,22 @@ class PlaneProgram(nn.Module):
         else:
             out_dims = (Co, Ho, Wo)
         offs = np.ascontiguousarray(np.concatenate(offs_parts)) if offs_parts else np.zeros(0, np.int32)
-        return _Geometry(table, offs, A, out_dims)
+        return _Geometry(table, self._shared_offsets(in_shape, offs), A, out_dims)
+
+    def _shared_offsets(self, in_shape: tuple, offs: np.ndarray) -> np.ndarray:
+        """``offs``, or the same numbers as a prefix of the other geometry compiled for this input
+        shape (with / without the Linear tail, whose taps come last): the tap offsets are as large
+        as the weights, so they are held once."""
+        for tail in (False, True):
+            other = self._geos.get((in_shape, tail))
+            if other is None or other is False:
+                continue
+            theirs = other.offs_b.view(np.int32)
+            if theirs.shape[0] >= offs.shape[0] and np.array_equal(theirs[:offs.shape[0]], offs):
+                return theirs[:offs.shape[0]]
+            if offs.shape[0] > theirs.shape[0] and np.array_equal(offs[:theirs.shape[0]], theirs):
+                other.offs_b = offs[:theirs.shape[0]].view(np.uint8)  # the longer array serves both
+        return offs
 
     # ------------------------------------------------------------------ tuning
     def tune_level(self, args: tuple, level: int, repeats: int, keys: set | None = None) -> dict:
