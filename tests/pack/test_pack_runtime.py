@@ -554,6 +554,12 @@ def test_linear_only_chain_runs_as_one_call_equal_at_every_level(tmp_path, dtype
         else:
             _assert_every_level(rt, m, x, calls=2, **tol)
         assert len(_fused_states(chain)) == SPEC.num_levels * (1 + [1, 2, 5, 67].index(batch))
+    # the one-call chain's concatenated entries are the layers' own arrays (held once)
+    _, _, _, cols, vals, entry0, _ = chain._fused_static
+    for layer, e0, e1 in zip(rt.sparse_layers(), entry0[:-1], entry0[1:]):
+        assert np.shares_memory(layer.csr.values, vals) and layer.csr.values.shape[0] == e1 - e0
+        assert np.shares_memory(layer.csr.col_indices, cols) == (layer.csr.col_indices.dtype == cols.dtype)
+        assert all(np.shares_memory(p.vals, vals) for p in layer.csr._cache.values() if isinstance(p, K._Plan))
     par = {tuple(s.arrays[0][:, 4]) for s in _fused_states(chain)}
     assert (0, 0, 0) in par  # the serial layer loop ran (batch 1: small layers)
     if K._threads() > 1:

@@ -2535,6 +2535,26 @@ def plan_for(csr: NestedCSR, level: int) -> _Plan:
     return _plan(csr, level)
 
 
+def share_arrays(csr: NestedCSR, values: Optional[np.ndarray] = None,
+                 col_indices: Optional[np.ndarray] = None) -> None:
+    """Point ``csr.values`` / ``csr.col_indices``, and the plans already built on them, at equal
+    arrays held elsewhere (a slice of a fused chain's or program's concatenation), so the numbers
+    are held once.  An array of another dtype, shape or content is ignored; a kernel running
+    meanwhile keeps the old, equal array."""
+    for name, new in (("values", values), ("col_indices", col_indices)):
+        old = getattr(csr, name)
+        if new is None or new is old or new.dtype != old.dtype or new.shape != old.shape or not new.flags.c_contiguous \
+                or not np.array_equal(new, old):
+            continue
+        object.__setattr__(csr, name, new)  # frozen dataclass: the same numbers in a shared buffer
+        for plan in csr._cache.values():
+            if isinstance(plan, _Plan):
+                if name == "values":
+                    plan.vals, plan.vals_b = new, new.view(np.uint8)
+                else:
+                    plan.cols, plan.cols_b = new, new.view(np.uint8)
+
+
 def _scale_arr(scale: Optional[Array], plan: _Plan) -> np.ndarray:
     if scale is None:
         return plan.scales

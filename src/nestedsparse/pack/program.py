@@ -103,15 +103,12 @@ class _Geometry:
 
 
 def _share_values(units: list[nn.Module], vals: np.ndarray) -> None:
-    """Point each unit's ``csr.values`` at its slice of the program's concatenated ``vals`` (the
-    same numbers), so the weights are held once, not twice. Only where no kernel plan has captured
-    the old array yet (plans keep a reference); the structure's content does not change."""
+    """Each unit's weights become its slice of the program's concatenated ``vals`` (held once)."""
     off = 0
     for u in units:
         csr = _parts(u)[0].csr
         n = csr.values.shape[0]
-        if not any(isinstance(key, tuple) and key[0] == "plan" for key in csr._cache):
-            object.__setattr__(csr, "values", vals[off:off + n])  # frozen dataclass: same values, shared buffer
+        kernels.share_arrays(csr, values=vals[off:off + n])
         off += n
 
 

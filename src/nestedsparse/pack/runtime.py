@@ -489,6 +489,8 @@ class FeatureMajorChain(nn.Module):
             row0 = np.cumsum([0] + [layer.csr.shape[0] for layer, _, _ in parts])
             code = 2 * kernels._COL_CODE[cols.dtype] + kernels._VAL_CODE[vals.dtype]
             self._fused_static = (cols.view(np.uint8), vals.view(np.uint8), code, cols, vals, entry0, row0)
+            for (layer, _, _), e0, e1 in zip(parts, entry0[:-1], entry0[1:]):  # held once, not twice
+                kernels.share_arrays(layer.csr, values=vals[e0:e1], col_indices=cols[e0:e1])
         cols_b, vals_b, code, cols, vals, entry0, row0 = self._fused_static
         T = max(1, kernels._threads())
         starts, ends, scales, bias, bounds, los, par, blk = [], [], [], [], [], [], [], []
