@@ -126,6 +126,9 @@ def test_tune_can_route_a_slim_level_through_onnxruntime(tmp_path, monkeypatch):
     x16 = torch.randn(3, 1, 16, 16)  # the same batch at another size: the export cannot take it
     torch.testing.assert_close(rt(x16, level=0), ref(x16, level=0), rtol=1e-4, atol=1e-4)
     assert len(calls) == 1
+    rt.tune(x16)  # tuned again at another size: a new export for it
+    assert rt._slim_on[(0, 3)].sample_shape == (1, 16, 16)
+    torch.testing.assert_close(rt(x16, level=0), ref(x16, level=0), rtol=1e-4, atol=1e-4)
     monkeypatch.setattr(rt_mod, "_median_times", _fastest("slim"))
     rt.tune(x)
     assert rt.slim_backend(0, 3) == "torch"

@@ -938,11 +938,13 @@ class PackedRuntime(nn.Module):
         return self._slim_models[level]
 
     def _slim_ort_net(self, level: int, thin: nn.Module, example: torch.Tensor) -> _OrtSlim | None:
-        """Level ``level``'s slim network as an ONNX Runtime session, or None (no onnxruntime, the
-        export fails, or its output does not match PyTorch's)."""
-        if level not in self._slim_ort:
-            self._slim_ort[level] = _OrtSlim.build(thin, example, kernels._threads())
-        return self._slim_ort[level]
+        """Level ``level``'s slim network as an ONNX Runtime session for ``example``'s sample shape
+        (rebuilt for another one), or None (no onnxruntime, the export fails, or its output does
+        not match PyTorch's)."""
+        net = self._slim_ort.get(level, False)
+        if net is False or net is not None and net.sample_shape != tuple(example.shape[1:]):  # the export fixed it
+            net = self._slim_ort[level] = _OrtSlim.build(thin, example, kernels._threads())
+        return net
 
     def _tune_slim(self, example: torch.Tensor, k: int, out: dict, repeats: int) -> None:
         thin = self._slim_model(k, example)
