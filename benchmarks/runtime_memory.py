@@ -1,7 +1,8 @@
 """What a packed runtime holds in memory, against the dense model and the packed file.
 
 For each model (random init; nested at 5 / 10 / 100%, float32), packs and loads it, then counts
-the bytes of every numpy array and tensor reachable from the runtime (each buffer once): right
+the bytes of every numpy array and tensor reachable from the runtime (each buffer once; through
+modules, containers, objects and the closures of bound kernel calls): right
 after ``load_packed``, and after running every level at batch 1 and batch 64 (when the runtime
 has built its per-level dense weights, kernel plans, tap offsets and activation arenas). The
 bytes after running are also split by the runtime attribute that holds them. Byte counts, no
@@ -15,6 +16,7 @@ import argparse
 import json
 import sys
 import tempfile
+import types
 from collections import Counter
 from pathlib import Path
 
@@ -42,6 +44,14 @@ TABLE_KEYS = ("config", "dense_model_bytes", "file_bytes", "after_load_bytes", "
               "after_running_vs_dense", "largest_holders")
 
 
+def _filled(cell) -> bool:
+    try:
+        cell.cell_contents
+    except ValueError:
+        return False
+    return True
+
+
 class _Counter:
     """Bytes of the buffers reachable from objects, each buffer counted once."""
 
@@ -66,9 +76,13 @@ class _Counter:
         visited.add(id(obj))
         if isinstance(obj, (torch.Tensor, np.ndarray)):
             return self.buffer(obj)
-        if isinstance(obj, (str, bytes, int, float, bool, type(None), type)) or callable(obj) and not isinstance(
-                obj, nn.Module):
-            return 0
+        if isinstance(obj, (str, bytes, int, float, bool, type(None), type)) or type(obj).__module__.startswith(
+                ("numba", "onnxruntime", "builtins")) and not isinstance(obj, (dict, list, tuple, set, frozenset)):
+            return 0  # compiled kernels / sessions hold no arrays of ours; functions below
+        if isinstance(obj, types.FunctionType):  # a bound kernel call keeps its arrays in its closure
+            return sum(self.walk(c.cell_contents, visited) for c in obj.__closure__ or () if _filled(c))
+        if isinstance(obj, types.MethodType):
+            return self.walk(obj.__self__, visited) + self.walk(obj.__func__, visited)
         if isinstance(obj, dict):
             return sum(self.walk(v, visited) for v in list(obj.keys()) + list(obj.values()))
         if isinstance(obj, (list, tuple, set, frozenset)):

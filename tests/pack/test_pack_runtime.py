@@ -566,6 +566,19 @@ def test_linear_only_chain_runs_as_one_call_equal_at_every_level(tmp_path, dtype
         assert any(any(p) for p in par)  # and the parallel one
 
 
+def test_chain_shares_its_layers_arrays_before_any_call(tmp_path):
+    """The one-call chain's concatenation exists from the start, so a layer-by-layer sequence
+    bound before the first one-call run cannot keep the layers' old arrays alive."""
+    m, rt, chain = _linear_chain_rt(tmp_path)
+    _, _, _, cols, vals, _, _ = chain._fused_static
+    assert all(np.shares_memory(layer.csr.values, vals) for layer in rt.sparse_layers())
+    x = torch.randn(4, 4, 5)
+    rt.sparse_layers()[1].mode[(0, 4)] = "dense"  # level 0 goes layer by layer and binds its kernels
+    _assert_every_level(rt, m, x)
+    for layer in rt.sparse_layers():
+        assert all(np.shares_memory(p.vals, vals) for p in layer.csr._cache.values() if isinstance(p, K._Plan))
+
+
 def test_linear_chain_goes_layer_by_layer_when_a_layer_runs_dense(tmp_path):
     m, rt, chain = _linear_chain_rt(tmp_path)
     x = torch.randn(4, 4, 5)

@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+import nestedsparse as ns
 from nestedsparse import models
 from nestedsparse.levels import LevelSpec
 from nestedsparse.nest import iter_nested_bn, nestify_
@@ -129,6 +130,10 @@ def test_tune_can_route_a_slim_level_through_onnxruntime(tmp_path, monkeypatch):
     rt.tune(x16)  # tuned again at another size: a new export for it
     assert rt._slim_on[(0, 3)].sample_shape == (1, 16, 16)
     torch.testing.assert_close(rt(x16, level=0), ref(x16, level=0), rtol=1e-4, atol=1e-4)
+    net = rt._slim_on[(0, 3)]
+    monkeypatch.setattr(net, "session", None)  # ONNX Runtime failing on a call: that call runs packed
+    torch.testing.assert_close(rt(x16, level=0), ref(x16, level=0), rtol=1e-4, atol=1e-4)
+    assert rt.slim_backend(0, 3) is None  # and the route is dropped
     monkeypatch.setattr(rt_mod, "_median_times", _fastest("slim"))
     rt.tune(x)
     assert rt.slim_backend(0, 3) == "torch"
@@ -152,10 +157,48 @@ def test_onnxruntime_candidate_only_when_usable_and_equal(tmp_path, monkeypatch)
     real_find = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real_find(name, *a))
     rt = load_packed(path)
-    assert rt.tune(x)[(SLIM, 0)] == "slim" and rt._slim_ort == {0: None}  # not installed: PyTorch runs it
+    assert rt.tune(x)[(SLIM, 0)] == "slim" and rt._slim_ort == {(0, (1, 12, 12)): None}  # not installed
     monkeypatch.undo()
     pytest.importorskip("onnxruntime")
     monkeypatch.setattr(rt_mod, "_median_times", _fastest("slim-onnxruntime"))
     monkeypatch.setattr(rt_mod._OrtSlim, "__call__", lambda self, x: torch.zeros(x.shape[0], 10))
     rt = load_packed(path)
-    assert rt.tune(x)[(SLIM, 0)] == "slim" and rt._slim_ort == {0: None}  # a different answer: not used
+    assert rt.tune(x)[(SLIM, 0)] == "slim" and rt._slim_ort == {(0, (1, 12, 12)): None}  # another answer
+
+
+def test_a_slim_network_with_several_outputs_stays_on_pytorch(tmp_path, monkeypatch):
+    pytest.importorskip("onnxruntime")
+    from torch import nn
+
+    class Two(nn.Module):  # two heads on one trunk: a tuple out
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Conv2d(1, 8, 3, padding=1), nn.Conv2d(8, 4, 3), nn.Conv2d(8, 2, 1)
+
+        def forward(self, x):
+            h = torch.relu(self.a(x))
+            return self.b(h), self.c(h)
+
+    torch.manual_seed(0)
+    m = Two()
+    nestify_(m, LevelSpec((0.25, 1.0)))
+    ChannelSelector((0.25, 1.0)).apply_(m)
+    pack(m).save(tmp_path / "t.nsp")
+    rt = load_packed(tmp_path / "t.nsp", Two)
+    x = torch.randn(2, 1, 6, 6)
+    monkeypatch.setattr(rt_mod, "_median_times", _fastest("slim-onnxruntime"))
+    assert rt.tune(x)[(SLIM, 0)] == "slim"  # no ORT candidate: tune used to crash here
+    got, want = rt(x, level=0), ns.plain_model(m, 0)(x)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+
+
+def test_tune_keeps_dense_weights_only_for_levels_that_run_dense(tmp_path, monkeypatch):
+    rt = load_packed(_packed(tmp_path))
+    x = torch.randn(4, 1, 16, 16)
+    rt.tune(x, slim=True)
+    for layer in rt.sparse_layers():
+        dense_levels = {k for (k, b), way in layer.mode.items() if way == "dense"}
+        dense_levels |= {k for (k, b), way in layer._rule.items() if way == "dense" and (k, b) not in layer.mode}
+        assert set(layer._dense) <= dense_levels
+        assert {key[0] for key in layer._epi if key[-1] == "dense"} <= dense_levels

@@ -2547,7 +2547,7 @@ def share_arrays(csr: NestedCSR, values: Optional[np.ndarray] = None,
                 or not np.array_equal(new, old):
             continue
         object.__setattr__(csr, name, new)  # frozen dataclass: the same numbers in a shared buffer
-        for plan in csr._cache.values():
+        for plan in list(csr._cache.values()):  # a copy: another thread may add a plan meanwhile
             if isinstance(plan, _Plan):
                 if name == "values":
                     plan.vals, plan.vals_b = new, new.view(np.uint8)

@@ -134,6 +134,16 @@ class _SparseBase(nn.Module):
             self._dense[level] = w
         return w
 
+    def drop_unused_dense(self) -> None:
+        """Free the dense weights (plain and BatchNorm-folded) of the levels that no tuned or
+        already-used batch size runs dense; another call rebuilds one on first use."""
+        keep = {k for (k, b), way in self.mode.items() if way == "dense"}
+        keep |= {k for (k, b), way in self._rule.items() if way == "dense" and (k, b) not in self.mode}
+        for k in [k for k in self._dense if k not in keep]:
+            del self._dense[k]
+        for key in [key for key in self._epi if key[-1] == "dense" and key[0] not in keep]:
+            del self._epi[key]
+
     def choice(self, level: int, batch: int) -> str:
         """``"sparse"`` or ``"dense"`` for this level and batch size (``tune()``'s pick, else the
         density rule of ``kernels.choose``)."""
@@ -345,8 +355,26 @@ class FeatureMajorChain(nn.Module):
         self._shapes: dict[tuple, list[tuple]] = {}
         self._epi_cache: dict[tuple, tuple] = {}
         self._progs: dict[tuple, list | None] = {}
-        self._fused_static: tuple | None = None  # concatenated entries of a Linear-only chain (built once)
         self._fused_acts: dict[tuple, np.ndarray] = {}
+        # a Linear-only chain of one value dtype runs as one call on its layers' concatenated
+        # entries; built here, before any call, so the layers' arrays become slices of it (held
+        # once) before a kernel plan or a bound sequence captures them, and no call races to build it
+        self._fused_static = self._concatenate() if kernels.have_numba() else None
+
+    def _concatenate(self) -> tuple | None:
+        """``(cols_b, vals_b, code, cols, vals, entry0, row0)`` of the one-call chain, or None."""
+        parts = [self._parts(u) for u in self.units]
+        if any(k != "linear" for k in self.kinds) or len({layer.csr.values.dtype for layer, _, _ in parts}) != 1:
+            return None
+        cdt = np.result_type(*[layer.csr.col_indices.dtype for layer, _, _ in parts])
+        cols = np.ascontiguousarray(np.concatenate([layer.csr.col_indices.astype(cdt) for layer, _, _ in parts]))
+        vals = np.ascontiguousarray(np.concatenate([layer.csr.values.reshape(-1) for layer, _, _ in parts]))
+        entry0 = np.cumsum([0] + [layer.csr.col_indices.shape[0] for layer, _, _ in parts])
+        row0 = np.cumsum([0] + [layer.csr.shape[0] for layer, _, _ in parts])
+        for (layer, _, _), e0, e1 in zip(parts, entry0[:-1], entry0[1:]):  # (cols: when the dtypes agree)
+            kernels.share_arrays(layer.csr, values=vals[e0:e1], col_indices=cols[e0:e1])
+        code = 2 * kernels._COL_CODE[cols.dtype] + kernels._VAL_CODE[vals.dtype]
+        return cols.view(np.uint8), vals.view(np.uint8), code, cols, vals, entry0, row0
 
     @staticmethod
     def _parts(u: nn.Module) -> tuple[_SparseBase, LevelBatchNorm | None, bool]:
@@ -470,27 +498,15 @@ class FeatureMajorChain(nn.Module):
         """Every layer in one compiled call (``kernels._chain_par``) when the chain is Linear
         only, every layer is on the sparse path at the call's levels and all share one value
         dtype; else None (the layer-by-layer sequence)."""
-        if any(k != "linear" for k in self.kinds) or not kernels.have_numba():
+        if self._fused_static is None:
             return None
         parts = [self._parts(u) for u in self.units]
-        if len({layer.csr.values.dtype for layer, _, _ in parts}) != 1:
-            return None
         ks = []
         for layer, bn, _ in parts:
             k = _level_for(layer.name, layer.top)
             if (force or layer.choice(k, B)) != "sparse":
                 return None
             ks.append((k, -1 if bn is None else _level_for(bn.name, bn.top)))
-        if self._fused_static is None:
-            cdt = np.result_type(*[layer.csr.col_indices.dtype for layer, _, _ in parts])
-            cols = np.ascontiguousarray(np.concatenate([layer.csr.col_indices.astype(cdt) for layer, _, _ in parts]))
-            vals = np.ascontiguousarray(np.concatenate([layer.csr.values.reshape(-1) for layer, _, _ in parts]))
-            entry0 = np.cumsum([0] + [layer.csr.col_indices.shape[0] for layer, _, _ in parts])
-            row0 = np.cumsum([0] + [layer.csr.shape[0] for layer, _, _ in parts])
-            code = 2 * kernels._COL_CODE[cols.dtype] + kernels._VAL_CODE[vals.dtype]
-            self._fused_static = (cols.view(np.uint8), vals.view(np.uint8), code, cols, vals, entry0, row0)
-            for (layer, _, _), e0, e1 in zip(parts, entry0[:-1], entry0[1:]):  # held once, not twice
-                kernels.share_arrays(layer.csr, values=vals[e0:e1], col_indices=cols[e0:e1])
         cols_b, vals_b, code, cols, vals, entry0, row0 = self._fused_static
         T = max(1, kernels._threads())
         starts, ends, scales, bias, bounds, los, par, blk = [], [], [], [], [], [], [], []
@@ -746,13 +762,15 @@ class _OrtSlim:
 
         buf = io.BytesIO()
         try:
+            with torch.inference_mode():
+                ref = thin(example)
+            if not isinstance(ref, torch.Tensor):  # one tensor out (a tuple / dict: PyTorch runs it)
+                return None
             _export(thin, example, buf)
             net = cls(ort_session(buf.getvalue(), threads=threads, spinning=False), tuple(example.shape[1:]))
             got = net(example)
         except Exception:  # noqa: BLE001 - an export / runtime we cannot use: PyTorch runs the slim network
             return None
-        with torch.inference_mode():
-            ref = thin(example)
         if got.shape != ref.shape or not torch.allclose(got, ref, rtol=1e-4, atol=1e-5 * (1 + float(ref.abs().max()))):
             return None
         return net
@@ -787,7 +805,7 @@ class PackedRuntime(nn.Module):
         # channel levels as thin dense networks (``tune``): level -> slim model (None: no gain
         # possible), and the (level, batch) pairs that run it
         self._slim_models: dict[int, nn.Module | None] = {}
-        self._slim_ort: dict[int, _OrtSlim | None] = {}  # the same network run by ONNX Runtime
+        self._slim_ort: dict[tuple, _OrtSlim | None] = {}  # (level, sample shape): it run by ONNX Runtime
         self._slim_on: dict[tuple[int, int], Callable[[torch.Tensor], torch.Tensor]] = {}
         if self._gates:  # traced now, every level: tracing patches nn.Module for the whole process,
             # so it must not happen while other threads run the model
@@ -817,7 +835,12 @@ class PackedRuntime(nn.Module):
             if thin is not None and x.dtype == torch.float32 and x.device.type == "cpu" and (
                     type(thin) is not _OrtSlim or x.shape[1:] == thin.sample_shape):
                 with torch.inference_mode():  # tune() found this level's slim dense network faster here
-                    return thin(x)
+                    if type(thin) is not _OrtSlim:
+                        return thin(x)
+                    try:
+                        return thin(x)
+                    except Exception:  # noqa: BLE001 - ONNX Runtime failed on this call: drop the route, run packed
+                        self._slim_on.pop((level, x.shape[0]), None)
         token = _LEVEL.set(level)
         try:
             with torch.inference_mode():
@@ -909,6 +932,8 @@ class PackedRuntime(nn.Module):
                 self._tune_slim(example, k, out, repeats)
             else:
                 self._drop_unrouted_slim(k)
+        for layer in self.sparse_layers():  # timing the dense path made a dense weight at every level
+            layer.drop_unused_dense()
         return out
 
     def _drop_unrouted_slim(self, k: int) -> None:
@@ -917,8 +942,8 @@ class PackedRuntime(nn.Module):
         if not any(key[0] == k for key in self._slim_on):
             if self._slim_models.get(k) is not None:
                 del self._slim_models[k]
-            if self._slim_ort.get(k) is not None:
-                del self._slim_ort[k]
+            for key in [key for key, net in self._slim_ort.items() if key[0] == k and net is not None]:
+                del self._slim_ort[key]
 
     def _slim_model(self, level: int, example: torch.Tensor) -> nn.Module | None:
         """Level ``level``'s slim dense network, or None when it drops no channel (or cannot be built)."""
@@ -941,10 +966,10 @@ class PackedRuntime(nn.Module):
         """Level ``level``'s slim network as an ONNX Runtime session for ``example``'s sample shape
         (rebuilt for another one), or None (no onnxruntime, the export fails, or its output does
         not match PyTorch's)."""
-        net = self._slim_ort.get(level, False)
-        if net is False or net is not None and net.sample_shape != tuple(example.shape[1:]):  # the export fixed it
-            net = self._slim_ort[level] = _OrtSlim.build(thin, example, kernels._threads())
-        return net
+        key = (level, tuple(example.shape[1:]))  # the export fixes the sample shape
+        if key not in self._slim_ort:
+            self._slim_ort[key] = _OrtSlim.build(thin, example, kernels._threads())
+        return self._slim_ort[key]
 
     def _tune_slim(self, example: torch.Tensor, k: int, out: dict, repeats: int) -> None:
         thin = self._slim_model(k, example)
