@@ -776,7 +776,8 @@ class _OrtSlim:
         return net
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(self.session.run(None, {"input": x.detach().contiguous().numpy()})[0])
+        a = x.numpy() if not x.requires_grad and x.is_contiguous() else x.detach().contiguous().numpy()
+        return torch.from_numpy(self.session.run(None, {"input": a})[0])
 
 
 class PackedRuntime(nn.Module):
@@ -834,13 +835,13 @@ class PackedRuntime(nn.Module):
             thin = self._slim_on.get((level, x.shape[0]))
             if thin is not None and x.dtype == torch.float32 and x.device.type == "cpu" and (
                     type(thin) is not _OrtSlim or x.shape[1:] == thin.sample_shape):
-                with torch.inference_mode():  # tune() found this level's slim dense network faster here
-                    if type(thin) is not _OrtSlim:
+                if type(thin) is not _OrtSlim:  # tune() found this level's slim dense network faster here
+                    with torch.inference_mode():
                         return thin(x)
-                    try:
-                        return thin(x)
-                    except Exception:  # noqa: BLE001 - ONNX Runtime failed on this call: drop the route, run packed
-                        self._slim_on.pop((level, x.shape[0]), None)
+                try:
+                    return thin(x)
+                except Exception:  # noqa: BLE001 - ONNX Runtime failed on this call: drop the route, run packed
+                    self._slim_on.pop((level, x.shape[0]), None)
         token = _LEVEL.set(level)
         try:
             with torch.inference_mode():
