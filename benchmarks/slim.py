@@ -89,7 +89,8 @@ def run_config(name: str, batches, repeats: dict, tmp: Path) -> list[dict]:
             r = {"config": name, "batch": b, "level": k, "density": DENSITIES[k], "width": WIDTHS[k],
                  "params_full": p_full, "params_slim": p_thin, "onnx_bytes_full": sizes[k, "full"],
                  "onnx_bytes_slim": sizes[k, "slim"]}
-            r.update({f"{e}_ms": round(t[e, k], 4) for e in ("torch_full", "torch_slim", "ort_full", "ort_slim", "ours")})
+            r.update({f"{e}_ms": round(t[e, k], 4)
+                      for e in ("torch_full", "torch_slim", "ort_full", "ort_slim", "ours")})
             r["ours_path"] = f"slim ({rt.slim_backend(k, b)})" if rt.uses_slim(k, b) else "packed"
             r["slim_speedup_torch"] = round(t["torch_full", k] / t["torch_slim", k], 3)
             r["slim_speedup_ort"] = round(t["ort_full", k] / t["ort_slim", k], 3)

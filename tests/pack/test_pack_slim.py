@@ -155,7 +155,8 @@ def test_onnxruntime_candidate_only_when_usable_and_equal(tmp_path, monkeypatch)
     x = torch.randn(2, 1, 12, 12)
     monkeypatch.setattr(rt_mod, "_median_times", _fastest("slim-onnxruntime"))
     real_find = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real_find(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "onnxruntime" else real_find(name, *a))
     rt = load_packed(path)
     assert rt.tune(x)[(SLIM, 0)] == "slim" and rt._slim_ort == {(0, (1, 12, 12)): None}  # not installed
     monkeypatch.undo()

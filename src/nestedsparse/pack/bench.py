@@ -147,10 +147,11 @@ def bench_packed(path: str | os.PathLike, batches: Sequence[int] = (1, 64), thre
         ``density`` (the spec's), ``kept`` (the share of the packed layers' weights the level
         really keeps), ``ours_ms``, ``torch_dense_ms``, ``ort_dense_ms`` (or None),
         ``speedup_vs_torch`` (= torch_dense_ms / ours_ms), ``speedup_vs_ort`` (or None),
-        ``bytes`` (what a file of levels ``0..k`` stores, ``PackedModel.level_bytes``), ``dense_model_bytes``
-        (the float32 dense model), ``sparse_layers`` / ``layers`` (layers that tune() left on
-        the sparse kernel at this level and batch / all packed layers), ``slim`` (what runs the level
-        as its slim dense network, ``rt.tune``: "torch", "onnxruntime", or "" for the packed path), ``threads``, ``repeats``.
+        ``bytes`` (what a file of levels ``0..k`` stores, ``PackedModel.level_bytes``),
+        ``dense_model_bytes`` (the float32 dense model), ``sparse_layers`` / ``layers`` (layers
+        that tune() left on the sparse kernel at this level and batch / all packed layers),
+        ``slim`` (what runs the level as its slim dense network, ``rt.tune``: "torch",
+        "onnxruntime", or "" for the packed path), ``threads``, ``repeats``.
 
     Example::
 

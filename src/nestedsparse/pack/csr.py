@@ -495,7 +495,8 @@ def _decode_columns(shape, num_levels, row_offsets, level_counts, values, dtype,
             _fail("column_bitmap", "bits past the last column are set")
     for j, k in enumerate(levels):
         pos, _, seg = _segment(ro64, lens, lc64, L, int(k))
-        if (_POPCOUNT[bitmaps[j]].sum(axis=1, dtype=np.int64) != seg).any():  # on the packed bytes: nothing unpacked yet
+        # bit counts on the packed bytes: nothing is unpacked before they match
+        if (_POPCOUNT[bitmaps[j]].sum(axis=1, dtype=np.int64) != seg).any():
             _fail("column_bitmap", f"level {int(k)}'s bitmap does not hold as many columns per row as its "
                                    f"level counts say")
         bits = np.unpackbits(bitmaps[j], axis=1, count=cols, bitorder="little")
