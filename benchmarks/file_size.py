@@ -12,8 +12,6 @@ disk; they depend on the level counts and dtypes only, so one run is exact (no t
 """
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -29,7 +27,7 @@ from nestedsparse.pack import format as packed_format
 from nestedsparse.pack import pack
 
 sys.path.insert(0, str(Path(__file__).parent))
-from kernels import code_version, results_md  # noqa: E402 - the benchmarks' commit stamp and tables
+from kernels import code_version, config_args, write_results  # noqa: E402 - shared benchmark helpers
 
 RESULTS = Path(__file__).parent / "results"
 CONFIGS = {  # name: (registry name, kwargs)
@@ -70,10 +68,6 @@ def measure(config: str, spec_name: str, tmp: Path) -> list[dict]:
     return rows
 
 
-def write_md(rows: list[dict], meta: dict, path: Path) -> str:
-    return results_md(path, "Packed file size vs the dense model", rows, TABLE_KEYS, meta)
-
-
 def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -101,25 +95,15 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated, from {list(CONFIGS)}")
-    p.add_argument("--out", default=str(RESULTS / "file_size"))
-    args = p.parse_args()
-    configs = [c for c in args.configs.split(",") if c]
-    unknown = [c for c in configs if c not in CONFIGS]
-    if unknown:
-        p.error(f"unknown configs {unknown}; allowed: {list(CONFIGS)}")
+    configs, out = config_args(__doc__.split("\n")[0], CONFIGS, RESULTS / "file_size")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for config in configs:
             for spec in SPECS:
                 rows.extend(measure(config, spec, Path(tmp)))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"code": code_version(), "torch": torch.__version__,
             "method": "bytes of the saved files; random-init weights (sizes depend on level counts and dtypes only)"}
-    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    print(write_md(rows, meta, out.with_suffix(".md")))
+    print(write_results(out, "Packed file size vs the dense model", rows, TABLE_KEYS, meta))
     plot(rows, out.with_suffix(".png"))
 
 

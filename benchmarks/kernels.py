@@ -191,6 +191,27 @@ def results_md(path: Path, title: str, rows: list[dict], keys, meta: dict, note:
     return table
 
 
+def config_args(description: str, configs: dict, out: Path) -> tuple[list[str], Path]:
+    """The byte-count benchmarks' command line: ``--configs`` (checked against ``configs``) and
+    ``--out``; returns the chosen configs and the output stem."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--configs", default=",".join(configs), help=f"comma-separated, from {list(configs)}")
+    p.add_argument("--out", default=str(out))
+    args = p.parse_args()
+    chosen = [c for c in args.configs.split(",") if c]
+    unknown = [c for c in chosen if c not in configs]
+    if unknown:
+        p.error(f"unknown configs {unknown}; allowed: {list(configs)}")
+    return chosen, Path(args.out)
+
+
+def write_results(out: Path, title: str, rows: list[dict], keys, meta: dict) -> str:
+    """``out``.json (metadata and rows) and ``out``.md (:func:`results_md`); returns the table."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    return results_md(out.with_suffix(".md"), title, rows, keys, meta)
+
+
 def write_md(rows: list[dict], meta: dict, path: Path) -> str:
     met = sum(r["met"] for r in rows)
     return results_md(path, "Packed runtime vs dense PyTorch / ONNX Runtime", rows, TABLE_KEYS, meta,

@@ -12,8 +12,6 @@ timing: one run is exact for this code and these shapes.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import tempfile
 import types
@@ -22,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
 from nestedsparse import models
 from nestedsparse.levels import LevelSpec
@@ -30,7 +27,7 @@ from nestedsparse.nest import nestify_
 from nestedsparse.pack import load_packed, pack
 
 sys.path.insert(0, str(Path(__file__).parent))
-from kernels import code_version, results_md  # noqa: E402 - the benchmarks' commit stamp and tables
+from kernels import code_version, config_args, write_results  # noqa: E402 - shared benchmark helpers
 
 RESULTS = Path(__file__).parent / "results"
 DENSITIES = (0.05, 0.1, 1.0)
@@ -136,24 +133,14 @@ def measure(config: str, tmp: Path) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated, from {list(CONFIGS)}")
-    p.add_argument("--out", default=str(RESULTS / "runtime_memory"))
-    args = p.parse_args()
-    configs = [c for c in args.configs.split(",") if c]
-    unknown = [c for c in configs if c not in CONFIGS]
-    if unknown:
-        p.error(f"unknown configs {unknown}; allowed: {list(CONFIGS)}")
+    configs, out = config_args(__doc__.split("\n")[0], CONFIGS, RESULTS / "runtime_memory")
     torch.set_num_threads(2)
     with tempfile.TemporaryDirectory() as tmp:
         rows = [measure(c, Path(tmp)) for c in configs]
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"code": code_version(), "torch": torch.__version__, "threads": 2,
             "method": "bytes of the arrays / tensors reachable from the runtime, each buffer once; after load, "
                       "and after every level at batch 1 and 64"}
-    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    print(results_md(out.with_suffix(".md"), "What a packed runtime holds", rows, TABLE_KEYS, meta))
+    print(write_results(out, "What a packed runtime holds", rows, TABLE_KEYS, meta))
 
 
 if __name__ == "__main__":
