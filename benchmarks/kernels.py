@@ -27,6 +27,7 @@ when another process takes a core. Rows go to
 JSON rows only).
 
     python benchmarks/kernels.py                 # everything (a few minutes)
+    python benchmarks/kernels.py --gauge-below 50   # first wait for a quiet host (load from outside the VM)
     python benchmarks/kernels.py --plot-only     # redraw kernels.md / kernels.png from kernels.json
 """
 from __future__ import annotations
@@ -141,6 +142,20 @@ def wait_quiet(threshold: float, max_wait: float) -> float:
         time.sleep(10)
         busy = cpu_busy()
     return busy
+
+
+def wait_gauge(below_ms: float, max_wait: float, every: float = 60.0) -> float | None:
+    """Wait (up to ``max_wait`` s) until :func:`gauge` reads under ``below_ms``; return that reading,
+    or None if it never did. Unlike ``cpu_busy`` it sees load from outside the VM."""
+    t0 = time.perf_counter()
+    while True:
+        g = gauge()
+        if g < below_ms:
+            return g
+        if time.perf_counter() - t0 + every > max_wait:
+            return None
+        print(f"  host loaded (gauge {g} ms >= {below_ms}), waiting ...", file=sys.stderr)
+        time.sleep(every)
 
 
 def run_config(name: str, batches, repeats: dict, tmp: Path, quiet: tuple[float, float] = (1.0, 0.0)) -> list[dict]:
@@ -264,6 +279,10 @@ def main() -> None:
                    help="before each measurement wait until other processes use less than this share of the CPUs")
     p.add_argument("--max-wait", type=float, default=900.0, help="longest wait for a quiet machine, seconds")
     p.add_argument("--plot-only", action="store_true", help="redraw .md / .png from the existing .json")
+    p.add_argument("--gauge-below", type=float, default=None, metavar="MS",
+                   help="first wait (up to --gauge-wait s) until the load gauge (dense ResNet-20, batch 64, 2 threads; "
+                        "~40 ms idle) reads under MS; exit 3 without measuring if it never does")
+    p.add_argument("--gauge-wait", type=float, default=7200.0, help="longest wait for --gauge-below, seconds")
     args = p.parse_args()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -271,6 +290,10 @@ def main() -> None:
         data = json.loads(out.with_suffix(".json").read_text())
     else:
         torch.set_num_threads(THREADS)
+        if args.gauge_below is not None and wait_gauge(args.gauge_below, args.gauge_wait) is None:
+            print(f"the host never got quiet (gauge >= {args.gauge_below} ms for {args.gauge_wait:.0f} s): "
+                  f"nothing measured", file=sys.stderr)
+            sys.exit(3)
         batches = [int(b) for b in args.batches.split(",")]
         repeats = {b: (args.repeats_b1 if b == 1 else args.repeats) for b in batches}
         vers = versions()
