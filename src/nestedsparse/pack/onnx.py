@@ -27,8 +27,6 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from .csr import to_dense
-
 __all__ = ["ChannelAffine", "dense_model_for_level", "export_level", "example_input", "ort_session", "TOLERANCE"]
 
 #: Largest allowed ``max|ORT - runtime| / max(1, max|runtime|)``.
@@ -62,9 +60,7 @@ class ChannelAffine(nn.modules.batchnorm._BatchNorm):
 def _plain_layer(mod: nn.Module, level: int) -> nn.Module:
     """A plain dense nn.Linear / nn.Conv{1,2}d equal to packed layer ``mod`` at ``level``."""
     pl = mod.pl
-    w = mod._dense.get(level)  # the runtime's copy if it made one; not cached for an export
-    w = (torch.from_numpy(to_dense(mod.csr, level)).reshape(mod.pl.weight_shape) if w is None
-         else w.detach().float().clone())  # clone: the cache may hold an inference tensor
+    w = mod.dense_weight(level, keep=False).detach().float().clone()  # clone: the kept copy may be an inference tensor
     b = None if mod.bias is None else mod.bias.detach().float().clone()
     if pl.kind == "linear":
         new = nn.Linear(w.shape[1], w.shape[0], bias=b is not None)

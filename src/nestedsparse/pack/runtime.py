@@ -123,15 +123,18 @@ class _SparseBase(nn.Module):
         self._mode = _ModeDict()
         self._mode.update(value)
 
-    def dense_weight(self, level: int) -> torch.Tensor:
-        """The level's weight as a dense tensor (materialised once per level, on first use)."""
+    def dense_weight(self, level: int, keep: bool = True) -> torch.Tensor:
+        """The level's weight as a dense tensor (materialised once per level, on first use).
+        ``keep=False``: the kept copy if there is one, else a new one that is not kept (for a
+        use that keeps something else: a folded weight, an exported layer)."""
         w = self._dense.get(level)
         if w is None:
             # torch's allocator aligns to 64 bytes (numpy's large arrays only to 16): GEMV/GEMM
             # on the copy runs at the speed of a weight torch allocated itself
             w = torch.empty(self.pl.weight_shape)
             w.copy_(torch.from_numpy(to_dense(self.csr, level)).reshape(self.pl.weight_shape))
-            self._dense[level] = w
+            if keep:
+                self._dense[level] = w
         return w
 
     def drop_unused_dense(self) -> None:
@@ -194,9 +197,7 @@ class _SparseBase(nn.Module):
         got = self._epi.get(key)
         if got is None:
             s, t = bn.scale[kb].double(), bn.shift[kb].double()
-            w = self._dense.get(k)  # unfolded: not kept just for this (only the folded copy runs)
-            w = torch.from_numpy(to_dense(self.csr, k)).reshape(self.pl.weight_shape) if w is None else w
-            w = w.double() * s.reshape(-1, *([1] * (len(self.pl.weight_shape) - 1)))
+            w = self.dense_weight(k, keep=False).double() * s.reshape(-1, *([1] * (len(self.pl.weight_shape) - 1)))
             b = t if self.bias is None else self.bias.double() * s + t
             got = self._epi[key] = (w.float().contiguous(), b.float().contiguous())
         return got
