@@ -13,7 +13,7 @@ from .data import load_dataset
 from .io import load_into_, read_meta, save
 from .levels import LevelSpec
 from .nest import nestify_
-from .report import format_table, plot_pareto, read_eval
+from .report import format_table, plot_pareto, read_eval, read_json
 from .structure import create_model, depth_schedule_
 
 RUN_FILE, MODEL_FILE, EVAL_FILE = "run.json", "model.safetensors", "eval.json"
@@ -27,10 +27,7 @@ def _run_info(run: Path) -> dict:
     path = run / RUN_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{run} is not a run folder (no {RUN_FILE}); create one with `nestedsparse train --out {run}`")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e})") from None
+    return read_json(path)
 
 
 def _model_kwargs_accepted(name: str) -> set[str]:

@@ -41,6 +41,14 @@ def format_table(rows: Sequence[dict], columns: Sequence[str] | None = None) -> 
     return "\n".join([line(columns), line(["-" * w for w in widths])] + [line(r) for r in cells])
 
 
+def read_json(path: str | os.PathLike):
+    """A JSON file's content; a file that is not JSON is a ``ValueError`` naming it (a one-line CLI error)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from None
+
+
 def read_eval(path: str | os.PathLike) -> dict:
     """Load an ``eval.json`` (a run folder or the file itself) and check its shape."""
     p = Path(path)
@@ -49,10 +57,7 @@ def read_eval(path: str | os.PathLike) -> dict:
     if not p.is_file():
         run = p.parent if p.name == "eval.json" else p
         raise FileNotFoundError(f"no eval.json at {p}; run `nestedsparse eval {run}` first")
-    try:
-        data = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{p} is not valid JSON ({e})") from None
+    data = read_json(p)
     if not isinstance(data, dict) or not isinstance(data.get("levels"), list):
         raise ValueError(f"{p} is not an eval.json: expected an object with a 'levels' list")
     return data
