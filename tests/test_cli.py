@@ -19,6 +19,13 @@ def test_bad_arguments_are_clear(capsys, tmp_path):
     assert code == 2 and "strictly increasing" in capsys.readouterr().err
     code = main(["eval", str(tmp_path / "nothing")])
     assert code == 2 and "not a run folder" in capsys.readouterr().err
+    for name, cmd in (("run.json", "eval"), ("eval.json", "plot")):  # a file that is not JSON: one line
+        broken = tmp_path / f"broken_{cmd}"
+        broken.mkdir()
+        (broken / name).write_text("{not json")
+        assert main([cmd, str(broken)]) == 2
+        err = capsys.readouterr().err
+        assert "is not valid JSON" in err and name in err and "Traceback" not in err
 
 
 def test_train_eval_plot_on_synthetic(tmp_path, capsys):
