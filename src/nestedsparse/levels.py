@@ -280,8 +280,9 @@ def allocate_counts(
 
 
 def _global_splitter(free, scores):
-    """``share -> {layer: count}`` of the ``"global"`` allocation, sorting the scores once (what
-    :func:`_split` computes, for the many shares a bisection tries)."""
+    """``share -> {layer: count}`` of the ``"global"`` allocation: the ``share`` of all the layers'
+    weights with the highest scores (NaN last, ties in layer order), at least one per layer. The
+    scores are sorted once, for the many shares a bisection tries (``_split`` takes one)."""
     if scores is None:
         raise ValueError("the 'global' allocation needs importance scores for every layer")
     flat = torch.cat([scores[n].detach().reshape(-1).float().cpu() for n in free])
@@ -305,16 +306,4 @@ def _split(allocation, share, free, numels, shapes, scores) -> dict[str, int]:
     if allocation == "erk":
         dens = erk_densities({n: shapes[n] for n in free}, share)
         return {n: count_for(dens[n], numels[n]) for n in free}
-    if scores is None:
-        raise ValueError("the 'global' allocation needs importance scores for every layer")
-    flat = torch.cat([scores[n].detach().reshape(-1).float().cpu() for n in free])
-    k = count_for(share, flat.numel())
-    order = torch.sort(-torch.nan_to_num(flat, nan=-math.inf), stable=True).indices[:k]
-    hit = torch.zeros(flat.numel(), dtype=torch.bool)
-    hit[order] = True
-    out, start = {}, 0
-    for n in free:
-        m = scores[n].numel()
-        out[n] = max(1, int(hit[start : start + m].sum()))
-        start += m
-    return out
+    return _global_splitter(free, scores)(share)
