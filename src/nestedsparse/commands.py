@@ -36,11 +36,19 @@ def _model_kwargs_accepted(name: str) -> set[str]:
     return _accepted_kwargs(get_factory(name)) or set()
 
 
+def _architecture(desc: dict) -> torch.nn.Module:
+    """The architecture a run.json or a model file's metadata names (``model``, ``model_kwargs``,
+    ``collapse``), with its recorded ``input_shape``: the data's sample shape (a ResNet takes any
+    image size; 32x32 is its default)."""
+    model = create_model(desc["model"], desc.get("model_kwargs", {}), desc.get("collapse"))
+    if desc.get("input_shape"):
+        model.input_shape = tuple(int(v) for v in desc["input_shape"])
+    return model
+
+
 def build_model(info: dict) -> torch.nn.Module:
     """The nested model a run describes (fresh weights; load a file into it)."""
-    model = create_model(info["model"], info.get("model_kwargs", {}), info.get("collapse"))
-    if info.get("input_shape"):  # the data's sample shape (a ResNet takes any image size; 32x32 is its default)
-        model.input_shape = tuple(int(v) for v in info["input_shape"])
+    model = _architecture(info)
     nestify_(model, LevelSpec.from_dict(info["spec"]), block=tuple(info.get("block", (1, 1))))
     if info.get("depth"):  # layer scheduling: blocks per stage at each level
         try:
@@ -267,9 +275,7 @@ def cmd_pack(args) -> int:
 
     src = _model_file(Path(args.run))
     meta = read_meta(src)["extra"]
-    model = create_model(meta["model"], meta.get("model_kwargs", {}), meta.get("collapse"))
-    if meta.get("input_shape"):
-        model.input_shape = tuple(int(v) for v in meta["input_shape"])
+    model = _architecture(meta)
     load_into_(model, src)
     packed = pack(model, dtype=args.dtype, model_name=meta["model"], model_kwargs=meta.get("model_kwargs", {}),
                   collapse=meta.get("collapse"))
