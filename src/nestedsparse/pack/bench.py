@@ -175,9 +175,7 @@ def bench_packed(path: str | os.PathLike, batches: Sequence[int] = (1, 64), thre
             rt.spec.check_level(k)
         dense = dense_model_for_level(rt, top)
         layers = rt.sparse_layers()
-        total = sum(pl.csr.shape[0] * pl.csr.shape[1] for pl in packed.layers.values())
-        kept = [round(sum(pl.csr.nnz(k) for pl in packed.layers.values()) / max(total, 1), 4)
-                for k in range(rt.spec.num_levels)]
+        kept = [round(packed.kept(k), 4) for k in range(rt.spec.num_levels)]
         sess = sess_quiet = None
         with tempfile.TemporaryDirectory(prefix="nestedsparse-bench-") as tmp:
             if ort and _ort_available():

@@ -99,15 +99,20 @@ class PackedModel:
         """Bytes of a plain single-level CSR of ``level`` (same dtypes) + the dense tensors."""
         return self.dense_bytes() + sum(pl.csr.plain_csr_nbytes(level) for pl in self.layers.values())
 
+    def kept(self, level: int) -> float:
+        """The share of the packed layers' weights ``level`` keeps (its real density, beside the
+        spec's)."""
+        total = sum(pl.csr.shape[0] * pl.csr.shape[1] for pl in self.layers.values())
+        return sum(pl.csr.nnz(level) for pl in self.layers.values()) / max(total, 1)
+
     def size_table(self) -> list[dict]:
         """Rows per level: nnz and the bytes a file of levels ``0 .. k`` stores (``level_bytes``);
         then the whole file's arrays (``total_bytes``) over a plain single-level CSR of the densest
         level with every column index stored (``vs_plain_csr_densest``)."""
-        total = sum(pl.csr.shape[0] * pl.csr.shape[1] for pl in self.layers.values())
         rows = []
         for k in range(self.spec.num_levels):
             nnz = sum(pl.csr.nnz(k) for pl in self.layers.values())
-            rows.append({"level": k, "density": round(nnz / max(total, 1), 4), "spec_density": self.spec.densities[k],
+            rows.append({"level": k, "density": round(self.kept(k), 4), "spec_density": self.spec.densities[k],
                          "nnz": nnz, "bytes": self.level_bytes(k)})
         top = self.spec.num_levels - 1
         rows.append({"level": "all", "density": "", "spec_density": "", "nnz": rows[-1]["nnz"],
