@@ -139,6 +139,36 @@ def test_tune_can_route_a_slim_level_through_onnxruntime(tmp_path, monkeypatch):
     assert rt.slim_backend(0, 3) == "torch"
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_onnxruntime_route_can_run_on_one_thread(tmp_path, monkeypatch, threads):
+    """A batch-1 call of a thin network runs faster on the calling thread than with a worker to
+    wake, so tune also times a one-thread session; with one kernel thread there is only that one."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    path = _packed_resnet(tmp_path)
+    rt, ref = load_packed(path), load_packed(path)
+    x = torch.randn(1, 1, 12, 12)
+    monkeypatch.setattr(rt_mod.kernels, "_threads", lambda: threads)
+    seen = []
+
+    def fake(fns, repeats):
+        seen.append(set(fns))
+        return _fastest("slim-onnxruntime-1thread" if threads > 1 else "slim-onnxruntime")(fns, repeats)
+
+    monkeypatch.setattr(rt_mod, "_median_times", fake)
+    picks = rt.tune(x)
+    ort_names = {n for names in seen for n in names if n.startswith("slim-onnxruntime")}
+    if threads > 1:
+        assert ort_names == {"slim-onnxruntime", "slim-onnxruntime-1thread"}
+        assert picks[(SLIM, 0)] == "slim-onnxruntime-1thread"
+    else:
+        assert ort_names == {"slim-onnxruntime"} and picks[(SLIM, 0)] == "slim-onnxruntime"
+    net = rt._slim_on[(0, 1)]
+    assert net.threads == 1 and net.session.get_session_options().intra_op_num_threads == 1
+    assert rt.slim_backend(0, 1) == "onnxruntime"
+    torch.testing.assert_close(rt(x, level=0), ref(x, level=0), rtol=1e-4, atol=1e-4)
+
+
 class _Counting:
     def __init__(self, session, calls):
         self.session, self.calls = session, calls

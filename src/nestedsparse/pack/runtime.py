@@ -745,15 +745,20 @@ class LevelBatchNorm(nn.Module):
 
 
 class _OrtSlim:
-    """A level's slim dense network run by ONNX Runtime (a candidate of ``PackedRuntime.tune``)."""
+    """A level's slim dense network run by ONNX Runtime on ``threads`` intra-op threads (a
+    candidate of ``PackedRuntime.tune``)."""
 
-    def __init__(self, session, sample_shape: tuple[int, ...]) -> None:
+    def __init__(self, session, sample_shape: tuple[int, ...], threads: int) -> None:
         self.session, self.sample_shape = session, sample_shape  # the export fixed all but the batch
+        self.threads = threads
 
     @classmethod
-    def build(cls, thin: nn.Module, example: torch.Tensor, threads: int) -> _OrtSlim | None:
-        """Export ``thin`` in memory and open it; None when onnxruntime is missing, the export or
-        the session fails, or ONNX Runtime's output on ``example`` differs from PyTorch's."""
+    def build(cls, thin: nn.Module, example: torch.Tensor, threads: int) -> tuple[_OrtSlim, ...] | None:
+        """Export ``thin`` in memory and open it on ``threads`` intra-op threads and, when that is
+        more than one, on one as well (a small call -- batch 1 of a thin network -- runs faster
+        on the calling thread alone than with a worker to wake: LeNet-5 at width 0.25, batch 1,
+        about 0.7x the time); None when onnxruntime is missing, the export or a session fails,
+        or ONNX Runtime's output on ``example`` differs from PyTorch's."""
         import importlib.util  # noqa: PLC0415
         import io  # noqa: PLC0415
 
@@ -768,13 +773,15 @@ class _OrtSlim:
             if not isinstance(ref, torch.Tensor):  # one tensor out (a tuple / dict: PyTorch runs it)
                 return None
             _export(thin, example, buf)
-            net = cls(ort_session(buf.getvalue(), threads=threads, spinning=False), tuple(example.shape[1:]))
-            got = net(example)
+            nets = tuple(cls(ort_session(buf.getvalue(), threads=n, spinning=False), tuple(example.shape[1:]), n)
+                         for n in sorted({threads, 1}, reverse=True))
+            got = [net(example) for net in nets]
         except Exception:  # noqa: BLE001 - an export / runtime we cannot use: PyTorch runs the slim network
             return None
-        if got.shape != ref.shape or not torch.allclose(got, ref, rtol=1e-4, atol=1e-5 * (1 + float(ref.abs().max()))):
+        tol = 1e-5 * (1 + float(ref.abs().max()))
+        if any(g.shape != ref.shape or not torch.allclose(g, ref, rtol=1e-4, atol=tol) for g in got):
             return None
-        return net
+        return nets
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         a = x.numpy() if not x.requires_grad and x.is_contiguous() else x.detach().contiguous().numpy()
@@ -890,11 +897,12 @@ class PackedRuntime(nn.Module):
         ``slim``: for a level that leaves whole channels unread (channel scheduling), also time
         its slim dense network (:func:`nestedsparse.structure.slim`: the thin network of that
         level's channels), run by PyTorch and, when ``onnxruntime`` is installed, by ONNX Runtime
-        (exported in memory, as many threads as the kernels, idle workers not spinning; used only
-        if its output matches PyTorch's), against the packed path; the fastest runs at that level
-        and batch size from now on if it is at least 5% faster than the packed path (``(SLIM,
-        level): "slim"`` or ``"slim-onnxruntime"`` in the result, :meth:`slim_backend`; float32
-        CPU inputs only, as the packed path). Building it traces the model with ``torch.fx``:
+        (exported in memory; a session on as many threads as the kernels, idle workers not
+        spinning, and one on a single thread; used only if its output matches PyTorch's), against
+        the packed path; the fastest runs at that level and batch size from now on if it is at
+        least 5% faster than the packed path (``(SLIM, level): "slim"``, ``"slim-onnxruntime"`` or
+        ``"slim-onnxruntime-1thread"`` in the result, :meth:`slim_backend`; float32 CPU inputs
+        only, as the packed path). Building it traces the model with ``torch.fx``:
         like building the runtime, tune before other threads run PyTorch modules.
         """
         levels = list(range(self.spec.num_levels) if levels is None else levels)
@@ -964,10 +972,10 @@ class PackedRuntime(nn.Module):
             self._slim_models[level] = thin
         return self._slim_models[level]
 
-    def _slim_ort_net(self, level: int, thin: nn.Module, example: torch.Tensor) -> _OrtSlim | None:
-        """Level ``level``'s slim network as an ONNX Runtime session for ``example``'s sample shape
-        (rebuilt for another one), or None (no onnxruntime, the export fails, or its output does
-        not match PyTorch's)."""
+    def _slim_ort_nets(self, level: int, thin: nn.Module, example: torch.Tensor) -> tuple[_OrtSlim, ...] | None:
+        """Level ``level``'s slim network as ONNX Runtime sessions for ``example``'s sample shape
+        (rebuilt for another one; :meth:`_OrtSlim.build`), or None (no onnxruntime, the export
+        fails, or its output does not match PyTorch's)."""
         key = (level, tuple(example.shape[1:]))  # the export fixes the sample shape
         if key not in self._slim_ort:
             self._slim_ort[key] = _OrtSlim.build(thin, example, kernels._threads())
@@ -978,9 +986,9 @@ class PackedRuntime(nn.Module):
         if thin is None:
             return
         nets = {"slim": thin}
-        ort_net = self._slim_ort_net(k, thin, example)
-        if ort_net is not None:
-            nets["slim-onnxruntime"] = ort_net
+        threads = kernels._threads()
+        for net in self._slim_ort_nets(k, thin, example) or ():  # "slim-onnxruntime": the kernels' threads
+            nets["slim-onnxruntime" + ("" if net.threads == threads else f"-{net.threads}thread")] = net
         fns = {"packed": lambda: self(example, level=k)}
         fns.update({name: (lambda net=net: net(example)) for name, net in nets.items()})
         t = _median_times(fns, repeats)
