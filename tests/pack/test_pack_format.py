@@ -168,7 +168,7 @@ def test_tune_never_slower_choice_is_recorded(packed_file):
     rt = load_packed(path, Net)
     choices = rt.tune(torch.randn(4, 3, 8, 8), repeats=3)
     slim = {k for k in choices if k[0] == SLIM}  # a level may also run as its slim network where faster
-    assert all(choices[k] in ("slim", "slim-onnxruntime") for k in slim)
+    assert all(choices[k] in ("slim", "slim-onnxruntime", "slim-onnxruntime-1thread") for k in slim)
     choices = {k: v for k, v in choices.items() if k not in slim}
     assert len(choices) == len(rt.sparse_layers()) * SPEC.num_levels
     assert set(choices.values()) <= {"sparse", "dense"}
