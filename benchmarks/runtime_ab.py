@@ -26,6 +26,10 @@ input, interleaved round by round, so a loaded host slows both alike.
 * ``fused_split``: the same, with the last conv of the 32- and 16-wide stages writing the 2x2
   phase split their stride-2 readers take (``program.FUSE_SPLITS``: rows split in registers)
   against storing their plane and splitting it in a SPLIT step.
+* ``ort_threads``: LeNet-5 nested at 6.25 / 25 / 100% with channel scheduling (widths 0.25 / 0.5 /
+  1.0), its width-0.25 level routed through its slim network under ONNX Runtime (the sessions
+  ``rt.tune`` times): ``rt(x)`` on the session with the kernels' thread count (workers not
+  spinning) against the one-thread session; batch 1 and 64.
 
 Rows: median and 10th percentile of each side (microseconds), and ``b_over_a`` = median B /
 median A.
@@ -255,9 +259,37 @@ def fused_split_rows(tmp: Path, rounds: int) -> list[dict]:
                        "producer writes the phases (no SPLIT)")
 
 
+def ort_threads_rows(tmp: Path, rounds: int) -> list[dict]:
+    from nestedsparse.structure import ChannelSelector  # noqa: PLC0415
+
+    torch.manual_seed(0)
+    m = models.create("lenet5").eval()
+    nestify_(m, LevelSpec((0.0625, 0.25, 1.0)))
+    ChannelSelector((0.25, 0.5, 1.0)).apply_(m)
+    pack(m, model_name="lenet5", model_kwargs={}).save(tmp / "lenet5_ch.nsp")
+    rt = load_packed(tmp / "lenet5_ch.nsp")
+    rows = []
+    for batch in (1, 64):
+        x = torch.randn(batch, *m.input_shape)
+        nets = {n.threads: n for n in rt._slim_ort_nets(0, rt._slim_model(0, x), x) or ()}
+        if len(nets) != 2:
+            raise RuntimeError(f"ort_threads: needs onnxruntime and two kernel threads (sessions: {sorted(nets)})")
+        many = max(nets)
+
+        def routed(net, x=x, batch=batch):
+            def call():
+                rt._slim_on[(0, batch)] = net
+                return rt(x, level=0)
+            return call
+        got = ab(routed(nets[many]), routed(nets[1]), rounds, 20 if batch == 1 else 2)
+        rows.append({"pair": "ort_threads", "model": "lenet5 width 0.25 (slim, ONNX Runtime)", "batch": batch,
+                     "a": f"{many}-thread session", "b": "1-thread session", **got})
+    return rows
+
+
 PAIRS = {"chain": chain_rows, "entry_prefetch": prefetch_rows, "blocks_conv": blocks_conv_rows,
          "blocks_linear": blocks_linear_rows, "strips": strips_rows, "strided": strided_rows,
-         "row_tiles": row_tiles_rows, "fused_split": fused_split_rows}
+         "row_tiles": row_tiles_rows, "fused_split": fused_split_rows, "ort_threads": ort_threads_rows}
 
 
 def main() -> None:
