@@ -169,6 +169,37 @@ def test_onnxruntime_route_can_run_on_one_thread(tmp_path, monkeypatch, threads)
     torch.testing.assert_close(rt(x, level=0), ref(x, level=0), rtol=1e-4, atol=1e-4)
 
 
+def test_each_onnxruntime_session_must_match_pytorch(tmp_path, monkeypatch):
+    """A session whose answer differs is dropped on its own; the one that matches stays a candidate."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    path = _packed_resnet(tmp_path)
+    x = torch.randn(1, 1, 12, 12)
+    monkeypatch.setattr(rt_mod.kernels, "_threads", lambda: 2)
+    real_call = rt_mod._OrtSlim.__call__
+    monkeypatch.setattr(rt_mod._OrtSlim, "__call__",
+                        lambda self, x: real_call(self, x) + (1.0 if self.threads == 1 else 0.0))
+    monkeypatch.setattr(rt_mod, "_median_times", _fastest("slim-onnxruntime-1thread"))
+    rt = load_packed(path)
+    picks = rt.tune(x)
+    (nets,) = rt._slim_ort.values()
+    assert [n.threads for n in nets] == [2]  # the one-thread session gave another answer
+    assert picks[(SLIM, 0)] == "slim"  # the wrong session was never timed; the fake then ranks PyTorch's next
+
+
+def test_onnxruntime_sessions_follow_the_kernel_thread_count(tmp_path, monkeypatch):
+    """Sessions are cached per kernel thread count: tuning after the count changed opens new ones."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    rt = load_packed(_packed_resnet(tmp_path))
+    x = torch.randn(1, 1, 12, 12)
+    monkeypatch.setattr(rt_mod, "_median_times", _fastest("slim-onnxruntime"))
+    for threads in (2, 1, 3):
+        monkeypatch.setattr(rt_mod.kernels, "_threads", lambda threads=threads: threads)
+        assert rt.tune(x)[(SLIM, 0)] == "slim-onnxruntime"
+        assert rt._slim_on[(0, 1)].threads == threads
+
+
 class _Counting:
     def __init__(self, session, calls):
         self.session, self.calls = session, calls
@@ -188,13 +219,13 @@ def test_onnxruntime_candidate_only_when_usable_and_equal(tmp_path, monkeypatch)
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "onnxruntime" else real_find(name, *a))
     rt = load_packed(path)
-    assert rt.tune(x)[(SLIM, 0)] == "slim" and rt._slim_ort == {(0, (1, 12, 12)): None}  # not installed
+    assert rt.tune(x)[(SLIM, 0)] == "slim" and rt._slim_ort == {(0, (1, 12, 12), rt_mod.kernels._threads()): None}  # not installed
     monkeypatch.undo()
     pytest.importorskip("onnxruntime")
     monkeypatch.setattr(rt_mod, "_median_times", _fastest("slim-onnxruntime"))
     monkeypatch.setattr(rt_mod._OrtSlim, "__call__", lambda self, x: torch.zeros(x.shape[0], 10))
     rt = load_packed(path)
-    assert rt.tune(x)[(SLIM, 0)] == "slim" and rt._slim_ort == {(0, (1, 12, 12)): None}  # another answer
+    assert rt.tune(x)[(SLIM, 0)] == "slim" and rt._slim_ort == {(0, (1, 12, 12), rt_mod.kernels._threads()): None}  # another answer
 
 
 def test_a_slim_network_with_several_outputs_stays_on_pytorch(tmp_path, monkeypatch):

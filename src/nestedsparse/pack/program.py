@@ -176,7 +176,7 @@ class PlaneProgram(nn.Module):
         """The region unit by unit. When every conv in it runs dense at this call, its
         activations are channels-last (oneDNN's faster conv layout on CPU: ResNet-20 at full
         density, batch 64, 0.80x the time of NCHW) and a 4-D result is returned as NCHW again."""
-        cl = (x.dim() == 4 and x.device.type == "cpu" and x.dtype == torch.float32 and x.shape[0] > 1
+        cl = (x.dim() == 4 and x.is_cpu and x.dtype == torch.float32 and x.shape[0] > 1
               and self._all_on("dense", x.shape[0], force))
         if cl:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -630,7 +630,7 @@ class PlaneProgram(nn.Module):
             return _call_unit(u, v, r, None)
 
         self._run_ops(x, timed)
-        fits = (self._vals is not None and x.dtype == torch.float32 and x.device.type == "cpu" and x.dim() == 4
+        fits = (self._vals is not None and x.dtype == torch.float32 and x.is_cpu and x.dim() == 4
                 and self._geometry(tuple(x.shape[1:])) is not None)
         if not fits:
             return out
