@@ -2137,7 +2137,7 @@ def _to_f32(x: Array) -> tuple[np.ndarray, bool]:
 
     if isinstance(x, torch.Tensor):
         t = x.detach()
-        if t.dtype != torch.float32 or t.device.type != "cpu":
+        if t.dtype != torch.float32 or not t.is_cpu:
             t = t.to(device="cpu", dtype=torch.float32)
         return np.ascontiguousarray(t.numpy()), True
     return np.ascontiguousarray(np.asarray(x, dtype=np.float32)), False

@@ -38,8 +38,8 @@ from . import kernels
 from ..models.resnet import PadShortcut
 from .kernels import (PROG_CONV_DIRECT, PROG_CONV_WIDE, PROG_COPY_IN, PROG_COPY_OUT, PROG_FIELDS, PROG_GAP,
                       PROG_SPLIT, PROG_SUBPAD)
-from .runtime import (_LEVEL, _MODE_EPOCH, FusedSparse, SparseConv, SparseLinear, _faster, _is_flatten1,
-                      _level_for, _median_times, _position)
+from .runtime import (_LEVEL, _MODE_EPOCH, FusedSparse, SparseConv, SparseLinear, _as_numpy, _faster,
+                      _is_flatten1, _level_for, _median_times, _position)
 from .runtime import _unit_parts as _parts
 
 __all__ = ["PlaneProgram", "plane_programs"]
@@ -138,10 +138,11 @@ class PlaneProgram(nn.Module):
         self._unit_geos = [self._unit_geo(u) for u in units]
         self.name = _parts(units[0])[0].name
         dtypes = {_parts(u)[0].csr.values.dtype for u in units}
-        self._vals = None
+        self._vals = self._vals_b = None
         if len(dtypes) == 1:  # one value dtype for the whole region (the kernel takes one code)
             vals = np.concatenate([np.ascontiguousarray(_parts(u)[0].csr.values).reshape(-1) for u in units])
             self._vals = np.ascontiguousarray(vals)
+            self._vals_b = self._vals.view(np.uint8)  # the kernels' byte view, made once
             _share_values(units, self._vals)
             self._code = 2 * 2 + (1 if vals.dtype == np.int8 else 0)  # int32 offsets
             assert self._code in kernels.PROGRAM_CODES  # the only dtypes the programs' tiles compile
@@ -211,7 +212,7 @@ class PlaneProgram(nn.Module):
             yield _level_for(layer.name, layer.top), (-1 if bn is None else _level_for(bn.name, bn.top))
 
     def forward(self, x: torch.Tensor, force: str | None = None) -> torch.Tensor:
-        if (self._vals is None or force == "dense" or x.dtype != torch.float32 or x.device.type != "cpu"
+        if (self._vals is None or force == "dense" or x.dtype != torch.float32 or not x.is_cpu
                 or x.dim() != 4 or x.shape[0] == 0 or x.requires_grad):
             return self._unit_path(x, force)
         arg = _LEVEL.get()
@@ -228,14 +229,14 @@ class PlaneProgram(nn.Module):
         geo, (starts, ends, scales, bias, blk), tail = st
         T = max(1, min(kernels._threads(), N))
         arena = self._arena(geo, T, (tuple(x.shape[1:]), tail))
-        xa = x.detach().contiguous().numpy().reshape(-1)
-        out = torch.empty((N, *geo.out_dims), dtype=torch.float32)
+        out = np.empty((N, *geo.out_dims), np.float32)
         kern = kernels._kernel("prog_par" if T > 1 else "prog_ser")
-        kern(xa, out.numpy().reshape(-1), arena, geo.arena, T, N, geo.steps, geo.offs_b, self._vals.view(np.uint8),
+        kern(_as_numpy(x).reshape(-1), out.reshape(-1), arena, geo.arena, T, N, geo.steps, geo.offs_b, self._vals_b,
              self._code, starts, ends, scales, bias, blk)
+        y = torch.from_numpy(out)
         if self._tail and not tail:  # the Linear tail outside the program (its own path)
-            out = _call_unit(self.units[-1], out, None, force)
-        return out
+            y = _call_unit(self.units[-1], y, None, force)
+        return y
 
     def _state(self, N: int, in_shape: tuple, force: str | None, levels):
         """``(geometry, level arrays, tail in the program)``, or None when the call goes unit by unit."""

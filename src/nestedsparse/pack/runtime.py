@@ -164,7 +164,7 @@ class _SparseBase(nn.Module):
         k = _level_for(self.name, self.top)
         kb = -1 if bn is None else _level_for(bn.name, bn.top)
         way = force or self.choice(k, x.shape[0])
-        if way == "dense" or x.dtype != torch.float32 or x.device.type != "cpu":
+        if way == "dense" or x.dtype != torch.float32 or not x.is_cpu:
             w, b = self._folded(k, bn, kb)
             if w.dtype != x.dtype or w.device != x.device:  # converted only when the input asks for it
                 w = w.to(x.device, x.dtype)
@@ -315,6 +315,11 @@ def _unit_parts(u: nn.Module) -> tuple:
 FM_MIN_TAPS = 64
 
 
+def _as_numpy(x: torch.Tensor) -> np.ndarray:
+    """A CPU float32 tensor's data as a C-contiguous numpy array (a copy only if it is not contiguous)."""
+    return (x if not x.requires_grad and x.is_contiguous() else x.detach().contiguous()).numpy()
+
+
 class _FusedLinears:
     """A Linear-only chain's call with every level, buffer and array resolved: ``self(x)`` is one
     compiled call (input transpose, every layer, output transpose) and one output allocation."""
@@ -325,9 +330,11 @@ class _FusedLinears:
         self.kern, self.acts, self.arrays, self.out_features = kern, acts, arrays, out_features
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.empty((x.shape[0], self.out_features), dtype=torch.float32)
-        self.kern(x.detach().contiguous().numpy(), y.numpy(), self.acts, *self.arrays)
-        return y
+        # numpy in and out: torch.empty and detach().contiguous() cost ~2 us each, a batch-1 call
+        # is tens of us
+        y = np.empty((x.shape[0], self.out_features), np.float32)
+        self.kern(_as_numpy(x), y, self.acts, *self.arrays)
+        return torch.from_numpy(y)
 
 
 class FeatureMajorChain(nn.Module):
@@ -454,7 +461,7 @@ class FeatureMajorChain(nn.Module):
             lead = x.shape[:-1]
             y = self.forward(x.reshape(-1, x.shape[-1]), force)
             return y.reshape(*lead, y.shape[-1])
-        if x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() != (4 if self.kinds[0] == "conv" else 2):
+        if x.dtype != torch.float32 or not x.is_cpu or x.dim() != (4 if self.kinds[0] == "conv" else 2):
             return self._unit_path(x, force)
         arg = _LEVEL.get()
         levels = arg if isinstance(arg, int) else tuple(self._levels())
@@ -808,7 +815,8 @@ class PackedRuntime(nn.Module):
         super().__init__()
         self.model, self.spec = model.eval(), spec
         self.names = [n for n, m in model.named_modules() if isinstance(m, (_SparseBase, LevelBatchNorm))]
-        self.graph: nn.Module | None = _fuse(model, programs) if fuse else None
+        # a registered submodule even when None, so ``forward`` can read ``_modules["graph"]``
+        self.register_module("graph", _fuse(model, programs) if fuse else None)
         # layer scheduling: which blocks run depends on the call's level, so the traced graph does
         # too -- one per set of running blocks (the gates' branch is resolved while tracing);
         # ``graph`` is the densest level's
@@ -860,7 +868,8 @@ class PackedRuntime(nn.Module):
         try:
             with torch.inference_mode():
                 # the traced graph's forward directly: GraphModule.__call__ adds a wrapper per call
-                g = self.graph if not self._gates else self._graph_now()
+                # (``_modules`` directly: ``self.graph`` goes through nn.Module.__getattr__, ~2 us a call)
+                g = self._modules["graph"] if not self._gates else self._graph_now()
                 return self.model(x) if g is None else g.forward(x)
         finally:
             _LEVEL.reset(token)
