@@ -773,3 +773,80 @@ def test_block_pruned_chain_rows_split_between_threads(tmp_path, batch):
         layer.mode.update({(k, batch): "sparse" for k in range(SPEC.num_levels)})
     x = torch.randn(batch, 300)
     _assert_every_level(rt, m, x)
+
+
+def _lenet_runtime(tmp_path):
+    from nestedsparse import models
+
+    torch.manual_seed(0)
+    m = models.create("lenet5").eval()
+    ns.nestify_(m, SPEC)
+    pack(m, model_name="lenet5").save(tmp_path / "l.nsp")
+    return m, load_packed(tmp_path / "l.nsp")
+
+
+def test_a_graph_of_modules_in_a_row_is_called_module_by_module(tmp_path):
+    """A graph that is input -> program -> chain -> output runs its modules' forwards directly;
+    a branching graph, or one with a function node, keeps its traced code."""
+    from torch import fx
+
+    from nestedsparse.pack import runtime as rt_mod
+
+    m, rt = _lenet_runtime(tmp_path)
+    seq = rt_mod._module_sequence(rt.graph)
+    assert [type(u).__name__ for u in seq] == ["PlaneProgram", "FeatureMajorChain"]
+    x = torch.randn(2, *m.input_shape)
+    calls = []
+    for u in seq:
+        u.forward = (lambda f, name: lambda *a, **k: (calls.append(name), f(*a, **k))[1])(u.forward, type(u).__name__)
+    g_forward = rt.graph.forward
+    rt.graph.forward = lambda *a: pytest.fail("the traced code ran")
+    _assert_every_level(rt, m, x)
+    assert calls[:2] == ["PlaneProgram", "FeatureMajorChain"]
+    rt.graph.forward = g_forward
+
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+
+        def forward(self, x):
+            h = self.a(x)
+            return self.b(h) + h  # h feeds two nodes
+
+    class Fn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x)))
+
+    class Row(Fn):
+        def forward(self, x):
+            return self.b(self.a(x))
+
+    assert rt_mod._module_sequence(fx.symbolic_trace(Branchy())) is None
+    assert rt_mod._module_sequence(fx.symbolic_trace(Fn())) is None
+    assert len(rt_mod._module_sequence(fx.symbolic_trace(Row()))) == 2
+
+
+def test_hooks_still_fire_on_the_direct_path(tmp_path):
+    """A unit's own or a global forward hook sends the call through Module.__call__ (tune records
+    each unit's input that way), with the same answer."""
+    m, rt = _lenet_runtime(tmp_path)
+    x = torch.randn(1, *m.input_shape)
+    ref = rt(x, level=0)
+    seen = []
+    (prog, chain) = rt.units()[:2]
+    h = chain.register_forward_pre_hook(lambda mod, a: seen.append("unit"))
+    torch.testing.assert_close(rt(x, level=0), ref)
+    h.remove()
+    h = torch.nn.modules.module.register_module_forward_hook(lambda mod, a, out: seen.append(type(mod).__name__))
+    try:
+        torch.testing.assert_close(rt(x, level=0), ref)
+    finally:
+        h.remove()
+    assert seen[0] == "unit" and "PlaneProgram" in seen[1:] and "FeatureMajorChain" in seen[1:]
+    picks = rt.tune(x, levels=[0], repeats=1)  # tune sees every unit's input (its hook)
+    assert {name for name, _ in picks if name != SLIM} == {layer.name for layer in rt.sparse_layers()}

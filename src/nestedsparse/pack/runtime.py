@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as _nn_module
 
 from ..levels import LevelSpec
 from ..nest import NestedBatchNorm, _resolve, check_level_arg, iter_nested, nestify_
@@ -830,6 +831,7 @@ class PackedRuntime(nn.Module):
         # (level, sample shape, kernel threads): its ONNX Runtime sessions (on that many threads and on one)
         self._slim_ort: dict[tuple, tuple[_OrtSlim, ...] | None] = {}
         self._slim_on: dict[tuple[int, int], Callable[[torch.Tensor], torch.Tensor]] = {}
+        self._seqs: dict[int, tuple[nn.Module, ...] | None] = {}  # id(graph) -> _module_sequence(graph)
         if self._gates:  # traced now, every level: tracing patches nn.Module for the whole process,
             # so it must not happen while other threads run the model
             self._graphs[(True,) * len(self._gates)] = self.graph
@@ -870,7 +872,16 @@ class PackedRuntime(nn.Module):
                 # the traced graph's forward directly: GraphModule.__call__ adds a wrapper per call
                 # (``_modules`` directly: ``self.graph`` goes through nn.Module.__getattr__, ~2 us a call)
                 g = self._modules["graph"] if not self._gates else self._graph_now()
-                return self.model(x) if g is None else g.forward(x)
+                if g is None:
+                    return self.model(x)
+                seq = self._seqs.get(id(g), False)
+                if seq is False:
+                    seq = self._seqs[id(g)] = _module_sequence(g)
+                if seq is not None and _plain_calls(seq):  # what the graph's code would do, minus its
+                    for m in seq:  # attribute look-ups and call wrappers (~3-4 us a module at batch 1)
+                        x = m.forward(x)
+                    return x
+                return g.forward(x)
         finally:
             _LEVEL.reset(token)
 
@@ -1175,6 +1186,40 @@ def _residual_of(node: torch.fx.Node, src: torch.fx.Node) -> torch.fx.Node | Non
     if not isinstance(other, torch.fx.Node) or other is src:
         return None
     return other
+
+
+def _module_sequence(g: nn.Module) -> tuple[nn.Module, ...] | None:
+    """The modules a traced graph calls one after the other, each on the previous one's output
+    alone (input -> modules -> output, as a LeNet or ResNet runtime's graph of programs and chains
+    is), or None for any other graph."""
+    graph = getattr(g, "graph", None)
+    if not isinstance(graph, torch.fx.Graph):
+        return None
+    nodes = list(graph.nodes)
+    if len(nodes) < 3 or nodes[0].op != "placeholder" or nodes[-1].op != "output":
+        return None
+    prev, mods = nodes[0], []
+    for n in nodes[1:-1]:
+        if n.op != "call_module" or n.args != (prev,) or n.kwargs or len(prev.users) != 1:
+            return None
+        mods.append(g.get_submodule(n.target))
+        prev = n
+    if nodes[-1].args != (prev,) or len(prev.users) != 1:
+        return None
+    return tuple(mods)
+
+
+def _plain_calls(mods: tuple[nn.Module, ...]) -> bool:
+    """Whether calling each module's ``forward`` is all ``Module.__call__`` would do: no hooks
+    (the modules' own or global ones), no ``torch.compile`` wrapper, no JIT tracing -- the
+    conditions of its own fast path. (``tune`` records each unit's input through a hook, so it
+    takes the full path.)"""
+    if (_nn_module._global_forward_pre_hooks or _nn_module._global_forward_hooks
+            or _nn_module._global_backward_pre_hooks or _nn_module._global_backward_hooks
+            or torch._C._get_tracing_state()):
+        return False
+    return not any(m._forward_pre_hooks or m._forward_hooks or m._backward_pre_hooks or m._backward_hooks
+                   or m._compiled_call_impl is not None for m in mods)
 
 
 def _fuse(model: nn.Module, programs: bool = True) -> nn.Module | None:
