@@ -30,6 +30,9 @@ input, interleaved round by round, so a loaded host slows both alike.
   1.0), its width-0.25 level routed through its slim network under ONNX Runtime (the sessions
   ``rt.tune`` times): ``rt(x)`` on the session with the kernels' thread count (workers not
   spinning) against the one-thread session; batch 1 and 64.
+* ``direct_calls``: LeNet-5, ResNet-20 and MLP 1024x3 at 5% (uniform levels, ``rt.tune``d), batch 1:
+  ``rt(x)`` running the traced graph's code against calling its modules' forwards directly (what
+  runs when the graph is modules in a row and no hook is set, ``runtime._plain_calls``).
 
 Rows: median and 10th percentile of each side (microseconds), and ``b_over_a`` = median B /
 median A.
@@ -287,9 +290,33 @@ def ort_threads_rows(tmp: Path, rounds: int) -> list[dict]:
     return rows
 
 
+def direct_calls_rows(tmp: Path, rounds: int) -> list[dict]:
+    from nestedsparse.pack import runtime  # noqa: PLC0415
+
+    rows = []
+    real = runtime._plain_calls
+    for name, kw in (("lenet5", {}), ("resnet20", {"in_channels": 3}), ("mlp_1024", {"image_size": 32})):
+        rt = _packed(name, kw, (0.05, 0.1, 1.0), tmp)
+        x = torch.randn(1, *rt.model.input_shape)
+        rt.tune(x, slim=False)
+
+        def run(direct, rt=rt, x=x):
+            runtime._plain_calls = real if direct else (lambda mods: False)
+            try:
+                return rt(x, level=0)
+            finally:
+                runtime._plain_calls = real
+        torch.testing.assert_close(run(True), run(False))
+        got = ab(lambda: run(False), lambda: run(True), rounds, 20)
+        rows.append({"pair": "direct_calls", "model": f"{name} 5%", "batch": 1, "a": "traced graph's code",
+                     "b": "modules' forwards directly", **got})
+    return rows
+
+
 PAIRS = {"chain": chain_rows, "entry_prefetch": prefetch_rows, "blocks_conv": blocks_conv_rows,
          "blocks_linear": blocks_linear_rows, "strips": strips_rows, "strided": strided_rows,
-         "row_tiles": row_tiles_rows, "fused_split": fused_split_rows, "ort_threads": ort_threads_rows}
+         "row_tiles": row_tiles_rows, "fused_split": fused_split_rows, "ort_threads": ort_threads_rows,
+         "direct_calls": direct_calls_rows}
 
 
 def main() -> None:

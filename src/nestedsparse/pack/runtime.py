@@ -831,7 +831,8 @@ class PackedRuntime(nn.Module):
         # (level, sample shape, kernel threads): its ONNX Runtime sessions (on that many threads and on one)
         self._slim_ort: dict[tuple, tuple[_OrtSlim, ...] | None] = {}
         self._slim_on: dict[tuple[int, int], Callable[[torch.Tensor], torch.Tensor]] = {}
-        self._seqs: dict[int, tuple[nn.Module, ...] | None] = {}  # id(graph) -> _module_sequence(graph)
+        # graph -> _module_sequence(graph) (keyed by the object itself: an id could be reused)
+        self._seqs: dict[nn.Module, tuple[nn.Module, ...] | None] = {}
         if self._gates:  # traced now, every level: tracing patches nn.Module for the whole process,
             # so it must not happen while other threads run the model
             self._graphs[(True,) * len(self._gates)] = self.graph
@@ -874,9 +875,11 @@ class PackedRuntime(nn.Module):
                 g = self._modules["graph"] if not self._gates else self._graph_now()
                 if g is None:
                     return self.model(x)
-                seq = self._seqs.get(id(g), False)
+                seq = self._seqs.get(g, False)
                 if seq is False:
-                    seq = self._seqs[id(g)] = _module_sequence(g)
+                    if len(self._seqs) > 64:  # graphs swapped in and out: start over
+                        self._seqs.clear()
+                    seq = self._seqs[g] = _module_sequence(g)
                 if seq is not None and _plain_calls(seq):  # what the graph's code would do, minus its
                     for m in seq:  # attribute look-ups and call wrappers (~3-4 us a module at batch 1)
                         x = m.forward(x)
