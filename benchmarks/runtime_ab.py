@@ -301,7 +301,7 @@ def direct_calls_rows(tmp: Path, rounds: int) -> list[dict]:
         rt.tune(x, slim=False)
 
         def run(direct, rt=rt, x=x):
-            runtime._plain_calls = real if direct else (lambda mods: False)
+            runtime._plain_calls = real if direct else (lambda g, mods: False)
             try:
                 return rt(x, level=0)
             finally:

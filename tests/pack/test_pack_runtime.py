@@ -793,7 +793,7 @@ def test_a_graph_of_modules_in_a_row_is_called_module_by_module(tmp_path):
     from nestedsparse.pack import runtime as rt_mod
 
     m, rt = _lenet_runtime(tmp_path)
-    seq = rt_mod._module_sequence(rt.graph)
+    seq = [u for _, u in rt_mod._module_sequence(rt.graph)]
     assert [type(u).__name__ for u in seq] == ["PlaneProgram", "FeatureMajorChain"]
     x = torch.randn(2, *m.input_shape)
     calls = []
@@ -850,3 +850,29 @@ def test_hooks_still_fire_on_the_direct_path(tmp_path):
     assert seen[0] == "unit" and "PlaneProgram" in seen[1:] and "FeatureMajorChain" in seen[1:]
     picks = rt.tune(x, levels=[0], repeats=1)  # tune sees every unit's input (its hook)
     assert {name for name, _ in picks if name != SLIM} == {layer.name for layer in rt.sparse_layers()}
+
+
+def test_the_direct_path_follows_an_edited_graph(tmp_path):
+    """A child swapped in, or a graph edited and recompiled, after the first call: the next call
+    runs what the graph now says."""
+    m, rt = _lenet_runtime(tmp_path)
+    x = torch.randn(1, *m.input_shape)
+    ref = rt(x, level=1)
+    g = rt.graph
+    name = [n for n, _ in g.named_children()][-1]
+
+    class Zero(nn.Module):
+        def forward(self, x):
+            return torch.zeros(x.shape[0], 10)
+
+    old = getattr(g, name)
+    setattr(g, name, Zero())
+    assert rt(x, level=1).abs().sum() == 0
+    setattr(g, name, old)
+    torch.testing.assert_close(rt(x, level=1), ref)
+    out = [n for n in g.graph.nodes if n.op == "output"][0]
+    with g.graph.inserting_before(out):
+        neg = g.graph.call_function(torch.neg, (out.args[0],))
+    out.args = (neg,)
+    g.recompile()
+    torch.testing.assert_close(rt(x, level=1), -ref)

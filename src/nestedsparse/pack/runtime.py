@@ -831,8 +831,9 @@ class PackedRuntime(nn.Module):
         # (level, sample shape, kernel threads): its ONNX Runtime sessions (on that many threads and on one)
         self._slim_ort: dict[tuple, tuple[_OrtSlim, ...] | None] = {}
         self._slim_on: dict[tuple[int, int], Callable[[torch.Tensor], torch.Tensor]] = {}
-        # graph -> _module_sequence(graph) (keyed by the object itself: an id could be reused)
-        self._seqs: dict[nn.Module, tuple[nn.Module, ...] | None] = {}
+        # graph -> (its code when looked at, _module_sequence(graph)); keyed by the object itself
+        # (an id could be reused), checked against the graph's code and modules on every call
+        self._seqs: dict[nn.Module, tuple] = {}
         if self._gates:  # traced now, every level: tracing patches nn.Module for the whole process,
             # so it must not happen while other threads run the model
             self._graphs[(True,) * len(self._gates)] = self.graph
@@ -872,16 +873,17 @@ class PackedRuntime(nn.Module):
             with torch.inference_mode():
                 # the traced graph's forward directly: GraphModule.__call__ adds a wrapper per call
                 # (``_modules`` directly: ``self.graph`` goes through nn.Module.__getattr__, ~2 us a call)
-                g = self._modules["graph"] if not self._gates else self._graph_now()
+                g = self._modules.get("graph") if not self._gates else self._graph_now()
                 if g is None:
                     return self.model(x)
-                seq = self._seqs.get(g, False)
-                if seq is False:
+                entry = self._seqs.get(g)
+                if entry is None or entry[0] is not g.__dict__.get("_code"):  # new, or recompiled
                     if len(self._seqs) > 64:  # graphs swapped in and out: start over
                         self._seqs.clear()
-                    seq = self._seqs[g] = _module_sequence(g)
-                if seq is not None and _plain_calls(seq):  # what the graph's code would do, minus its
-                    for m in seq:  # attribute look-ups and call wrappers (~3-4 us a module at batch 1)
+                    entry = self._seqs[g] = (g.__dict__.get("_code"), _module_sequence(g))
+                seq = entry[1]
+                if seq is not None and _plain_calls(g, seq):  # what the graph's code would do, minus
+                    for _, m in seq:  # its attribute look-ups and call wrappers (~3-4 us a module)
                         x = m.forward(x)
                     return x
                 return g.forward(x)
@@ -1191,10 +1193,10 @@ def _residual_of(node: torch.fx.Node, src: torch.fx.Node) -> torch.fx.Node | Non
     return other
 
 
-def _module_sequence(g: nn.Module) -> tuple[nn.Module, ...] | None:
-    """The modules a traced graph calls one after the other, each on the previous one's output
-    alone (input -> modules -> output, as a LeNet or ResNet runtime's graph of programs and chains
-    is), or None for any other graph."""
+def _module_sequence(g: nn.Module) -> tuple[tuple[str, nn.Module], ...] | None:
+    """``(name, module)`` of the modules a traced graph calls one after the other, each on the
+    previous one's output alone (input -> modules -> output, as a LeNet or ResNet runtime's graph
+    of programs and chains is), or None for any other graph."""
     graph = getattr(g, "graph", None)
     if not isinstance(graph, torch.fx.Graph):
         return None
@@ -1205,24 +1207,27 @@ def _module_sequence(g: nn.Module) -> tuple[nn.Module, ...] | None:
     for n in nodes[1:-1]:
         if n.op != "call_module" or n.args != (prev,) or n.kwargs or len(prev.users) != 1:
             return None
-        mods.append(g.get_submodule(n.target))
+        if "." in n.target:  # a nested module: _plain_calls checks the graph's direct children only
+            return None
+        mods.append((n.target, g.get_submodule(n.target)))
         prev = n
     if nodes[-1].args != (prev,) or len(prev.users) != 1:
         return None
     return tuple(mods)
 
 
-def _plain_calls(mods: tuple[nn.Module, ...]) -> bool:
-    """Whether calling each module's ``forward`` is all ``Module.__call__`` would do: no hooks
-    (the modules' own or global ones), no ``torch.compile`` wrapper, no JIT tracing -- the
-    conditions of its own fast path. (``tune`` records each unit's input through a hook, so it
-    takes the full path.)"""
+def _plain_calls(g: nn.Module, mods: tuple[tuple[str, nn.Module], ...]) -> bool:
+    """Whether calling each of ``g``'s modules ``mods`` by its ``forward`` is all the graph's code
+    would do: they are still ``g``'s modules under those names, and ``Module.__call__`` would take
+    its own fast path -- no hooks (the modules' or global ones), no ``torch.compile`` wrapper, no
+    JIT tracing. (``tune`` records each unit's input through a hook, so it takes the full path.)"""
     if (_nn_module._global_forward_pre_hooks or _nn_module._global_forward_hooks
             or _nn_module._global_backward_pre_hooks or _nn_module._global_backward_hooks
             or torch._C._get_tracing_state()):
         return False
-    return not any(m._forward_pre_hooks or m._forward_hooks or m._backward_pre_hooks or m._backward_hooks
-                   or m._compiled_call_impl is not None for m in mods)
+    children = g._modules
+    return not any(children.get(name) is not m or m._forward_pre_hooks or m._forward_hooks or m._backward_pre_hooks
+                   or m._backward_hooks or m._compiled_call_impl is not None for name, m in mods)
 
 
 def _fuse(model: nn.Module, programs: bool = True) -> nn.Module | None:
