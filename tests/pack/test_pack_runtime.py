@@ -876,3 +876,20 @@ def test_the_direct_path_follows_an_edited_graph(tmp_path):
     out.args = (neg,)
     g.recompile()
     torch.testing.assert_close(rt(x, level=1), -ref)
+
+
+@pytest.mark.parametrize("name,kw", [("lenet5", {}), ("mlp_1024", {"image_size": 16}), ("resnet20", {"in_channels": 1})])
+def test_an_empty_batch_gives_an_empty_output_at_every_level(tmp_path, name, kw):
+    from nestedsparse import models
+
+    torch.manual_seed(0)
+    m = models.create(name, **kw).eval()
+    ns.nestify_(m, SPEC)
+    pack(m, model_name=name, model_kwargs=kw).save(tmp_path / "e.nsp")
+    rt = load_packed(tmp_path / "e.nsp")
+    x = torch.randn(0, *m.input_shape)
+    for k in range(SPEC.num_levels):
+        for way in ("sparse", "dense"):
+            for layer in rt.sparse_layers():
+                layer.mode[(k, 0)] = way
+            assert rt(x, level=k).shape == (0, 10)

@@ -462,7 +462,8 @@ class FeatureMajorChain(nn.Module):
             lead = x.shape[:-1]
             y = self.forward(x.reshape(-1, x.shape[-1]), force)
             return y.reshape(*lead, y.shape[-1])
-        if x.dtype != torch.float32 or not x.is_cpu or x.dim() != (4 if self.kinds[0] == "conv" else 2):
+        if (x.dtype != torch.float32 or not x.is_cpu or x.dim() != (4 if self.kinds[0] == "conv" else 2)
+                or x.shape[0] == 0):  # an empty batch: the layers give its empty output
             return self._unit_path(x, force)
         arg = _LEVEL.get()
         levels = arg if isinstance(arg, int) else tuple(self._levels())
