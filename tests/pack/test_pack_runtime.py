@@ -893,3 +893,14 @@ def test_an_empty_batch_gives_an_empty_output_at_every_level(tmp_path, name, kw)
             for layer in rt.sparse_layers():
                 layer.mode[(k, 0)] = way
             assert rt(x, level=k).shape == (0, 10)
+
+
+def test_copying_a_runtime_says_how_to(tmp_path):
+    import copy
+    import io
+    import pickle
+
+    _, rt = _lenet_runtime(tmp_path)
+    for attempt in (lambda: pickle.dumps(rt), lambda: copy.deepcopy(rt), lambda: torch.save(rt, io.BytesIO())):
+        with pytest.raises(TypeError, match="load_packed"):
+            attempt()

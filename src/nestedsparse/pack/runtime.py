@@ -847,6 +847,11 @@ class PackedRuntime(nn.Module):
                 finally:
                     _LEVEL.reset(token)
 
+    def __getstate__(self):
+        # its caches hold locks, per-thread arenas and compiled-call state: the file is the way to copy it
+        raise TypeError("a PackedRuntime cannot be pickled or deep-copied: save the PackedModel "
+                        "(pack(model).save(path)) and load_packed(path) again for another copy")
+
     def _graph_now(self) -> nn.Module | None:
         """The traced graph for the blocks the current call's level runs; None (run the model's
         own forward) for a per-layer level map whose set of running blocks no level has."""
