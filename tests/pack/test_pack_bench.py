@@ -111,3 +111,32 @@ def test_rows_give_the_density_each_level_keeps(tmp_path):
     for r in rows:
         assert r["kept"] == round(sum(pl.csr.nnz(r["level"]) for pl in packed.layers.values()) / total, 4)
     assert rows[0]["density"] == 0.25 and rows[0]["kept"] > 0.4  # half the channels: about half the weights
+
+
+def test_ort_baseline_is_its_best_setting_one_thread_included(packed_file, monkeypatch):
+    """With several threads the ONNX Runtime baseline also runs on one thread (a small call is
+    faster without workers to wake), and the baseline is the fastest of its settings."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    from nestedsparse.pack import bench
+
+    path, _ = packed_file
+    opened = []
+    real_session = bench.ort_session
+
+    def recording(p, threads=None, spinning=True):
+        opened.append((threads, spinning))
+        return real_session(p, threads, spinning)
+
+    def fake_times(fns, repeats, warmup=3):
+        return {k: {"o": 3.0, "ort_quiet": 2.0, "ort_one": 0.5, "torch": 4.0}.get(k, 1.0) for k in fns}
+
+    monkeypatch.setattr(bench, "ort_session", recording)
+    monkeypatch.setattr(bench, "time_interleaved", fake_times)
+    rows = bench_packed(path, batches=(1,), threads=2, repeats=2, levels=[0])
+    assert sorted(opened) == [(1, True), (2, False), (2, True)]
+    assert rows[0]["ort_dense_ms"] == 0.5 and rows[0]["speedup_vs_ort"] == 0.5
+    opened.clear()
+    rows = bench_packed(path, batches=(1,), threads=1, repeats=2, levels=[0])
+    assert sorted(opened) == [(1, False), (1, True)]  # one thread asked: no separate one-thread session
+    assert rows[0]["ort_dense_ms"] == 2.0

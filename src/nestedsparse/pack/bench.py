@@ -176,7 +176,7 @@ def bench_packed(path: str | os.PathLike, batches: Sequence[int] = (1, 64), thre
         dense = dense_model_for_level(rt, top)
         layers = rt.sparse_layers()
         kept = [round(packed.kept(k), 4) for k in range(rt.spec.num_levels)]
-        sess = sess_quiet = None
+        sess = sess_quiet = sess_one = None
         with tempfile.TemporaryDirectory(prefix="nestedsparse-bench-") as tmp:
             if ort and _ort_available():
                 onnx_path = os.path.join(tmp, "dense.onnx")
@@ -184,6 +184,8 @@ def bench_packed(path: str | os.PathLike, batches: Sequence[int] = (1, 64), thre
                     _export(dense, example_input(rt, 2, input_shape), onnx_path)
                     sess = ort_session(onnx_path, n_threads)
                     sess_quiet = ort_session(onnx_path, n_threads, spinning=False)
+                    # and on one thread: a small call runs faster without workers to wake
+                    sess_one = ort_session(onnx_path, 1) if n_threads > 1 else None
                 except Exception as e:  # noqa: BLE001 - report, keep the other baselines
                     warnings.warn(f"ONNX Runtime baseline skipped: {type(e).__name__}: {e}", stacklevel=2)
                     sess = None
@@ -199,20 +201,24 @@ def bench_packed(path: str | os.PathLike, batches: Sequence[int] = (1, 64), thre
 
                 t: dict[Hashable, float] = {}
                 if sess is not None:
-                    # ONNX Runtime twice, its best counts: (1) its own block, spinning workers (fastest
-                    # at batch 1); (2) interleaved with the others with non-spinning workers (spinning
-                    # ones slowed whatever ran next by up to 1.8x), so machine drift hits it alike.
+                    # ONNX Runtime in up to three settings, its best counts: (1) its own block, spinning
+                    # workers; (2) interleaved with the others with non-spinning workers (spinning ones
+                    # slowed whatever ran next by up to 1.8x), so machine drift hits it alike; (3) one
+                    # thread, interleaved (no workers: LeNet-5's slim export at batch 1 ran in 0.65x the
+                    # time of two non-spinning threads).
                     t["ort_block"] = time_interleaved({"o": lambda xn=xn: sess.run(None, {"input": xn})},
                                                       repeats, warmup)["o"]
                     time.sleep(0.5)  # let its threads park
                 fns: dict[Hashable, Callable[[], object]] = {"torch": run_dense}
                 if sess is not None:
                     fns["ort_quiet"] = lambda xn=xn: sess_quiet.run(None, {"input": xn})
+                if sess_one is not None:
+                    fns["ort_one"] = lambda xn=xn: sess_one.run(None, {"input": xn})
                 for k in levels:
                     fns[("ours", k)] = lambda k=k, x=x: rt(x, level=k)
                 t.update(time_interleaved(fns, repeats, warmup))
                 if sess is not None:
-                    t["ort"] = min(t.pop("ort_block"), t.pop("ort_quiet"))
+                    t["ort"] = min(t.pop("ort_block"), t.pop("ort_quiet"), t.pop("ort_one", float("inf")))
                 for k in levels:
                     ours = t[("ours", k)]
                     ort_ms = t.get("ort")
@@ -227,8 +233,7 @@ def bench_packed(path: str | os.PathLike, batches: Sequence[int] = (1, 64), thre
                         "slim": rt.slim_backend(k, b) or "",
                         "threads": n_threads, "repeats": int(repeats),
                     })
-            sess = None
-            sess_quiet = None  # noqa: F841 - release the session before the temp dir goes
+            sess = sess_quiet = sess_one = None  # noqa: F841 - release the sessions before the temp dir goes
         return rows
     finally:
         _restore_threads(old)
