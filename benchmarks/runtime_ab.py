@@ -275,8 +275,10 @@ def ort_threads_rows(tmp: Path, rounds: int) -> list[dict]:
     for batch in (1, 64):
         x = torch.randn(batch, *m.input_shape)
         nets = {n.threads: n for n in rt._slim_ort_nets(0, rt._slim_model(0, x), x) or ()}
-        if len(nets) != 2:
-            raise RuntimeError(f"ort_threads: needs onnxruntime and two kernel threads (sessions: {sorted(nets)})")
+        if len(nets) != 2:  # the other pairs still run
+            print(f"ort_threads skipped: needs onnxruntime and two kernel threads (sessions: {sorted(nets)})",
+                  file=sys.stderr)
+            return rows
         many = max(nets)
 
         def routed(net, x=x, batch=batch):
