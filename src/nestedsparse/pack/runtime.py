@@ -798,8 +798,7 @@ class _OrtSlim:
         return tuple(nets) or None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        a = x.numpy() if not x.requires_grad and x.is_contiguous() else x.detach().contiguous().numpy()
-        return torch.from_numpy(self.session.run(None, {"input": a})[0])
+        return torch.from_numpy(self.session.run(None, {"input": _as_numpy(x)})[0])
 
 
 class PackedRuntime(nn.Module):
@@ -882,11 +881,11 @@ class PackedRuntime(nn.Module):
                 g = self._modules.get("graph") if not self._gates else self._graph_now()
                 if g is None:
                     return self.model(x)
-                entry = self._seqs.get(g)
-                if entry is None or entry[0] is not g.__dict__.get("_code"):  # new, or recompiled
+                entry, code = self._seqs.get(g), g.__dict__.get("_code")
+                if entry is None or entry[0] is not code:  # new, or recompiled
                     if len(self._seqs) > 64:  # graphs swapped in and out: start over
                         self._seqs.clear()
-                    entry = self._seqs[g] = (g.__dict__.get("_code"), _module_sequence(g))
+                    entry = self._seqs[g] = (code, _module_sequence(g))
                 seq = entry[1]
                 if seq is not None and _plain_calls(g, seq):  # what the graph's code would do, minus
                     for _, m in seq:  # its attribute look-ups and call wrappers (~3-4 us a module)
